@@ -1,0 +1,65 @@
+"""The engine: one training step's loss and exact LoRA gradients.
+
+    loss, grads = value_and_grad(model, inputs, targets, mask, method)
+
+method = "autodiff": plain MLX autodiff through the model (the reference).
+         "mebp":     per-block checkpointing, each block re-run under mx.vjp.
+         "mesp":     per-block recompute + hand-derived backward (ops/),
+                     tensors freed block by block, chunked loss head.
+loss = Σ CE(logits, targets) · mask / Σ mask.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .layers import lora_layers, set_dropout_keys
+
+METHODS = ("autodiff", "mebp", "mesp")
+
+
+def masked_ce(logits, targets, mask):
+    """Σ CE · mask / Σ mask with logits [B, T, V] (reference loss)."""
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets)
+    mask = mask.astype(mx.float32)
+    return (ce * mask).sum() / mx.maximum(mask.sum(), 1.0)
+
+
+def _check(model, inputs, targets, mask, method):
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; supported: {', '.join(METHODS)}")
+    if inputs.ndim != 2 or inputs.shape != targets.shape:
+        raise ValueError(f"inputs and targets must both be [B, T] int arrays, got "
+                         f"{inputs.shape} and {targets.shape}")
+    if mask is None:
+        mask = mx.ones(inputs.shape, mx.float32)
+    elif mask.shape != inputs.shape:
+        raise ValueError(f"mask shape {mask.shape} != inputs shape {inputs.shape}")
+    return mask
+
+
+def _step_dropout(model):
+    """Draw one key for this step's dropout masks (from MLX's global RNG)."""
+    if any(m.dropout > 0 and m.training for _, m in lora_layers(model)):
+        seed = mx.random.randint(0, 2**31 - 1, ()).item()
+        set_dropout_keys(model, mx.random.key(seed))
+    else:
+        set_dropout_keys(model, None)
+
+
+def value_and_grad(model, inputs, targets, mask=None, method="mesp"):
+    """Loss and gradients w.r.t. model.trainable_parameters() (same tree)."""
+    mask = _check(model, inputs, targets, mask, method)
+    _step_dropout(model)
+    if method == "autodiff":
+        return _autodiff(model, inputs, targets, mask)
+    from . import schedule
+    return schedule.run(model, inputs, targets, mask, method)
+
+
+def _autodiff(model, inputs, targets, mask):
+    def loss_fn(model):
+        return masked_ce(model(inputs), targets, mask)
+
+    loss, grads = nn.value_and_grad(model, loss_fn)(model)
+    mx.eval(loss, grads)
+    return loss, grads

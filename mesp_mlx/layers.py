@@ -1,0 +1,125 @@
+"""LoRA layers with mlx-lm's parameter names, and `apply_lora`.
+
+`LoRALinear` keeps mlx-lm's layout (`linear` = the shared frozen base,
+`lora_a` (d_in, r), `lora_b` (r, d_out), `scale`), so adapter files are
+interchangeable with `mlx_lm.tuner.lora.LoRALinear`. Its call goes through
+`ops.lora_linear_fn`, so plain MLX autodiff uses our hand backward too.
+
+Dropout: the mask is drawn from `_drop_key`, a per-layer PRNG key that the
+engine sets once per step (`set_dropout_keys`). Any recompute of the layer
+within the step therefore sees the same mask (mlx-lm redraws it, giving wrong
+gradients under checkpointing; REFERENCE §4).
+"""
+
+import math
+from typing import Iterable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .ops.frozen import FrozenWeight
+from .ops.lora_linear import lora_linear_fn
+
+ALL_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, linear: nn.Module, r: int = 8, scale: float = 20.0,
+                 dropout: float = 0.0):
+        super().__init__()
+        d_out, d_in = FrozenWeight.of(linear).shape
+        self.linear = linear                        # shared, never copied
+        self.scale = scale
+        self.dropout = dropout
+        self.lora_a = mx.random.uniform(-1 / math.sqrt(d_in), 1 / math.sqrt(d_in),
+                                        (d_in, r))
+        self.lora_b = mx.zeros((r, d_out))
+        self._drop_key = None
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[1]
+
+    def drop_multiplier(self, x: mx.array) -> Optional[mx.array]:
+        """m = mask / (1 - p) for this step, or None (no dropout / eval mode)."""
+        if not self.training or self.dropout <= 0:
+            return None
+        keep = 1.0 - self.dropout
+        key = self._drop_key if self._drop_key is not None else mx.random.key(0)
+        mask = mx.random.bernoulli(keep, x.shape, key=key)
+        return mask.astype(x.dtype) / keep
+
+    def __call__(self, x):
+        return lora_linear_fn(x, self.lora_a, self.lora_b, FrozenWeight.of(self.linear),
+                              self.scale, self.linear.get("bias"), self.drop_multiplier(x))
+
+    def fuse(self, dequantize: bool = False) -> nn.Module:
+        """Merged linear W0 + s (A B)ᵀ, like mlx-lm's `LoRALinear.fuse`."""
+        from mlx_lm.tuner.lora import LoRALinear as MLXLoRALinear
+
+        ref = MLXLoRALinear.from_base(self.linear, r=self.rank, scale=self.scale)
+        ref.lora_a, ref.lora_b = self.lora_a, self.lora_b
+        return ref.fuse(dequantize=dequantize)
+
+
+def lora_layers(model: nn.Module):
+    """[(path, LoRALinear)] in module order."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def set_dropout_keys(model: nn.Module, key: Optional[mx.array]):
+    """Give every LoRA layer its own key for this step (None: clear)."""
+    layers = lora_layers(model)
+    keys = mx.random.split(key, max(len(layers), 2)) if key is not None else None
+    for i, (_, m) in enumerate(layers):
+        m._drop_key = None if keys is None else keys[i]
+
+
+def apply_lora(model: nn.Module, rank: int = 8, scale: float = 20.0,
+               dropout: float = 0.0, keys: Optional[Iterable[str]] = None,
+               num_layers: Optional[int] = None) -> nn.Module:
+    """Replace the linear layers named by `keys` in the last `num_layers` blocks
+    by LoRA layers (in place), freeze everything else, return the model.
+
+    keys: suffixes like "self_attn.q_proj" or short names "q_proj" (None: all 7).
+    num_layers: None = every block (unlike mlx-lm, 0 means none).
+    """
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    blocks = getattr(model, "layers", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no `layers`: not an mlx-lm "
+                         "decoder model (supported: qwen2 family)")
+    n = len(blocks) if num_layers is None else int(num_layers)
+    if not 0 <= n <= len(blocks):
+        raise ValueError(f"num_layers={num_layers} but the model has {len(blocks)} blocks")
+    wanted = _resolve_keys(keys)
+    model.freeze()
+    for block in blocks[len(blocks) - n:]:
+        for path, module in block.named_modules():
+            if path in wanted and isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+                parent, name = _parent(block, path)
+                setattr(parent, name, LoRALinear(module, rank, scale, dropout))
+    return model
+
+
+def _resolve_keys(keys):
+    if keys is None:
+        return set(ALL_KEYS)
+    out = set()
+    for k in keys:
+        full = [a for a in ALL_KEYS if a == k or a.endswith("." + k)]
+        if not full:
+            raise ValueError(f"unknown LoRA key {k!r}; choose from {', '.join(ALL_KEYS)}")
+        out.update(full)
+    return out
+
+
+def _parent(root: nn.Module, path: str):
+    *head, name = path.split(".")
+    for p in head:
+        root = getattr(root, p)
+    return root, name

@@ -1,0 +1,64 @@
+"""A frozen weight matrix W0: (d_out, d_in), dense or MLX-quantized.
+
+Letters: T tokens (any leading dims), d_in, d_out.
+  forward  y = x W0ᵀ         x: (..., d_in)  -> (..., d_out)
+  backward dx = g W0         g: (..., d_out) -> (..., d_in)
+W0 never receives a gradient. For a quantized W0 both products are a single
+`mx.quantized_matmul` on the packed weight (transpose=True / False), so the
+weight is never dequantized in full.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class FrozenWeight:
+    w: mx.array  # (d_out, d_in) dense, or packed (d_out, d_in * bits / 32)
+    scales: Optional[mx.array] = None
+    biases: Optional[mx.array] = None
+    group_size: int = 64
+    bits: int = 4
+    mode: str = "affine"
+
+    @property
+    def quantized(self) -> bool:
+        return self.scales is not None
+
+    @property
+    def shape(self):
+        """(d_out, d_in) of the unpacked matrix."""
+        d_out, packed = self.w.shape
+        return (d_out, packed * 32 // self.bits) if self.quantized else (d_out, packed)
+
+    def _qmm(self, x, transpose):
+        return mx.quantized_matmul(
+            x, self.w, self.scales, self.biases, transpose=transpose,
+            group_size=self.group_size, bits=self.bits, mode=self.mode,
+        )
+
+    def xWt(self, x: mx.array) -> mx.array:
+        """x W0ᵀ: (..., d_in) -> (..., d_out)."""
+        return self._qmm(x, True) if self.quantized else x @ self.w.T
+
+    def gW(self, g: mx.array) -> mx.array:
+        """g W0: (..., d_out) -> (..., d_in)."""
+        return self._qmm(g, False) if self.quantized else g @ self.w
+
+    def dense(self) -> mx.array:
+        """W0 as a dense (d_out, d_in) array (references and tests only)."""
+        if not self.quantized:
+            return self.w
+        return mx.dequantize(self.w, self.scales, self.biases,
+                             group_size=self.group_size, bits=self.bits, mode=self.mode)
+
+    @staticmethod
+    def of(module) -> "FrozenWeight":
+        """View of an nn.Linear / nn.QuantizedLinear / (Quantized)Embedding weight."""
+        if "scales" in module:
+            return FrozenWeight(module.weight, module.scales, module.get("biases"),
+                                module.group_size, module.bits,
+                                getattr(module, "mode", "affine"))
+        return FrozenWeight(module.weight)
