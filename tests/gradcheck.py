@@ -1,0 +1,81 @@
+"""Shared helpers for the op tests: seeded inputs, reference VJPs, comparison.
+
+`assert_close` checks shape, then dtype, then values with a per-dtype rule:
+  fp32       max |got - ref| <= rtol · max |ref|     (rtol = 1e-5 unless a test says why)
+  bf16/fp16  cosine(got, ref) >= 0.999
+On failure the message names the tensor and gives max and mean abs error.
+"""
+
+import mlx.core as mx
+import numpy as np
+
+RTOL_FP32 = 1e-5
+MIN_COSINE = {mx.bfloat16: 0.999, mx.float16: 0.999}
+
+
+class Rng:
+    """Deterministic array factory: each call draws from the next split key."""
+
+    def __init__(self, seed: int = 0):
+        self.key = mx.random.key(seed)
+
+    def _next(self):
+        self.key, k = mx.random.split(self.key)
+        return k
+
+    def normal(self, shape, dtype=mx.float32, std=1.0):
+        return (std * mx.random.normal(shape, key=self._next())).astype(dtype)
+
+    def uniform(self, shape, lo=0.0, hi=1.0, dtype=mx.float32):
+        return mx.random.uniform(lo, hi, shape, key=self._next()).astype(dtype)
+
+    def randint(self, lo, hi, shape):
+        return mx.random.randint(lo, hi, shape, key=self._next())
+
+    def dropout_multiplier(self, shape, p=0.25, dtype=mx.float32):
+        """m = mask / (1 - p), like LoRALinear.drop_multiplier."""
+        keep = mx.random.bernoulli(1.0 - p, shape, key=self._next())
+        return keep.astype(dtype) / (1.0 - p)
+
+
+def ref_vjp(fn, primals, cotangent):
+    """Gradients of `fn(*primals)` w.r.t. every primal, for one cotangent."""
+    out, grads = mx.vjp(fn, list(primals), [cotangent])
+    return out[0], grads
+
+
+def _stats(got: np.ndarray, ref: np.ndarray):
+    err = np.abs(got - ref)
+    return float(err.max(initial=0.0)), float(err.mean()) if err.size else 0.0
+
+
+def assert_close(name, got, ref, rtol=RTOL_FP32, min_cos=None):
+    """Shape, dtype, then values of `got` against `ref` (see module docstring)."""
+    assert got is not None, f"{name}: got None"
+    assert tuple(got.shape) == tuple(ref.shape), \
+        f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
+    assert got.dtype == ref.dtype, f"{name}: dtype {got.dtype} != reference {ref.dtype}"
+    g = np.array(got.astype(mx.float32), dtype=np.float64)
+    r = np.array(ref.astype(mx.float32), dtype=np.float64)
+    assert np.isfinite(g).all(), f"{name}: non-finite values in result"
+    assert np.isfinite(r).all(), f"{name}: non-finite values in reference"
+    max_err, mean_err = _stats(g, r)
+    if got.dtype in MIN_COSINE:
+        cos_min = MIN_COSINE[got.dtype] if min_cos is None else min_cos
+        denom = np.linalg.norm(g) * np.linalg.norm(r)
+        cos = float((g.ravel() @ r.ravel()) / denom) if denom > 0 else float(
+            np.array_equal(g, r))
+        assert cos >= cos_min, (f"{name} ({got.dtype}): cosine {cos:.6f} < {cos_min}; "
+                                f"max abs err {max_err:.3e}, mean abs err {mean_err:.3e}")
+        return
+    scale = float(np.abs(r).max(initial=0.0))
+    bound = rtol * scale
+    assert max_err <= bound, (f"{name} ({got.dtype}): max abs err {max_err:.3e} > "
+                              f"{rtol:g} * max|ref| = {bound:.3e}; mean abs err {mean_err:.3e}")
+
+
+def assert_all_close(names, got, ref, **kw):
+    """`assert_close` over parallel sequences of tensors."""
+    assert len(got) == len(ref) == len(names), "tensor count mismatch"
+    for n, a, b in zip(names, got, ref):
+        assert_close(n, a, b, **kw)
