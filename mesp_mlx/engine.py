@@ -9,10 +9,13 @@ method = "autodiff": plain MLX autodiff through the model (the reference).
 loss = Σ CE(logits, targets) · mask / Σ mask.
 """
 
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from .layers import lora_layers, set_dropout_keys
+from .schedule import EngineOptions, model_parts, run
 
 METHODS = ("autodiff", "mebp", "mesp")
 
@@ -46,14 +49,20 @@ def _step_dropout(model):
         set_dropout_keys(model, None)
 
 
-def value_and_grad(model, inputs, targets, mask=None, method="mesp"):
-    """Loss and gradients w.r.t. model.trainable_parameters() (same tree)."""
+def value_and_grad(model, inputs, targets, mask=None, method="mesp", *,
+                   options: Optional[EngineOptions] = None, stats: Optional[dict] = None):
+    """Loss and gradients w.r.t. model.trainable_parameters() (same tree).
+
+    options: schedule knobs (chunk sizes, cache policy); stats: if a dict is
+    given, the schedule records what it stored (e.g. "checkpoint_bytes").
+    """
     mask = _check(model, inputs, targets, mask, method)
+    if method != "autodiff":
+        model_parts(model)            # unsupported family: fail before any work
     _step_dropout(model)
     if method == "autodiff":
         return _autodiff(model, inputs, targets, mask)
-    from . import schedule
-    return schedule.run(model, inputs, targets, mask, method)
+    return run(model, inputs, targets, mask, method, options, stats)
 
 
 def _autodiff(model, inputs, targets, mask):

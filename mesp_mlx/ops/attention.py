@@ -9,7 +9,7 @@ product below is one matmul per kv head and K/V are never repeated G times.
             dS = P ⊙ (dP − δ)
             dQ = c · dS K,   dK = c · dSᵀ Q,   dV = Pᵀ dO    (the sums over the G heads
             sharing a kv head are inside the G·T-row matmuls)
-Stored: `attention_backward` keeps P ([B,H,T,T], quadratic in T).
+Stored: `attention_backward` keeps P ([B,K,G·T,T] = H·T² values, quadratic in T).
 `attention_backward_chunked` keeps only O and recomputes P for one block of
 query rows at a time (rows are independent under softmax), with an evaluation
 barrier per block: memory O(H·chunk·T) instead of O(H·T²). A later tiled

@@ -27,7 +27,7 @@ def loss_head_value_and_grad(hn, W0: FrozenWeight, targets, mask, chunk):
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         z = W0.xWt(hn[n0:n1]).astype(mx.float32)                     # [c, V]
-        y = targets[n0:n1, None]
+        y = mx.where(mask[n0:n1, None] > 0, targets[n0:n1, None], 0)  # masked ids may be pads
         lse = mx.logsumexp(z, axis=-1, keepdims=True)                # [c, 1]
         zy = mx.take_along_axis(z, y, axis=-1)                       # [c, 1]
         w = (mask[n0:n1, None] / denom)                              # [c, 1]
