@@ -1,0 +1,166 @@
+"""Adapter files in mlx-lm's exact format, plus the state needed to resume.
+
+    <dir>/adapters.safetensors          lora_a (d_in, r), lora_b (r, d_out) per layer
+    <dir>/adapter_config.json           fine_tune_type, num_layers, lora_parameters
+                                        {rank, scale, dropout, keys} + our run config
+    <dir>/0000100_adapters.safetensors  snapshot at iteration 100
+    <dir>/[0000100_]state.safetensors   optimizer state + gradient accumulator
+    <dir>/[0000100_]state.json          iteration, seed
+Every file is written to a temporary name and renamed, so an interrupted save
+leaves the previous good file in place.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import UserError
+from .layers import ALL_KEYS, apply_lora, lora_layers
+
+ADAPTERS = "adapters.safetensors"
+CONFIG = "adapter_config.json"
+
+
+class AdapterError(UserError):
+    """Adapter files missing, incomplete or not matching the model."""
+
+
+def adapter_weights(model: nn.Module) -> dict:
+    """{"model.layers.i....lora_a": array, ...} of every LoRA layer."""
+    return {k: v for k, v in tree_flatten(model.parameters())
+            if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")}
+
+
+def lora_config(model: nn.Module) -> dict:
+    """mlx-lm's adapter_config.json keys, read off the LoRA layers present."""
+    layers = lora_layers(model)
+    if not layers:
+        raise AdapterError("the model has no LoRA layers (call apply_lora first)")
+    _, first = layers[0]
+    blocks = {p.split(".")[2] for p, _ in layers if p.startswith("model.layers.")}
+    keys = sorted({p.split(".", 3)[3] for p, _ in layers}, key=ALL_KEYS.index)
+    return {"fine_tune_type": "lora", "num_layers": len(blocks),
+            "lora_parameters": {"rank": first.rank, "scale": first.scale,
+                                "dropout": first.dropout, "keys": keys}}
+
+
+def _atomic(path: Path, write):
+    """write(tmp) then rename onto path (same directory, so the rename is atomic)."""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_config(model: nn.Module, adapter_dir, run_config: Optional[dict] = None) -> Path:
+    """adapter_config.json: the run's resolved options + mlx-lm's LoRA keys."""
+    d = Path(adapter_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    config = {**(run_config or {}), **lora_config(model)}
+    _atomic(d / CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    return d / CONFIG
+
+
+def save_adapters(model: nn.Module, adapter_dir, run_config: Optional[dict] = None,
+                  step: Optional[int] = None, snapshot: bool = False) -> Path:
+    """Write adapters.safetensors + adapter_config.json (and the numbered
+    snapshot `{step:07d}_adapters.safetensors` if `snapshot`); the iteration
+    goes into the safetensors metadata. Returns the adapters file."""
+    d = save_config(model, adapter_dir, run_config).parent
+    weights = adapter_weights(model)
+    meta = {} if step is None else {"step": str(step)}
+    _atomic(d / ADAPTERS, lambda p: mx.save_safetensors(p, weights, metadata=meta))
+    if snapshot and step is not None:
+        _atomic(d / f"{step:07d}_{ADAPTERS}",
+                lambda p: mx.save_safetensors(p, weights, metadata=meta))
+    return d / ADAPTERS
+
+
+def _state_paths(adapter_file: Path):
+    prefix = adapter_file.name[: -len(ADAPTERS)]          # "" or "0000100_"
+    return (adapter_file.with_name(f"{prefix}state.safetensors"),
+            adapter_file.with_name(f"{prefix}state.json"))
+
+
+def save_state(adapter_file, optimizer, meta: dict, accum=None):
+    """Optimizer state (+ pending accumulated gradients) and `meta` (step, seed,
+    ...: JSON) next to adapter_file."""
+    tensors, meta_path = _state_paths(Path(adapter_file))
+    flat = {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
+    if accum is not None:
+        flat.update({f"accum.{k}": v for k, v in tree_flatten(accum)})
+    _atomic(tensors, lambda p: mx.save_safetensors(p, flat))
+    info = {**meta, "has_accum": accum is not None}
+    _atomic(meta_path, lambda p: Path(p).write_text(json.dumps(info) + "\n"))
+
+
+def find_adapter_file(path) -> Path:
+    """A resume target: an adapter file, or a directory holding adapters.safetensors."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / ADAPTERS
+    if not p.is_file():
+        raise AdapterError(f"adapter file {p} not found (pass an *adapters.safetensors "
+                           "file or the directory that holds adapters.safetensors)")
+    return p
+
+
+def load_weights(model: nn.Module, adapter_file) -> None:
+    """Load lora_a/lora_b into the model's LoRA layers, checking names and shapes."""
+    p = find_adapter_file(adapter_file)
+    have = adapter_weights(model)
+    got = mx.load(str(p))
+    bad = [f"{k}: not in the model" for k in got if k not in have]
+    bad += [f"{k}: shape {tuple(got[k].shape)} != model {tuple(have[k].shape)}"
+            for k in got if k in have and got[k].shape != have[k].shape]
+    bad += [f"{k}: missing from the file" for k in have if k not in got]
+    if bad:
+        raise AdapterError(f"{p} does not match the model's LoRA layers (check --rank, "
+                           f"--num-layers and the model):\n  " + "\n  ".join(bad[:8]))
+    model.load_weights(list(got.items()), strict=False)
+    mx.eval(model.parameters())
+
+
+def load_state(adapter_file, optimizer):
+    """Restore optimizer state saved by save_state; returns (meta, accum), or
+    None when no state was saved next to the file (weights-only resume)."""
+    tensors, meta = _state_paths(find_adapter_file(adapter_file))
+    if not (tensors.is_file() and meta.is_file()):
+        return None
+    info = json.loads(meta.read_text())
+    _, file_meta = mx.load(str(find_adapter_file(adapter_file)), return_metadata=True)
+    if file_meta.get("step") != str(info.get("step")):
+        return None         # state from another save (interrupted between files)
+    flat = mx.load(str(tensors))
+    opt = tree_unflatten([(k[len("optimizer."):], v) for k, v in flat.items()
+                          if k.startswith("optimizer.")])
+    accum = tree_unflatten([(k[len("accum."):], v) for k, v in flat.items()
+                            if k.startswith("accum.")]) if info.get("has_accum") else None
+    if "learning_rate" in optimizer.state:      # the current setting wins
+        opt["learning_rate"] = optimizer.state["learning_rate"]
+    optimizer.state = opt
+    return info, accum
+
+
+def load_adapter_dir(model: nn.Module, adapter_dir) -> nn.Module:
+    """apply_lora as recorded in adapter_config.json, then load the weights."""
+    d = Path(adapter_dir).expanduser()
+    if not (d / CONFIG).is_file():
+        raise AdapterError(f"{d / CONFIG} not found: --adapter-path must be a "
+                           "directory written by training")
+    cfg = json.loads((d / CONFIG).read_text())
+    lp = cfg.get("lora_parameters", {})
+    apply_lora(model, rank=lp.get("rank", 8), scale=lp.get("scale", 20.0),
+               dropout=lp.get("dropout", 0.0), keys=lp.get("keys"),
+               num_layers=cfg.get("num_layers"))
+    load_weights(model, d / ADAPTERS)
+    return model
+

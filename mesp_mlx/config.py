@@ -1,0 +1,202 @@
+"""TrainConfig: the one source of CLI flags and YAML keys (CLI > YAML > defaults).
+
+Each field's `help` metadata becomes its `--flag` help text; YAML keys are the
+field names (mlx-lm's `lora_parameters: {rank, scale, dropout, keys}` and
+`save_every` are accepted too, so an mlx-lm YAML file works unchanged).
+"""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+METHOD_CHOICES = ("mesp", "mebp", "autodiff", "mezo")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+class UserError(Exception):
+    """Bad input from the user: the CLI prints the message, no traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid option value or YAML file."""
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: Optional[str] = _f(None, "Hugging Face repo id, local model directory, "
+                              "short name (Qwen2.5-0.5B, Qwen2.5-1.5B-Instruct-4bit, ...) "
+                              "or 'demo'.")
+    data: Optional[str] = _f(None, "Directory with train/valid/test.jsonl (text, "
+                             "prompt/completion or chat messages), a Hugging Face "
+                             "dataset id, or 'demo'.")
+    train: bool = _f(False, "Train LoRA adapters.")
+    test: bool = _f(False, "Evaluate test loss/perplexity (after training, or of "
+                    "--adapter-path without --train).")
+    # method and LoRA
+    method: str = _f("mesp", "Gradient method: mesp (hand backward, least memory), "
+                     "mebp (per-block checkpointing), autodiff (plain MLX), mezo.",
+                     choices=METHOD_CHOICES)
+    rank: int = _f(8, "LoRA rank r.")
+    scale: float = _f(20.0, "LoRA scale s in y = xW0ᵀ + s·(xA)B (mlx-lm's `scale`, "
+                      "not alpha/r).")
+    dropout: float = _f(0.0, "Dropout on the LoRA input, in [0, 1).")
+    lora_keys: Optional[list] = _f(None, "Projections to adapt (default: q,k,v,o,"
+                                   "gate,up,down). YAML only.", cli=False)
+    num_layers: int = _f(-1, "Adapt the last N transformer blocks; -1 = all.")
+    # optimisation
+    iters: int = _f(1000, "Training iterations (batches).")
+    batch_size: int = _f(4, "Sequences per batch.")
+    max_seq_length: int = _f(2048, "Longer sequences are truncated (with a warning).")
+    learning_rate: float = _f(1e-5, "Learning rate.")
+    optimizer: str = _f("adam", "Optimizer.", choices=OPTIMIZERS)
+    optimizer_config: dict = _f(None, "Extra optimizer kwargs per optimizer, e.g. "
+                                "{adamw: {weight_decay: 0.01}}. YAML only.", cli=False)
+    grad_accumulation_steps: int = _f(1, "Batches whose gradients are accumulated "
+                                      "(token-weighted) per optimizer update.")
+    mask_prompt: bool = _f(False, "Train on completions only (prompt/completion "
+                           "and chat data).")
+    seed: int = _f(0, "Seed for LoRA init, batch order and dropout.")
+    # reporting, evaluation, saving
+    steps_per_report: int = _f(10, "Iterations between training reports.")
+    steps_per_eval: int = _f(200, "Iterations between validations.")
+    steps_per_save: int = _f(100, "Iterations between adapter snapshots.",
+                             aliases=("--save-every",))
+    val_batches: int = _f(25, "Validation batches (a fixed subset); -1 = all.")
+    test_batches: int = _f(500, "Test batches; -1 = all.")
+    adapter_path: str = _f("adapters", "Directory for adapters.safetensors, "
+                           "adapter_config.json and snapshots.")
+    resume_adapter_file: Optional[str] = _f(None, "Resume from an adapter file (or "
+                                            "adapter directory); optimizer state, "
+                                            "step and RNG are restored when saved "
+                                            "next to it.")
+    # memory
+    memory_budget: Optional[str] = _f(None, "Peak memory budget, e.g. 6GB or 512MB: "
+                                      "checked before training and enforced.")
+    device_profile: Optional[str] = _f(None, "Budget of a device class, e.g. an 8 GB "
+                                       "iPad (see python -m mesp_mlx.memory).")
+    memory_log: Optional[str] = _f(None, "Write one JSON line of memory figures per "
+                                   "step to this file.")
+    config: Optional[str] = _f(None, "YAML file with any of these options.",
+                               cli=False)
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError on the first inconsistent option; return self."""
+        def need(ok, msg):
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.method in METHOD_CHOICES, f"--method must be one of "
+             f"{', '.join(METHOD_CHOICES)}, got {self.method!r}")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of "
+             f"{', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name in ("rank", "iters", "batch_size", "max_seq_length",
+                     "grad_accumulation_steps", "steps_per_report",
+                     "steps_per_eval", "steps_per_save"):
+            need(getattr(self, name) >= 1,
+                 f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        need(self.max_seq_length >= 2, "--max-seq-length must be >= 2")
+        need(0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(self.num_layers == -1 or self.num_layers >= 1,
+             f"--num-layers must be -1 (all) or >= 1, got {self.num_layers}")
+        need(self.val_batches == -1 or self.val_batches >= 0, "--val-batches must be >= 0 or -1")
+        need(self.test_batches == -1 or self.test_batches >= 1, "--test-batches must be >= 1 or -1")
+        need(self.learning_rate > 0, "--learning-rate must be > 0")
+        need(self.train or self.test, "nothing to do: pass --train and/or --test")
+        need(self.model is not None, "--model is required (a repo id, a local "
+             "directory or a short name such as Qwen2.5-0.5B)")
+        need(self.data is not None, "--data is required (a directory with "
+             "train.jsonl/valid.jsonl/test.jsonl or a dataset id)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """The resolved options, one `key: value` per line."""
+        return "\n".join(f"  {k}: {v}" for k, v in self.to_dict().items())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """One flag per CLI-visible field; every default is None so that only what
+    was typed overrides YAML (the dataclass holds the real defaults)."""
+    parser.add_argument("-c", "--config", help=_meta("config")["help"])
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        flags = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
+        help = meta["help"] + ("" if f.default is None or f.type is bool
+                               else f" (default: {f.default})")
+        if f.type is bool:
+            parser.add_argument(*flags, dest=f.name, action="store_true",
+                                default=None, help=meta["help"])
+        else:
+            typ = f.type if f.type in (int, float) else str
+            parser.add_argument(*flags, dest=f.name, type=typ, default=None,
+                                choices=meta.get("choices"), help=help,
+                                metavar=None if meta.get("choices") else f.name.upper())
+    return parser
+
+
+def _meta(name):
+    return next(f.metadata for f in fields(TrainConfig) if f.name == name)
+
+
+def load_yaml(path) -> dict:
+    """YAML options as TrainConfig keys (mlx-lm spellings translated)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value")
+    raw = dict(raw)
+    if "save_every" in raw:
+        raw.setdefault("steps_per_save", raw.pop("save_every"))
+    lora = raw.pop("lora_parameters", None) or {}
+    if "alpha" in lora and "scale" not in lora:
+        raise ConfigError(f"{path}: lora_parameters has 'alpha'; mesp_mlx (like "
+                          "mlx-lm) uses 'scale' (y = xW0ᵀ + scale·(xA)B)")
+    for k, dst in (("rank", "rank"), ("scale", "scale"), ("dropout", "dropout"),
+                   ("keys", "lora_keys")):
+        if k in lora:
+            raw.setdefault(dst, lora[k])
+    for k in ("fine_tune_type", "grad_checkpoint", "lr_schedule", "report_to",
+              "project_name", "trust_remote_code", "clear_cache_threshold"):
+        if raw.get(k) not in (None, False, "lora", 0):
+            raise ConfigError(f"{path}: option {k}={raw[k]!r} is not supported by "
+                              "mesp_mlx (LoRA only; memory is handled by --method)")
+        raw.pop(k, None)
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(sorted(known))}")
+    return raw
+
+
+def resolve(cli: dict, yaml_path: Optional[str] = None) -> TrainConfig:
+    """CLI values (None = not given) over YAML over dataclass defaults."""
+    merged = load_yaml(yaml_path) if yaml_path else {}
+    merged.update({k: v for k, v in cli.items() if v is not None and k != "config"})
+    cfg = TrainConfig(**merged, config=yaml_path)
+    for f in fields(TrainConfig):      # YAML may give "1e-5" or 10.0: coerce numbers
+        v = getattr(cfg, f.name)
+        if v is not None and f.type in (int, float):
+            try:
+                setattr(cfg, f.name, f.type(v))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{f.name} must be a number, got {v!r}") from None
+    return cfg

@@ -1,0 +1,125 @@
+"""`python -m mesp_mlx.lora`: LoRA fine-tuning with mlx-lm's flags and files.
+
+    python -m mesp_mlx.lora --model Qwen2.5-0.5B --train --data ./data
+    python -m mesp_mlx.lora --model Qwen2.5-0.5B --test --data ./data --adapter-path adapters
+
+`run(config)` is the same job from Python (a notebook): it returns the
+training result and test loss instead of printing only.
+"""
+
+import argparse
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from .config import TrainConfig, UserError, add_arguments, resolve
+
+try:
+    from .memory import MemoryBudgetError
+except ImportError:  # memory package not in this tree yet
+    class MemoryBudgetError(UserError):
+        pass
+
+EPILOG = """\
+methods: mesp = per-block recompute + hand-derived backward (least memory),
+mebp = per-block checkpointing, autodiff = plain MLX autodiff (the reference);
+all three give the same gradients. Options may also come from a YAML file
+(--config), with the same names as the flags (CLI > YAML > defaults); an
+mlx-lm LoRA YAML file works as is. Adapters are mlx-lm's files: use them with
+`mlx_lm.generate --adapter-path` or `mlx_lm.fuse`."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mesp_mlx.lora",
+        description="Fine-tune an LLM with LoRA at minimal peak memory, exact gradients.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_arguments(parser)
+
+
+def run(cfg: TrainConfig, log=print) -> dict:
+    """Load model and data, train and/or test as `cfg` says; returns
+    {"train": TrainResult or None, "test_loss": float or None, "model": model}."""
+    import mlx.core as mx
+
+    from . import adapters, data, models, trainer
+    from .layers import apply_lora
+
+    cfg.validate()
+    log("Options:\n" + cfg.describe())
+    model, tokenizer, resolved = models.load_model(cfg.model, log=log)
+    need = (("train",) if cfg.train else ()) + (("test",) if cfg.test else ())
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", data.TruncationWarning)
+        warnings.showwarning = lambda msg, *a, **k: log(f"Warning: {msg}")
+        splits = data.load_splits(cfg.data, tokenizer, cfg.max_seq_length,
+                                  cfg.mask_prompt, need)
+    out = {"train": None, "test_loss": None, "model": model}
+    if cfg.train:
+        mx.random.seed(cfg.seed)
+        apply_lora(model, cfg.rank, cfg.scale, cfg.dropout, keys=cfg.lora_keys,
+                   num_layers=None if cfg.num_layers == -1 else cfg.num_layers)
+        n = sum(v.size for v in adapters.adapter_weights(model).values())
+        log(f"Trainable LoRA parameters: {n / 1e6:.3f} M "
+            f"(rank {cfg.rank}, scale {cfg.scale})")
+        if splits["valid"] is None:
+            log("Warning: no valid.jsonl: training without validation")
+        monitor = _memory(model, cfg, log)
+        config_file = adapters.save_config(model, cfg.adapter_path, cfg.to_dict())
+        log(f"Resolved options saved to {config_file}")
+        out["train"] = trainer.train(model, splits["train"], splits["valid"], cfg,
+                                     monitor=monitor, log=log)
+        log(f"Saved adapters to {out['train'].adapter_file}")
+        if monitor is not None:
+            log(monitor.summary())
+            if cfg.memory_log and monitor.plot(str(Path(cfg.memory_log).with_suffix(".png"))):
+                log(f"Memory plot: {Path(cfg.memory_log).with_suffix('.png')}")
+    elif cfg.adapter_path:
+        adapters.load_adapter_dir(model, cfg.adapter_path)
+        log(f"Loaded adapters from {cfg.adapter_path}")
+    if cfg.test:
+        batches = data.fixed_batches(splits["test"], cfg.batch_size, cfg.test_batches)
+        loss = trainer.evaluate(model, batches)
+        out["test_loss"] = loss
+        log(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 50)):.3f}.")
+    return out
+
+
+def _memory(model, cfg, log):
+    """Budget, pre-flight estimate and the per-step monitor (None if unavailable)."""
+    try:
+        from .memory import MemoryMonitor, preflight, resolve_budget
+    except ImportError:
+        if cfg.memory_budget or cfg.device_profile or cfg.memory_log:
+            raise UserError("--memory-budget, --device-profile and --memory-log need "
+                            "the mesp_mlx.memory package, missing from this install")
+        return None
+    budget = resolve_budget(cfg.memory_budget, cfg.device_profile)
+    est = preflight(model, cfg.method, cfg.max_seq_length, cfg.batch_size, budget)
+    log(f"Memory estimate: {est}")
+    return MemoryMonitor(log_path=cfg.memory_log, budget_bytes=budget)
+
+
+def main(argv: Optional[list] = None) -> int:
+    """CLI entry point; returns the exit status (user errors: 1, no traceback)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    cfg_path = args.config
+    try:
+        cfg = resolve(vars(args), cfg_path)
+        run(cfg)
+    except (UserError, MemoryBudgetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; resume with --resume-adapter-file "
+              f"{getattr(args, 'adapter_path', None) or 'adapters'}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

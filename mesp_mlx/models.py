@@ -1,0 +1,97 @@
+"""Model names -> repositories, and loading through mlx-lm's loader.
+
+`--model` takes a local directory, a Hugging Face repo id, `demo`, or a short
+name: `Qwen2.5-{0.5B,1.5B,3B}` (Qwen/ originals), `-Instruct`, and the
+mlx-community conversions `-Instruct-4bit` / `-Instruct-bf16`.
+"""
+
+import re
+from pathlib import Path
+
+from .config import UserError
+
+SIZES = ("0.5B", "1.5B", "3B")
+_SHORT = re.compile(r"^qwen2\.5-(0\.5b|1\.5b|3b)(-instruct)?(-4bit|-bf16)?$", re.I)
+
+
+class ModelLoadError(UserError):
+    """The model could not be found or loaded."""
+
+
+def short_names() -> list:
+    out = []
+    for s in SIZES:
+        out += [f"Qwen2.5-{s}", f"Qwen2.5-{s}-Instruct", f"Qwen2.5-{s}-Instruct-4bit",
+                f"Qwen2.5-{s}-Instruct-bf16"]
+    return out
+
+
+def resolve_model_name(name: str) -> str:
+    """Local path or repo id that `name` stands for (unchanged if not short)."""
+    if name == "demo":
+        try:
+            from . import demo
+        except ImportError:
+            raise ModelLoadError("the demo model is not available in this install") from None
+        try:
+            return demo.model_path()
+        except FileNotFoundError as e:
+            raise ModelLoadError(str(e)) from None
+    m = _SHORT.match(name)
+    if m is None or Path(name).exists():
+        return name
+    size = m.group(1).upper()
+    instruct, variant = bool(m.group(2)), (m.group(3) or "").lower()
+    if variant and not instruct:
+        raise ModelLoadError(f"no published {name}: mlx-community converts the Instruct "
+                             f"models; try Qwen2.5-{size}-Instruct{variant} or "
+                             f"Qwen2.5-{size} (Qwen/Qwen2.5-{size}, bf16)")
+    if variant:
+        return f"mlx-community/Qwen2.5-{size}-Instruct{variant}"
+    return f"Qwen/Qwen2.5-{size}" + ("-Instruct" if instruct else "")
+
+
+def _looks_local(name: str) -> bool:
+    return (name.startswith((".", "/", "~")) or name.count("/") != 1
+            or name.endswith("/"))
+
+
+def load_model(name: str, log=print):
+    """(model, tokenizer, resolved) via mlx_lm.load; ModelLoadError if absent."""
+    resolved = resolve_model_name(name)
+    if resolved != name:
+        log(f"Model {name} -> {resolved}")
+    path = Path(resolved).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: not an mlx-lm/Hugging "
+                                 "Face model directory")
+    elif _looks_local(resolved):
+        raise ModelLoadError(f"model directory {resolved} does not exist (and is not "
+                             f"a repo id like owner/name); short names: "
+                             f"{', '.join(short_names()[:4])}, ...")
+    return (*_load(resolved, str(path) if path.exists() else resolved), resolved)
+
+
+def _load(resolved: str, where: str):
+    import mlx_lm
+    from huggingface_hub import errors as hf
+
+    hint = (f"On a connected machine run `huggingface-cli download {resolved} "
+            f"--local-dir <dir>` (or copy the model directory here) and pass "
+            "--model <dir>.")
+    try:
+        model, tokenizer = mlx_lm.load(where)
+    except hf.GatedRepoError:
+        raise ModelLoadError(f"{resolved} is gated on the Hugging Face Hub: accept its "
+                             f"licence and log in (`huggingface-cli login`). {hint}") from None
+    except (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.HFValidationError):
+        raise ModelLoadError(f"no model {resolved!r} on the Hugging Face Hub. Pass a "
+                             f"repo id, a local directory, or a short name "
+                             f"({', '.join(short_names()[:4])}, ...).") from None
+    except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled, ConnectionError):
+        raise ModelLoadError(f"could not download {resolved} (offline, and not in the "
+                             f"local Hugging Face cache). {hint}") from None
+    except (FileNotFoundError, ValueError) as e:
+        raise ModelLoadError(f"could not load {resolved}: {e}") from None
+    return model, tokenizer

@@ -1,0 +1,255 @@
+"""The training loop: engine gradients, optimizer, reports, saves, resume.
+
+    result = train(model, train_set, val_set, TrainConfig(...))   # model has LoRA
+    loss = evaluate(model, fixed_batches(test_set, 4, -1))
+
+Iteration k's batch and dropout mask are pure functions of (seed, k), and the
+optimizer state and pending accumulated gradients are saved with the adapters,
+so a resumed run replays the uninterrupted run's losses exactly.
+"""
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from . import adapters, engine
+from .config import ConfigError, TrainConfig
+from .data import Batch, Dataset, fixed_batches, iterate_batches
+
+try:
+    from .memory import MemoryMonitor
+except ImportError:  # memory package not installed in this tree yet
+    MemoryMonitor = None
+
+HEAD_CHUNK = 512      # positions per logits chunk in evaluation ([1, 512, V] at a time)
+
+
+@dataclass
+class TrainResult:
+    step: int                                                  # last iteration done
+    train_losses: List[tuple] = field(default_factory=list)   # (iteration, loss) per report
+    val_losses: List[tuple] = field(default_factory=list)     # (iteration, loss)
+    step_losses: List[float] = field(default_factory=list)    # every iteration's loss
+    adapter_file: Optional[str] = None
+
+
+def build_optimizer(name: str, learning_rate: float, extra: Optional[dict] = None):
+    classes = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}
+    if name not in classes:
+        raise ConfigError(f"unknown optimizer {name!r}; choose from {', '.join(classes)}")
+    try:
+        return classes[name](learning_rate=learning_rate, **(extra or {}))
+    except TypeError as e:
+        raise ConfigError(f"optimizer_config for {name}: {e}") from None
+
+
+# ---------------------------------------------------------------- evaluation
+
+def _loss_sum(model, batch: Batch) -> mx.array:
+    """Σ CE · mask, one row and HEAD_CHUNK positions at a time, so evaluation
+    never builds the full [B, T, V] logits."""
+    body = getattr(model, "model", None)
+    if body is None:
+        return engine.masked_ce(model(batch.inputs), batch.targets, batch.mask) * batch.n_targets
+    head = model.lm_head if hasattr(model, "lm_head") else body.embed_tokens.as_linear
+    total = mx.array(0.0)
+    for b in range(batch.inputs.shape[0]):
+        h = body(batch.inputs[b:b + 1])                         # [1, T, D]
+        for t in range(0, h.shape[1], HEAD_CHUNK):
+            s = slice(t, t + HEAD_CHUNK)
+            ce = nn.losses.cross_entropy(head(h[:, s]).astype(mx.float32),
+                                         batch.targets[b:b + 1, s])
+            total = total + (ce * batch.mask[b:b + 1, s]).sum()
+            mx.eval(total)
+    return total
+
+
+def evaluate(model, batches: List[Batch], progress=None) -> float:
+    """Token-weighted mean loss over `batches` (dropout off)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for batch in batches:
+        total += _loss_sum(model, batch).item()
+        n += batch.n_targets
+        if progress is not None:
+            progress()
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+# ---------------------------------------------------------------- training
+
+class _Window:
+    """Counters between two reports."""
+
+    def __init__(self):
+        self.loss = self.targets = self.tokens = self.iters = 0
+        self.t0 = time.perf_counter()
+        self.peak = 0
+        self.rec = None
+
+    def add(self, loss, batch, rec):
+        self.loss += loss * batch.n_targets
+        self.targets += batch.n_targets
+        self.tokens += batch.n_tokens
+        self.iters += 1
+        if rec is not None:
+            self.peak = max(self.peak, rec.get("mlx_peak", 0))
+            self.rec = dict(rec, mlx_peak=self.peak)
+
+
+def _check_method(method):
+    if method not in engine.METHODS:
+        raise ConfigError(f"--method {method} is not supported by this engine "
+                          f"(available: {', '.join(engine.METHODS)})")
+
+
+def _lr(optimizer) -> float:
+    lr = optimizer.learning_rate
+    return lr.item() if isinstance(lr, mx.array) else float(lr)
+
+
+def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = None,
+          config: Optional[TrainConfig] = None, optimizer=None, monitor=None,
+          log=print, progress: Optional[bool] = None) -> TrainResult:
+    """Train the LoRA parameters of `model` for config.iters iterations.
+
+    Resumes from config.resume_adapter_file; saves to config.adapter_path
+    (None: no files). monitor: a mesp_mlx.memory.MemoryMonitor or None.
+    """
+    cfg = config or TrainConfig(train=True)
+    _check_method(cfg.method)
+    if cfg.grad_accumulation_steps < 1:
+        raise ConfigError("--grad-accumulation-steps must be >= 1")
+    opt = optimizer or build_optimizer(cfg.optimizer, cfg.learning_rate,
+                                       (cfg.optimizer_config or {}).get(cfg.optimizer))
+    start, accum, accum_n = _resume(model, opt, cfg, log)
+    result = TrainResult(step=start)
+    val = fixed_batches(val_set, cfg.batch_size, cfg.val_batches) if val_set and \
+        cfg.val_batches != 0 else []
+    batches = iterate_batches(train_set, cfg.batch_size, cfg.seed, start)
+    bar = _progress_bar(cfg, start, progress)
+    say = bar.write if bar is not None else log
+
+    def validate(it):
+        tic = time.perf_counter()
+        loss = evaluate(model, val)
+        result.val_losses.append((it, loss))
+        say(f"Iter {it}: val loss {loss:.3f}, val ppl {math.exp(min(loss, 50)):.3f}, "
+            f"val took {time.perf_counter() - tic:.2f}s")
+
+    model.train()
+    if val and start == 0:
+        validate(0)
+    win = _Window()
+    for it in range(start + 1, cfg.iters + 1):
+        if monitor is not None:
+            monitor.start_window()
+        mx.random.seed(cfg.seed * 1_000_003 + it)      # dropout keys: f(seed, it)
+        batch = next(batches)
+        loss, grads = engine.value_and_grad(model, batch.inputs, batch.targets,
+                                            batch.mask, method=cfg.method)
+        accum, accum_n = _accumulate(accum, accum_n, grads, batch, cfg)
+        if it % cfg.grad_accumulation_steps == 0:
+            g = accum if cfg.grad_accumulation_steps == 1 else \
+                tree_map(lambda x: x / accum_n, accum)
+            opt.update(model, g)
+            mx.eval(model.parameters(), opt.state)
+            accum, accum_n = None, 0
+        loss = loss.item()
+        result.step_losses.append(loss)
+        rec = monitor.record(it, loss=loss) if monitor is not None else None
+        win.add(loss, batch, rec)
+        if bar is not None:
+            bar.update(1)
+        if it % cfg.steps_per_report == 0 or it == cfg.iters:
+            result.train_losses.append((it, win.loss / max(win.targets, 1)))
+            say(_report(it, win, opt, monitor))
+            win = _Window()
+        if val and (it % cfg.steps_per_eval == 0 or it == cfg.iters):
+            validate(it)
+            win.t0 = time.perf_counter()          # validation time is not training time
+        if cfg.adapter_path and (it % cfg.steps_per_save == 0 or it == cfg.iters):
+            result.adapter_file = str(_save(model, opt, cfg, it, accum, accum_n,
+                                            snapshot=it % cfg.steps_per_save == 0))
+            if it % cfg.steps_per_save == 0:
+                say(f"Iter {it}: saved adapters to {result.adapter_file} "
+                    f"and {it:07d}_adapters.safetensors")
+        result.step = it
+    if bar is not None:
+        bar.close()
+    return result
+
+
+def _accumulate(accum, n, grads, batch, cfg):
+    """Token-weighted sum: Σ_b n_b·g_b, so accum / Σ n_b is the exact gradient
+    of the mean loss over all targets of the accumulated batches."""
+    if cfg.grad_accumulation_steps == 1:
+        return grads, batch.n_targets
+    w = float(batch.n_targets)
+    scaled = tree_map(lambda g: g * w, grads)
+    accum = scaled if accum is None else tree_map(lambda a, g: a + g, accum, scaled)
+    mx.eval(accum)
+    return accum, n + batch.n_targets
+
+
+def _report(it, win, opt, monitor) -> str:
+    dt = max(time.perf_counter() - win.t0, 1e-9)
+    line = (f"Iter {it}: train loss {win.loss / max(win.targets, 1):.3f}, "
+            f"lr {_lr(opt):.3e}, it/s {win.iters / dt:.3f}, tokens/s "
+            f"{win.tokens / dt:.1f} processed, {win.targets / dt:.1f} trained")
+    if monitor is not None and win.rec is not None:
+        line += ", " + monitor.format(win.rec)
+    else:
+        line += f", peak mem {mx.get_peak_memory() / 2**20:.1f} MB"
+    return line
+
+
+def _save(model, opt, cfg, it, accum, accum_n, snapshot):
+    f = adapters.save_adapters(model, cfg.adapter_path, cfg.to_dict(), step=it,
+                               snapshot=snapshot)
+    pending = accum if accum_n else None
+    meta = {"step": it, "seed": cfg.seed, "accum_targets": accum_n if pending else 0}
+    adapters.save_state(f, opt, meta, pending)
+    if snapshot:
+        adapters.save_state(f.with_name(f"{it:07d}_{f.name}"), opt, meta, pending)
+    return f
+
+
+def _resume(model, opt, cfg, log):
+    """(start iteration, accumulated grads, their target count)."""
+    if not cfg.resume_adapter_file:
+        return 0, None, 0
+    f = adapters.find_adapter_file(cfg.resume_adapter_file)
+    adapters.load_weights(model, f)
+    state = adapters.load_state(f, opt)
+    if state is None:
+        log(f"Resuming from {f}: weights only (no optimizer state saved next to it); "
+            "starting at iteration 1")
+        return 0, None, 0
+    meta, accum = state
+    if meta.get("seed") != cfg.seed:
+        log(f"Warning: {f} was trained with --seed {meta.get('seed')}, now {cfg.seed}: "
+            "the data order will differ from the interrupted run")
+    log(f"Resuming from {f} at iteration {meta['step']} (adapters, optimizer state, "
+        "data position and RNG restored)")
+    mx.eval(opt.state)
+    return int(meta["step"]), accum, int(meta.get("accum_targets", 0))
+
+
+def _progress_bar(cfg, start, progress):
+    """A tqdm bar on a terminal for runs longer than a few reports."""
+    if progress is None:
+        progress = sys.stderr.isatty() and cfg.iters - start >= 4 * cfg.steps_per_report
+    if not progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=cfg.iters, initial=start, unit="it", dynamic_ncols=True)
