@@ -1,0 +1,217 @@
+"""Measure one benchmark point (model, T, r, method) in this process.
+
+Run by `memory_bench.py --worker SPEC` in a fresh process per point, so that
+peaks, allocator caches and mlx-lm's class-level `grad_checkpoint` patch never
+leak between points. Prints one line `RESULT_PREFIX + json` on stdout.
+
+Protocol: build the model (random weights) + LoRA (A, B random, B non-zero,
+identical for every method), clear the cache, read the resident bytes; step 1
+is a warm-up; reset the MLX peak (and the kernel's VmHWM) and time `steps`
+warm steps. Every step ends with an `mx.eval` of loss and gradients.
+"""
+
+import gc
+import json
+import math
+import sys
+import time
+import traceback
+
+RESULT_PREFIX = "MEMORY_BENCH_RESULT "
+OURS = ("autodiff", "mebp", "mesp", "mezo")     # through mesp_mlx.value_and_grad
+BASELINES = ("mlx-lm", "mlx-lm+ckpt")            # mlx-lm's own LoRA + trainer step
+ALL_METHODS = OURS + BASELINES
+B_STD = 0.01                                     # LoRA B ~ N(0, B_STD²): non-zero
+
+
+def proc_status() -> dict:
+    """VmRSS and VmHWM of this process in bytes (Linux), else {}."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key, val = line.split(":")
+                    out[key] = int(val.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def reset_rss_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux clear_refs '5'); False if denied."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def blas_in_use() -> str:
+    """Which BLAS library is mapped into this process."""
+    try:
+        maps = open("/proc/self/maps").read()
+    except OSError:
+        return "unknown"
+    return "openblas" if "openblas" in maps else "bundled (reference BLAS)"
+
+
+def unsupported_reason(method: str):
+    """None if the method can run here, else a one-line reason."""
+    if method in BASELINES:
+        return None
+    import mesp_mlx
+    if method not in mesp_mlx.METHODS:
+        return f"mesp_mlx.METHODS = {', '.join(mesp_mlx.METHODS)}"
+    return None
+
+
+def _init_lora(model, seed: int):
+    """Deterministic A (uniform ±1/√d_in) and non-zero B, same for all methods."""
+    import mlx.core as mx
+
+    layers = sorted((p, m) for p, m in model.named_modules()
+                    if "lora_a" in m and "lora_b" in m)
+    keys = mx.random.split(mx.random.key(seed), 2 * max(len(layers), 1))
+    for i, (_, m) in enumerate(layers):
+        d_in, r = m.lora_a.shape
+        bound = 1 / math.sqrt(d_in)
+        m.lora_a = mx.random.uniform(-bound, bound, m.lora_a.shape,
+                                     key=keys[2 * i]).astype(m.lora_a.dtype)
+        m.lora_b = (B_STD * mx.random.normal(m.lora_b.shape, key=keys[2 * i + 1])
+                    ).astype(m.lora_b.dtype)
+    return len(layers)
+
+
+def _ours(model, spec, batch):
+    import mlx.core as mx
+    import mesp_mlx
+
+    mesp_mlx.apply_lora(model, rank=spec["r"], scale=spec["scale"], dropout=0.0)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+
+    def step():
+        loss, grads = mesp_mlx.value_and_grad(model, inputs, targets,
+                                              method=spec["method"])
+        mx.eval(loss, grads)
+        return loss, grads
+    return step
+
+
+def _mlx_lm(model, spec, batch):
+    """mlx-lm's LoRA path, mirroring tuner.trainer.train's compiled step."""
+    from functools import partial
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mesp_mlx.layers import ALL_KEYS
+
+    model.freeze()                                   # as mlx_lm.lora does first
+    linear_to_lora_layers(model, len(model.layers), {
+        "rank": spec["r"], "scale": spec["scale"], "dropout": 0.0,
+        "keys": list(ALL_KEYS)})
+    if spec["method"] == "mlx-lm+ckpt":
+        grad_checkpoint(model.layers[0])
+    loss_value_and_grad = nn.value_and_grad(model, default_loss)
+    lengths = mx.array([[0, batch.shape[1]]])        # every target counts
+    state = [model.state, mx.random.state]
+
+    def fn(batch, lengths):
+        (lvalue, toks), grad = loss_value_and_grad(model, batch, lengths)
+        return lvalue, toks, grad
+    if spec.get("mlx_lm_compile", True):
+        fn = partial(mx.compile, inputs=state, outputs=state)(fn)
+
+    def step():
+        lvalue, toks, grad = fn(batch, lengths)
+        mx.eval(state, lvalue, toks, grad)
+        return lvalue, grad
+    return step
+
+
+def _measure(spec) -> dict:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mesp_mlx.arch import build_model
+
+    row = {"blas": blas_in_use()}
+    dtype = getattr(mx, spec["dtype"])
+    t0 = time.perf_counter()
+    model = build_model(spec.get("config") or spec["model"], dtype=dtype,
+                        seed=spec["seed"])
+    args = model.args
+    row.update(n_layers=args.num_hidden_layers, hidden=args.hidden_size,
+               vocab=args.vocab_size, itemsize=dtype.size)
+    batch = mx.random.randint(0, args.vocab_size, (1, spec["T"] + 1),
+                              key=mx.random.key(spec["seed"] + 2)).astype(mx.int32)
+    make = _mlx_lm if spec["method"] in BASELINES else _ours
+    step = make(model, spec, batch)
+    row["lora_layers"] = _init_lora(model, spec["seed"] + 1)
+    model.train()
+    mx.eval(model.parameters(), batch)
+    row["lora_params"] = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    gc.collect()
+    mx.clear_cache()                                 # build leftovers are not the method's
+    row["build_s"] = time.perf_counter() - t0
+    row["weights_bytes"] = mx.get_active_memory()
+    row["param_bytes"] = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    row["rss_before_bytes"] = proc_status().get("VmRSS")
+
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    loss, grads = step()
+    row["first_step_s"] = time.perf_counter() - t0
+    row["first_peak_bytes"] = mx.get_peak_memory()
+    row["loss"] = loss.item()
+    del loss, grads
+    gc.collect()
+
+    row["rss_before_step_bytes"] = proc_status().get("VmRSS")
+    row["rss_peak_is_step_only"] = reset_rss_peak()
+    mx.reset_peak_memory()
+    times = []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        loss, grads = step()
+        times.append(time.perf_counter() - t0)
+        if len(times) < spec["steps"]:
+            del loss, grads
+    row["peak_bytes"] = mx.get_peak_memory()
+    row["active_after_bytes"] = mx.get_active_memory()
+    row["cache_bytes"] = mx.get_cache_memory()
+    row["rss_peak_bytes"] = proc_status().get("VmHWM")
+    row["step_times_s"] = times
+    row["s_per_step"] = sum(times) / len(times)
+    row["peak_above_bytes"] = row["peak_bytes"] - row["weights_bytes"]
+    return row
+
+
+def _classify(exc: BaseException) -> str:
+    msg = str(exc).lower()
+    if isinstance(exc, MemoryError) or "allocate" in msg or "out of memory" in msg:
+        return "oom"
+    if isinstance(exc, (NotImplementedError, ModuleNotFoundError)):
+        return "unsupported"
+    return "error"
+
+
+def run(spec: dict) -> dict:
+    """Measure one point; never raises (failures become a status)."""
+    try:
+        reason = unsupported_reason(spec["method"])
+        if reason:
+            return {"status": "unsupported", "error": reason}
+        row = _measure(spec)
+        row["status"] = "ok"
+        return row
+    except BaseException as exc:                     # keep the row, whatever failed
+        traceback.print_exc(file=sys.stderr)
+        return {"status": _classify(exc), "error": f"{type(exc).__name__}: {exc}"}
+
+
+def main(spec_json: str):
+    spec = json.loads(spec_json)
+    print(RESULT_PREFIX + json.dumps(run(spec)), flush=True)

@@ -1,0 +1,233 @@
+"""Markdown tables, linear-fit slopes and the environment footer for memory_bench.
+
+The section is written between START/END markers so that RESULTS.md can hold
+other sections (gradient cosine, convergence) written by other scripts.
+MB = 2^20 bytes throughout.
+"""
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+START = "<!-- memory_bench:start -->"
+END = "<!-- memory_bench:end -->"
+MB = 2**20
+
+
+def _mb(x):
+    return "" if x is None else f"{x / MB:.1f}"
+
+
+def _status(row):
+    s = row.get("status", "missing")
+    if s == "ok":
+        return "ok"
+    err = (row.get("error") or "").replace("|", "/").replace("\n", " ")
+    return f"{s}: {err[:70]}" if err else s
+
+
+def _ratio(row, ref):
+    if row.get("status") != "ok" or not ref or ref.get("status") != "ok":
+        return ""
+    return f"{row['s_per_step'] / ref['s_per_step']:.2f}"
+
+
+def _cells(row, ref):
+    ok = row.get("status") == "ok"
+    return [_mb(row.get("peak_above_bytes")) if ok else "",
+            _mb(row.get("peak_bytes")) if ok else "",
+            _mb(row.get("rss_peak_bytes")) if ok else "",
+            _mb(row.get("cache_bytes")) if ok else "",
+            f"{row['s_per_step']:.2f}" if ok else "",
+            _ratio(row, ref), _status(row)]
+
+
+HEAD = ["peak above weights MB", "absolute peak MB", "process peak RSS MB",
+        "cache after MB", "s/step", "time / autodiff", "status"]
+
+
+def _table(header, lines):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+    return out
+
+
+def _weights_note(rows):
+    w = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            w.setdefault(r["model"], []).append(r["weights_bytes"])
+    return "; ".join(f"{m} {_mb(min(b))}" + ("" if _mb(min(b)) == _mb(max(b))
+                     else f"–{_mb(max(b))}") + " MB" for m, b in w.items()) or "n/a"
+
+
+def slope_lines(rows):
+    """Per method: linear fit of peak above weights over T (needs ≥ 2 T)."""
+    import numpy as np
+
+    out, ck = [], None
+    for method in dict.fromkeys(r["method"] for r in rows):
+        ok = sorted((r["T"], r["peak_above_bytes"] / MB, r) for r in rows
+                    if r["method"] == method and r.get("status") == "ok")
+        if len({t for t, _, _ in ok}) < 2:
+            continue
+        T = np.array([t for t, _, _ in ok], float)
+        y = np.array([p for _, p, _ in ok])
+        k, c = np.polyfit(T, y, 1)
+        r2 = 1 - ((y - (k * T + c)) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12)
+        out.append([method, f"{1000 * k:.1f}", f"{c:.1f}", f"{r2:.4f}",
+                    f"{int(T.min())}–{int(T.max())}"])
+        ck = ck or ok[0][2]
+    if not out:
+        return []
+    per_tok = ck["n_layers"] * ck["hidden"] * ck["itemsize"]
+    head = ["method", "slope MB per 1k tokens", "intercept MB", "R²", "T range"]
+    return (["", "Linear fit of peak above weights over T:", ""] + _table(head, out)
+            + ["", f"Block checkpoints per token: n_layers × D × itemsize = "
+                   f"{ck['n_layers']} × {ck['hidden']} × {ck['itemsize']} B = "
+                   f"{per_tok / 1024:.1f} KB, i.e. {1000 * per_tok / MB:.1f} MB per 1k "
+                   "tokens (the floor for any per-block checkpointing method)."])
+
+
+def target_lines(rows, T=256, peak_mb=100.0, ratio=1.3):
+    """Issue-3 targets for mesp at T 256: peak above weights and time vs autodiff."""
+    at = {r["method"]: r for r in rows if r["T"] == T and r.get("status") == "ok"}
+    if "mesp" not in at:
+        return []
+    m = at["mesp"]
+    peak = m["peak_above_bytes"] / MB
+    out = [f"mesp peak above weights at T {T}: {peak:.1f} MB (target ≤ {peak_mb:.0f} MB: "
+           + ("met" if peak <= peak_mb else f"missed by {peak - peak_mb:.1f} MB") + ")"]
+    if "autodiff" in at:
+        q = m["s_per_step"] / at["autodiff"]["s_per_step"]
+        out.append(f"time {q:.2f}× autodiff (target ≤ {ratio}×: "
+                   + ("met" if q <= ratio else f"missed by {q - ratio:.2f}×") + ")")
+    return ["", "Targets (issue 3): " + "; ".join(out) + "."]
+
+
+def _loss_check(rows):
+    """Same weights and tokens for every method: losses must agree."""
+    groups = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            groups.setdefault((r["model"], r["T"], r["r"]), []).append(r["loss"])
+    worst = max((max(v) - min(v)) / max(abs(min(v)), 1e-12)
+                for v in groups.values()) if groups else None
+    if worst is None or all(len(v) < 2 for v in groups.values()):
+        return []
+    verdict = "agree" if worst < 1e-3 else "DISAGREE"
+    return ["", f"Sanity: at each point all methods see identical weights and "
+                f"tokens; their losses {verdict} (max relative spread {worst:.1e})."]
+
+
+def sweep_section(sweep, rows):
+    """One markdown table (+ fit) for a sweep; rows keyed like the sweep points."""
+    lines = [f"### {sweep['title']}", "",
+             f"Resident weights (incl. LoRA): {_weights_note(rows)}.", ""]
+    ref = {(r["model"], r["T"], r["r"]): r for r in rows if r["method"] == "autodiff"}
+    body = []
+    for r in rows:
+        lead = [r["model"]] if sweep["kind"] == "size" else []
+        body.append(lead + [r["method"], r["T"], r["r"]]
+                    + _cells(r, ref.get((r["model"], r["T"], r["r"]))))
+    head = (["model"] if sweep["kind"] == "size" else []) + ["method", "T", "r"] + HEAD
+    lines += _table(head, body)
+    if sweep["kind"] == "seq":
+        lines += slope_lines(rows)
+        if {r["model"] for r in rows} == {"Qwen2.5-0.5B"}:
+            lines += target_lines(rows)
+    return lines + _loss_check(rows) + [""]
+
+
+def _git():
+    def git(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return commit + (" (dirty: uncommitted changes to tracked files)" if dirty else "")
+
+
+def collect_env(dtype: str) -> dict:
+    """Everything the footer needs, read once in the parent process."""
+    from importlib.metadata import version
+
+    import mlx.core as mx
+    cpu = "unknown"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                   if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    pre = os.environ.get("LD_PRELOAD", "")
+    cmd = shlex.join(["python"] + sys.argv)
+    return {
+        "device": str(mx.device_info()), "cpu": f"{cpu} ({os.cpu_count()} logical CPUs)",
+        "os": platform.platform(), "python": platform.python_version(),
+        "mlx": version("mlx"), "mlx_lm": version("mlx-lm"), "dtype": dtype,
+        "commit": _git(), "ld_preload": pre,
+        "command": (f"LD_PRELOAD={pre} " if pre else "") + cmd,
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def footer(env, rows):
+    blas = sorted({r["blas"] for r in rows if r.get("blas")}) or ["(no ok rows)"]
+    pre = env["ld_preload"]
+    blas_note = (f"OpenBLAS preloaded (`LD_PRELOAD={pre}`)" if "openblas" in pre
+                 else "no OpenBLAS preload (MLX's bundled BLAS)")
+    step_only = all(r.get("rss_peak_is_step_only") for r in rows if r.get("status") == "ok")
+    return [
+        "**Environment.** "
+        f"Device: `{env['device']}`; CPU: {env['cpu']}; OS: {env['os']}; "
+        f"Python {env['python']}; MLX {env['mlx']}; mlx-lm {env['mlx_lm']}; "
+        f"dtype {env['dtype']}; commit {env['commit']}; BLAS: {blas_note}, "
+        f"mapped in the workers: {', '.join(blas)}; load average at start "
+        f"{env['load']}; {env['date']}.",
+        "",
+        f"Command: `{env['command']}`",
+        "",
+        "Protocol: one fresh process per row; random weights, batch 1, LoRA "
+        "scale 20 on all 7 projections of every block, B non-zero; step 1 is a "
+        "warm-up, the numbers are from the following warm step(s). Peak above "
+        "weights = `mx.get_peak_memory()` (reset before the measured step) − "
+        "`mx.get_active_memory()` after build + LoRA. Process peak RSS = VmHWM "
+        + ("reset just before the measured step (`/proc/self/clear_refs`), so it "
+           "excludes the build" if step_only else "including the build")
+        + ". Baselines: `mlx-lm` = mlx-lm's `linear_to_lora_layers` + "
+        "`nn.value_and_grad(model, default_loss)` in the compiled step of "
+        "`mlx_lm.tuner.trainer.train`, evaluated with `mx.eval(state, loss, "
+        "toks, grads)`; `mlx-lm+ckpt` adds its `grad_checkpoint`. "
+        "`time / autodiff` is relative to our `autodiff` at the same point. "
+        "MB = 2^20 bytes.",
+    ]
+
+
+def render(sweeps, rows_for, env) -> str:
+    """The whole memory_bench section, markers included."""
+    lines = [START, "## Memory and speed benchmark (`bench/memory_bench.py`)", ""]
+    all_rows = []
+    for sweep in sweeps:
+        rows = rows_for(sweep)
+        all_rows += rows
+        lines += sweep_section(sweep, rows)
+    lines += footer(env, all_rows) + [END]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str):
+    """Replace (or append) our marked section, keeping everything else."""
+    text = path.read_text() if path.exists() else "# Results\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -1,0 +1,225 @@
+"""Memory and speed benchmark: our methods vs mlx-lm's LoRA, one process per point.
+
+    python bench/memory_bench.py --preset issue3            # the issue-3 grid
+    python bench/memory_bench.py --models 0.5B --seq-lens 128 256 --methods mesp autodiff
+    python bench/memory_bench.py --config-json tiny.json --seq-lens 16 --ranks
+
+Each (model, T, r, method) point runs in a fresh subprocess (`--worker`);
+a point that fails, runs out of memory or times out is kept as a row with its
+status. Raw rows are appended to --json (JSON lines); --resume skips points
+already there. The markdown section in --out is rebuilt from the JSON rows.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+import bench_point  # noqa: E402
+import bench_report  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_METHODS = ("autodiff", "mebp", "mesp", "mezo", "mlx-lm", "mlx-lm+ckpt")
+SHORT = {"0.5B": "Qwen2.5-0.5B", "1.5B": "Qwen2.5-1.5B", "3B": "Qwen2.5-3B"}
+KEY = ("model", "dtype", "T", "r", "method")
+
+
+def _model_name(name):
+    from mesp_mlx.arch import config_for
+    name = SHORT.get(name, name)
+    config_for(name)                                  # clear ValueError if unknown
+    return name
+
+
+def _sweep(kind, title, models, Ts, rs, methods):
+    pts = [dict(model=m, T=T, r=r, method=x)
+           for m in models for T in Ts for r in rs for x in methods]
+    return dict(kind=kind, title=title, points=pts)
+
+
+def preset_issue3(methods):
+    """0.5B: T sweep × all methods, rank sweep × ours; 1.5B and 3B at T 256."""
+    small, ours = "Qwen2.5-0.5B", [m for m in methods if m in ("mesp", "mebp", "autodiff")]
+    return [
+        _sweep("seq", f"Sequence length ({small}, r 8)", [small],
+               [128, 256, 512, 1024], [8], methods),
+        _sweep("rank", f"LoRA rank ({small}, T 256)", [small], [256],
+               [4, 8, 16, 32], ours),
+        _sweep("size", "Model size (T 256, r 8)", list(SHORT.values()), [256], [8],
+               methods),
+    ]
+
+
+def build_sweeps(args, methods):
+    if args.preset == "issue3":
+        return preset_issue3(methods)
+    models = args.models + args.json_models
+    if not models:
+        raise SystemExit("error: no models: give --models and/or --config-json")
+    sweeps = [_sweep("seq", f"Sequence length ({m}, r {args.rank})", [m],
+                     args.seq_lens, [args.rank], methods) for m in models]
+    if args.ranks:
+        m = models[0]
+        sweeps.append(_sweep("rank", f"LoRA rank ({m}, T {args.rank_seq_len})", [m],
+                             [args.rank_seq_len], args.ranks,
+                             args.rank_methods or methods))
+    return sweeps
+
+
+def key_of(row, dtype=None):
+    return tuple(row.get(k) if k != "dtype" or dtype is None else dtype for k in KEY)
+
+
+def load_rows(path: Path):
+    rows = []
+    if path.exists():
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    print(f"warning: {path}:{i} is not JSON; ignored", file=sys.stderr)
+    return rows
+
+
+def run_point(spec, timeout):
+    """Run one point in a fresh process; always returns a row with a status."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        res = {"status": "timeout", "error": f"no result within {timeout:.0f} s"}
+    else:
+        lines = [l for l in p.stdout.splitlines() if l.startswith(bench_point.RESULT_PREFIX)]
+        if lines:
+            res = json.loads(lines[-1][len(bench_point.RESULT_PREFIX):])
+        else:
+            tail = " / ".join(p.stderr.strip().splitlines()[-2:])
+            killed = p.returncode < 0
+            res = {"status": "killed" if killed else "error",
+                   "error": (f"signal {-p.returncode} (OOM killer?) " if killed
+                             else f"exit {p.returncode} ") + tail}
+    spec = {k: v for k, v in spec.items() if k != "config"}
+    return {**spec, **res, "wall_s": round(time.perf_counter() - t0, 2),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=["issue3"], help="a predefined grid")
+    p.add_argument("--models", nargs="*", default=None,
+                   help="bundled architectures: 0.5B, 1.5B, 3B or Qwen2.5-* "
+                        "(default: 0.5B unless --config-json is given)")
+    p.add_argument("--config-json", nargs="*", default=[], metavar="PATH",
+                   help="extra models from qwen2 config.json files (label = file stem)")
+    p.add_argument("--seq-lens", nargs="*", type=int, default=[128, 256, 512, 1024])
+    p.add_argument("--rank", type=int, default=8, help="rank of the T sweeps")
+    p.add_argument("--ranks", nargs="*", type=int, default=[4, 8, 16, 32],
+                   help="rank sweep on the first model (empty: none)")
+    p.add_argument("--rank-seq-len", type=int, default=256)
+    p.add_argument("--rank-methods", nargs="*", default=None)
+    p.add_argument("--methods", nargs="*", default=None,
+                   help=f"any of {', '.join(bench_point.ALL_METHODS)} "
+                        "(default: all; with --preset: a filter)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--scale", type=float, default=20.0)
+    p.add_argument("--steps", type=int, default=1, help="warm steps to average")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per point")
+    p.add_argument("--no-mlx-lm-compile", action="store_true",
+                   help="run the mlx-lm baselines without the trainer's mx.compile")
+    p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--json", type=Path, default=HERE / "results.jsonl")
+    p.add_argument("--resume", action="store_true",
+                   help="skip points already in --json (any status)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: rerun points whose last row is not ok")
+    p.add_argument("--render-only", action="store_true",
+                   help="rebuild --out from --json without running anything")
+    p.add_argument("--dry-run", action="store_true", help="list the points and exit")
+    args = p.parse_args(argv)
+    _validate(p, args)
+    return args
+
+
+def _validate(p, args):
+    for m in (args.methods or []) + (args.rank_methods or []):
+        if m not in bench_point.ALL_METHODS:
+            p.error(f"unknown method {m!r}; choose from {', '.join(bench_point.ALL_METHODS)}")
+    if min(args.seq_lens + args.ranks + [args.rank, args.rank_seq_len, args.steps],
+           default=1) < 1:
+        p.error("sequence lengths, ranks and --steps must be >= 1")
+    args.json_models, args.configs = [], {}
+    for path in map(Path, args.config_json):
+        try:
+            args.configs[path.stem] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            p.error(f"--config-json {path}: {e}")
+        args.json_models.append(path.stem)
+    if args.models is None:
+        args.models = [] if args.config_json else ["Qwen2.5-0.5B"]
+    try:
+        args.models = [_model_name(m) for m in args.models]
+    except ValueError as e:
+        p.error(str(e))
+
+
+def main(argv=None):
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        return bench_point.main(sys.argv[2])
+    args = parse_args(argv)
+    methods = args.methods or list(DEFAULT_METHODS)
+    sweeps = build_sweeps(args, methods)
+    points = list({key_of(pt, args.dtype): pt for s in sweeps for pt in s["points"]}.values())
+    if args.dry_run:
+        for pt in points:
+            print(json.dumps(pt))
+        print(f"{len(points)} points")
+        return 0
+    if not args.render_only:
+        _run_all(args, points)
+    rows = {key_of(r): r for r in load_rows(args.json)}      # last row per key wins
+
+    def rows_for(sweep):
+        return [rows.get(key_of(pt, args.dtype), {**pt, "status": "missing"})
+                for pt in sweep["points"]]
+    env = bench_report.collect_env(args.dtype)
+    bench_report.write_section(args.out, bench_report.render(sweeps, rows_for, env))
+    print(f"wrote {args.out} ({len(points)} points; raw rows in {args.json})")
+    return 0
+
+
+def _run_all(args, points):
+    done = {}
+    if args.resume:
+        for r in load_rows(args.json):
+            done[key_of(r)] = r.get("status")
+    todo = [pt for pt in points if key_of(pt, args.dtype) not in done
+            or (args.retry_failed and done[key_of(pt, args.dtype)] != "ok")]
+    print(f"{len(points)} points, {len(points) - len(todo)} already done, "
+          f"{len(todo)} to run", flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    for i, pt in enumerate(todo, 1):
+        spec = dict(pt, dtype=args.dtype, scale=args.scale, steps=args.steps,
+                    seed=args.seed, mlx_lm_compile=not args.no_mlx_lm_compile,
+                    config=args.configs.get(pt["model"]))
+        row = run_point(spec, args.timeout)
+        with args.json.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        elapsed = time.perf_counter() - t_start
+        what = (f"peak above weights {row['peak_above_bytes'] / 2**20:.1f} MB, "
+                f"{row['s_per_step']:.2f} s/step" if row["status"] == "ok"
+                else row.get("error", ""))
+        print(f"[{i}/{len(todo)} {elapsed:.0f}s] {pt['model']} T={pt['T']} r={pt['r']} "
+              f"{pt['method']}: {row['status']} {what} ({row['wall_s']:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
