@@ -17,7 +17,7 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from . import adapters, engine
 from .config import ConfigError, TrainConfig
@@ -236,6 +236,9 @@ def _resume(model, opt, cfg, log):
             "starting at iteration 1")
         return 0, None, 0
     meta, accum = state
+    if accum is not None:           # back onto the full gradient tree (empty nodes too)
+        flat = dict(tree_flatten(accum))
+        accum = tree_map_with_path(lambda k, _: flat[k], model.trainable_parameters())
     if meta.get("seed") != cfg.seed:
         log(f"Warning: {f} was trained with --seed {meta.get('seed')}, now {cfg.seed}: "
             "the data order will differ from the interrupted run")

@@ -1,0 +1,120 @@
+"""Data: formats, file:line errors, truncation warning, masks, bucketing, determinism."""
+
+import numpy as np
+import pytest
+from conftest import sentence, write_jsonl
+
+from mesp_mlx import data
+from mesp_mlx.data import DataError, Dataset, TruncationWarning
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from mlx_lm.utils import load_tokenizer
+    return load_tokenizer(tiny_model_dir)
+
+
+def test_three_formats_load(tokenizer, text_data, completion_data, chat_data):
+    for d in (text_data, completion_data, chat_data):
+        splits = data.load_splits(str(d), tokenizer, 512)
+        assert len(splits["train"]) > 0 and splits["valid"] is not None
+        assert all(t[-1] == tokenizer.eos_token_id for t in splits["train"].tokens) \
+            or d != text_data
+
+
+@pytest.mark.parametrize("line,expect", [
+    ('{"text": "ok"}\n{"text": "fine"}\n{"txt": "typo"}\n', ":3: unrecognised record"),
+    ('{"text": "ok"}\n{broken json\n', ":2: not valid JSON"),
+    ('{"text": "ok"}\n["a list"]\n', ":2: got a JSON list"),
+    ('{"text": "ok"}\n{"prompt": "p", "completion": "c"}\n', ":2: a 'completions' record"),
+    ('{"text": 5}\n', ":1: 'text' must be a string"),
+    ('{"messages": [{"role": "user"}]}\n', ":1: 'messages' must be"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, line, expect):
+    (tmp_path / "train.jsonl").write_text(line)
+    with pytest.raises(DataError) as e:
+        data.read_jsonl(tmp_path / "train.jsonl")
+    assert f"{tmp_path / 'train.jsonl'}{expect}" in str(e.value)
+    assert "expected" in str(e.value) or "must" in str(e.value)
+
+
+def test_missing_files_and_dirs(tokenizer, tmp_path, text_data):
+    with pytest.raises(DataError, match="data directory .* not found"):
+        data.load_splits(str(tmp_path / "nope"), tokenizer, 64)
+    write_jsonl(tmp_path / "d" / "valid.jsonl", [{"text": "a b"}])
+    with pytest.raises(DataError, match="train.jsonl not found"):
+        data.load_splits(str(tmp_path / "d"), tokenizer, 64)
+    with pytest.raises(DataError, match="test.jsonl not found"):
+        data.load_splits(str(tmp_path / "d"), tokenizer, 64, need=("test",))
+
+
+def test_hf_dataset_id_without_datasets_is_clear(tokenizer, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "datasets", None)       # as if not installed
+    with pytest.raises(DataError, match="pip install datasets"):
+        data.load_splits("someone/some-dataset", tokenizer, 64)
+
+
+def test_mask_prompt_on_text_is_an_error(tokenizer, text_data):
+    with pytest.raises(DataError, match="--mask-prompt needs"):
+        data.load_splits(str(text_data), tokenizer, 64, mask_prompt=True)
+
+
+def test_truncation_warns_once_with_count(tokenizer, tmp_path):
+    recs = [{"text": sentence(i, 2)} for i in range(5)] + \
+           [{"text": sentence(i, 30)} for i in range(3)]
+    write_jsonl(tmp_path / "train.jsonl", recs)
+    with pytest.warns(TruncationWarning) as w:
+        splits = data.load_splits(str(tmp_path), tokenizer, 40)
+    msgs = [str(x.message) for x in w if x.category is TruncationWarning]
+    assert len(msgs) == 1 and "3 of 8 sequences" in msgs[0] and "40" in msgs[0]
+    assert max(len(t) for t in splits["train"].tokens) == 40
+
+
+def test_mask_never_targets_padding_and_respects_prompt():
+    ds = Dataset("x", [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12]], [0, 0, 2])
+    b = data.make_batch(ds, [0, 1, 2])
+    mask = np.array(b.mask)
+    assert b.inputs.shape == (3, 4) and b.targets.shape == (3, 4)
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 1], [1, 1, 0, 0], [0, 1, 1, 0]])
+    assert b.n_targets == 8 and b.n_tokens == 4 + 2 + 3
+    np.testing.assert_array_equal(np.array(b.targets)[0], [2, 3, 4, 5])
+
+
+def test_mask_prompt_targets_only_completion(tokenizer, completion_data):
+    full = data.load_splits(str(completion_data), tokenizer, 512)["train"]
+    masked = data.load_splits(str(completion_data), tokenizer, 512,
+                              mask_prompt=True)["train"]
+    assert full.tokens == masked.tokens
+    assert all(o == 0 for o in full.offsets)
+    assert all(0 < o < len(t) for o, t in zip(masked.offsets, masked.tokens))
+    b = data.make_batch(masked, [0])
+    assert b.n_targets == len(masked.tokens[0]) - masked.offsets[0]
+
+
+def test_bucketing_groups_by_token_count():
+    lens = [9, 2, 7, 3, 8, 1, 6, 4]
+    ds = Dataset("x", [[1] * n for n in lens], [0] * len(lens))
+    buckets = data.bucket(ds, 3)
+    assert [sorted(lens[i] for i in b) for b in buckets] == [[1, 2, 3], [4, 6, 7], [8, 9]]
+
+
+def test_batch_order_is_a_function_of_seed_and_step(tokenizer, text_data):
+    ds = data.load_splits(str(text_data), tokenizer, 512)["train"]
+    it = data.iterate_batches(ds, 4, seed=3)
+    seq = [np.array(next(it).inputs) for _ in range(15)]     # > 2 epochs of 6 batches
+    resumed = data.iterate_batches(ds, 4, seed=3, start=9)
+    for k in range(9, 15):
+        np.testing.assert_array_equal(np.array(next(resumed).inputs), seq[k])
+    other = data.iterate_batches(ds, 4, seed=4)
+    assert any(not np.array_equal(np.array(next(other).inputs), s) for s in seq[:6])
+
+
+def test_fixed_batches_are_fixed(tokenizer, text_data):
+    ds = data.load_splits(str(text_data), tokenizer, 512)["train"]
+    a = data.fixed_batches(ds, 4, 3)
+    b = data.fixed_batches(ds, 4, 3)
+    assert len(a) == 3
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.array(x.inputs), np.array(y.inputs))
+    assert len(data.fixed_batches(ds, 4, -1)) == 6
