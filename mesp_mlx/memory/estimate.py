@@ -1,0 +1,257 @@
+"""Analytic pre-flight estimate of one training step's MLX peak (qwen2).
+
+Letters: L blocks (with LoRA), B batch, T tokens, D model, F MLP width,
+H heads, K kv heads, d head dim, V vocab, s activation itemsize, r rank.
+The peak includes the resident weights; coefficients were calibrated against
+`mx.get_peak_memory()` of `mesp_mlx.value_and_grad` on small configs
+(tests/test_memory.py states the tolerance per method).
+"""
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+MB = 1e6
+RUNTIME_BYTES = 100 * 10**6   # interpreter + MLX/mlx-lm libraries (Linux VmRSS after import: ~85 MB)
+OPT_STATE = {"sgd": 0, "adam": 2, "adamw": 2}   # fp32 state tensors per LoRA parameter
+_DEFAULT_HEAD_CHUNK = 16 << 20   # mirrors schedule.EngineOptions when unavailable
+_DEFAULT_ATTN_CHUNK = 8 << 20
+
+
+@dataclass
+class Arch:
+    """What the estimate needs to know about a model."""
+    L: int
+    D: int
+    F: int
+    H: int
+    K: int
+    V: int
+    s: int                    # activation itemsize (4 fp32, 2 bf16)
+    weight_bytes: int         # resident frozen weights (dense or quantized)
+    lora_bytes: int           # LoRA parameters (fp32 A and B)
+    quant_bits: Optional[int] = None
+
+    @property
+    def d(self) -> int:
+        return self.D // self.H
+
+
+def param_bytes(cfg: dict, s: int, bits: Optional[int] = None, group: int = 64) -> int:
+    """Weights of a qwen2 config: dense itemsize s, or `bits`-bit like nn.quantize."""
+    D, F, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    kv = D // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    mats = [(D, D), (kv, D), (kv, D), (D, D), (F, D), (F, D), (D, F)]   # (out, in) per block
+    vecs = L * (D + 2 * kv + 2 * D) + D                                   # q/k/v biases, norms
+
+    def mat(o, i):   # packed weight + fp scales and biases per group
+        return o * i * s if not bits else o * i * bits // 8 + 2 * o * (i // group) * s
+    embeds = 1 if cfg.get("tie_word_embeddings", True) else 2
+    return L * sum(mat(o, i) for o, i in mats) + embeds * mat(V, D) + vecs * s
+
+
+def lora_param_count(cfg: dict, rank: int) -> int:
+    """r (d_in + d_out) summed over the 7 projections of every block."""
+    D, F = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = D // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    return cfg["num_hidden_layers"] * rank * (9 * D + 2 * kv + 3 * F)
+
+
+def arch_from_config(cfg: dict, dtype=mx.float32, quant_bits: Optional[int] = None,
+                     rank: int = 8) -> Arch:
+    """Arch of a config without building it (weights counted analytically)."""
+    s = mx.zeros((), dtype).itemsize
+    return Arch(cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
+                cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"],
+                s, param_bytes(cfg, s, quant_bits), 4 * lora_param_count(cfg, rank), quant_bits)
+
+
+def arch_from_model(model, rank: int = 8) -> Arch:
+    """Arch of a built qwen2 model; LoRA from its trainable parameters if applied."""
+    a = model.args
+    if getattr(a, "model_type", "qwen2") != "qwen2":
+        raise ValueError(f"the memory estimate knows the qwen2 architecture only, "
+                         f"got {a.model_type!r}")
+    total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    lora = sum(v.nbytes for k, v in tree_flatten(model.parameters())
+               if k.endswith((".lora_a", ".lora_b")))
+    cfg = dict(hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+               vocab_size=a.vocab_size, num_hidden_layers=a.num_hidden_layers,
+               num_attention_heads=a.num_attention_heads,
+               num_key_value_heads=a.num_key_value_heads)
+    if lora == 0:   # estimate before apply_lora: all 7 projections of every block
+        lora = 4 * lora_param_count(cfg, rank)
+    embed = model.model.embed_tokens
+    bits = getattr(embed, "bits", None) if "scales" in embed else None
+    return Arch(a.num_hidden_layers, a.hidden_size, a.intermediate_size,
+                a.num_attention_heads, a.num_key_value_heads, a.vocab_size,
+                model.model.norm.weight.itemsize, total - lora, lora, bits)
+
+
+@dataclass
+class Estimate:
+    """Bytes per component of one step's peak; total_bytes adds the runtime."""
+    method: str
+    seq_len: int
+    batch_size: int
+    weights: int
+    lora_params: int
+    lora_grads: int
+    optimizer_state: int
+    checkpoints: int          # mebp/mesp: stored block inputs
+    activations: int          # the method's working set at its peak (see _working_set)
+    runtime: int = RUNTIME_BYTES
+
+    @property
+    def mlx_bytes(self) -> int:
+        """What `mx.get_peak_memory()` should read (everything but the runtime)."""
+        return self.total_bytes - self.runtime
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self)
+                   if f.name not in ("method", "seq_len", "batch_size"))
+
+    def __str__(self):
+        rows = [f"| component ({self.method}, T={self.seq_len}, B={self.batch_size}) | MB |",
+                "|---|---:|"]
+        for f in fields(self)[3:]:
+            rows.append(f"| {f.name.replace('_', ' ')} | {getattr(self, f.name) / MB:.1f} |")
+        rows.append(f"| **total** | **{self.total_bytes / MB:.1f}** |")
+        return "\n".join(rows)
+
+
+def _chunks():
+    try:
+        from ..schedule import EngineOptions
+        o = EngineOptions()
+        return o.head_chunk_bytes, o.attn_chunk_bytes
+    except ImportError:
+        return _DEFAULT_HEAD_CHUNK, _DEFAULT_ATTN_CHUNK
+
+
+def _layer_graph(a: Arch, N: int, T: int) -> int:
+    # autodiff keeps per token ~8D + 2Kd + 6F (block input, norms, q/k/v, attention
+    # output, residual, gate/up/silu/product) plus the H×T attention probs
+    return N * ((8 * a.D + 2 * a.K * a.d + 6 * a.F) * a.s + a.H * T * 4)
+
+
+def _full_head(a: Arch, N: int) -> int:
+    # logits [N, V] in model dtype, their fp32 copy, softmax and dlogits (fp32)
+    return N * a.V * (a.s + 3 * 4)
+
+
+def _mesp_block(a: Arch, N: int, B: int, T: int, fused_sdpa: bool, attn_chunk: int) -> int:
+    # MLP phase: x, n1, q, k, v, o, residual, n2, g, dh (~8D + 2Kd) and
+    # gate, up, product, dm, dgate, dup (~5-6F); attention phase: per query
+    # chunk P, dP, dS (3 × chunk); CPU SDPA forward materialises B·H·T·T scores
+    tokens = N * ((8 * a.D + 2 * a.K * a.d + 6 * a.F) * a.s)
+    attn = 3 * min(attn_chunk, B * a.H * T * T * 4)
+    if not fused_sdpa:
+        attn = max(attn, 2 * B * a.H * T * T * 4)
+    return tokens + attn
+
+
+def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool) -> tuple:
+    """(checkpoints, activations) bytes for one step of `method`."""
+    N = B * T
+    head_chunk, attn_chunk = _chunks()
+    if method == "autodiff":     # every block's graph + the full-logits head
+        return 0, a.L * _layer_graph(a, N, T) + _full_head(a, N)
+    ckpt = a.L * N * a.D * a.s   # block inputs kept by the forward
+    dh = N * a.D * 4             # gradient flowing down the residual stream
+    if method == "mebp":         # one block's graph + its vjp's transients (~2×) vs the full head
+        return ckpt, dh + max(2 * _layer_graph(a, N, T), _full_head(a, N))
+    if method == "mesp":         # hand backward of one block vs a [chunk, V] head
+        rows = min(N, max(1, head_chunk // (4 * a.V)))
+        head = 4 * rows * a.V * 4 + 2 * N * a.D * 4   # z, z - lse, exp, dz + hn, dhn
+        return ckpt, dh + max(_mesp_block(a, N, B, T, fused_sdpa, attn_chunk), head)
+    raise ValueError(f"no memory estimate for method {method!r}; "
+                     "supported: autodiff, mebp, mesp")
+
+
+def estimate(arch: Arch, method: str, seq_len: int, batch_size: int = 1,
+             optimizer: str = "sgd", fused_sdpa: Optional[bool] = None) -> Estimate:
+    """Estimate one step's peak for `arch`; fused_sdpa: Metal's fused attention
+    (no T×T scores in the forward), default: whether Metal is available."""
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+    if optimizer not in OPT_STATE:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPT_STATE)}")
+    if fused_sdpa is None:
+        fused_sdpa = mx.metal.is_available()
+    ckpt, act = _working_set(arch, method, batch_size, seq_len, fused_sdpa)
+    return Estimate(method, seq_len, batch_size, arch.weight_bytes, arch.lora_bytes,
+                    arch.lora_bytes, OPT_STATE[optimizer] * arch.lora_bytes, ckpt, act)
+
+
+class MemoryBudgetError(RuntimeError):
+    """The pre-flight estimate exceeds the memory budget."""
+
+
+def _fits(arch, method, T, B, optimizer, budget, fused_sdpa):
+    return estimate(arch, method, T, B, optimizer, fused_sdpa).total_bytes <= budget
+
+
+def _max_T(arch, method, T, B, optimizer, budget, fused_sdpa) -> int:
+    """Largest multiple of 16 up to T that fits (0 if none)."""
+    lo, hi = 0, T // 16 * 16 + 16
+    while hi - lo > 16:
+        mid = (lo + hi) // 32 * 16
+        lo, hi = (mid, hi) if _fits(arch, method, mid, B, optimizer, budget, fused_sdpa) \
+            else (lo, mid)
+    return lo
+
+
+def _suggestions(arch, arch_4bit, method, T, B, optimizer, budget, fused_sdpa) -> list:
+    out = []
+    t = _max_T(arch, method, T, B, optimizer, budget, fused_sdpa)
+    if t:
+        out.append(f"--max-seq-length {t} (fits with {method})")
+    if B > 1 and _fits(arch, method, T, 1, optimizer, budget, fused_sdpa):
+        out.append("--batch-size 1")
+    if method != "mesp" and _fits(arch, "mesp", T, B, optimizer, budget, fused_sdpa):
+        out.append(f"--method mesp instead of {method}")
+    if optimizer != "sgd" and _fits(arch, method, T, B, "sgd", budget, fused_sdpa):
+        out.append("--optimizer sgd (no optimizer state)")
+    if arch_4bit is not None and _fits(arch_4bit, method, T, B, optimizer, budget, fused_sdpa):
+        out.append("a 4-bit model (e.g. the -4bit repository)")
+    if not out:                  # combine: 4-bit, mesp, sgd, batch 1, shorter T
+        a = arch_4bit or arch
+        t = _max_T(a, "mesp", T, 1, "sgd", budget, fused_sdpa)
+        if t:
+            out.append(f"together: {'a 4-bit model, ' if arch_4bit else ''}--method mesp, "
+                       f"--optimizer sgd, --batch-size 1"
+                       + (f", --max-seq-length {t}" if t < T else ""))
+    return out
+
+
+def preflight(model, method: str, seq_len: int, batch_size: int,
+              budget_bytes: Optional[int], optimizer: str = "sgd", rank: int = 8,
+              fused_sdpa: Optional[bool] = None) -> Estimate:
+    """Estimate one step; raise MemoryBudgetError (with what would fit) if over budget.
+
+    model: a built qwen2 model (LoRA applied or not), or an Arch.
+    """
+    arch = model if isinstance(model, Arch) else arch_from_model(model, rank)
+    est = estimate(arch, method, seq_len, batch_size, optimizer, fused_sdpa)
+    if budget_bytes is None or est.total_bytes <= budget_bytes:
+        return est
+    over = est.total_bytes - budget_bytes
+    q4 = None
+    if arch.quant_bits is None:     # same shapes, 4-bit weights (group 64, fp scales)
+        dense_s = arch.s
+        q4 = Arch(**{**arch.__dict__, "quant_bits": 4, "weight_bytes": int(
+            arch.weight_bytes * (0.5 + 2 * dense_s / 64) / dense_s)})
+    tips = _suggestions(arch, q4, method, seq_len, batch_size, optimizer, budget_bytes,
+                        fused_sdpa)
+    msg = (f"estimated peak {est.total_bytes / MB:.0f} MB for {method} at T={seq_len}, "
+           f"B={batch_size} exceeds the budget of {budget_bytes / MB:.0f} MB by "
+           f"{over / MB:.0f} MB.\n{est}\n")
+    if arch.weight_bytes + RUNTIME_BYTES > budget_bytes:
+        msg += (f"The weights alone ({arch.weight_bytes / MB:.0f} MB) do not fit. ")
+    msg += ("What would fit: " + "; ".join(tips) + "." if tips else
+            "Nothing smaller in T, method or 4-bit fits: use a smaller model or a larger budget.")
+    raise MemoryBudgetError(msg)

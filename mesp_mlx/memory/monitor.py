@@ -1,0 +1,115 @@
+"""Per-step memory records: MLX peak/active/cache, process footprint, headroom.
+
+    mon = MemoryMonitor(log_path, budget_bytes)   # budget -> mx.set_memory_limit
+    mon.start_window()                            # before each report window
+    rec = mon.record(step, loss=...)              # dict, one JSON line if log_path
+    print(mon.format(rec)); ...; print(mon.summary()); mon.plot("mem.png"); mon.close()
+headroom = budget - max(MLX peak, footprint peak): the stricter of what MLX's
+limit governs and what the OS (jetsam on iOS) acts on.
+"""
+
+import json
+import time
+from typing import Optional
+
+import mlx.core as mx
+
+from .footprint import process_footprint, reset_footprint_peak
+
+MB = 1e6
+SERIES = ("mlx_peak", "mlx_active", "mlx_cache", "footprint", "footprint_peak", "headroom")
+
+
+class MemoryMonitor:
+    def __init__(self, log_path: Optional[str] = None, budget_bytes: Optional[int] = None):
+        self.budget = budget_bytes
+        self.records = []
+        self._prev_limit = mx.set_memory_limit(int(budget_bytes)) if budget_bytes else None
+        self._log = open(log_path, "a") if log_path else None
+        self._fp_max = 0        # own running max where the OS peak cannot be reset
+        self._os_reset = False
+        self.start_window()
+
+    def start_window(self):
+        """Start a report window: reset MLX's peak and, where possible, the OS peak."""
+        mx.reset_peak_memory()
+        self._os_reset = reset_footprint_peak()
+        self._fp_max = 0
+
+    def record(self, step: int, **extra) -> dict:
+        """Sample memory now (peaks cover the window); log and return a dict."""
+        fp = process_footprint()
+        cur = fp.current or 0
+        self._fp_max = max(self._fp_max, cur)
+        peak = fp.peak if (fp.peak is not None and self._os_reset) else self._fp_max
+        rec = {"step": step, "time": time.time(), "mlx_peak": mx.get_peak_memory(),
+               "mlx_active": mx.get_active_memory(), "mlx_cache": mx.get_cache_memory(),
+               "footprint": fp.current, "footprint_peak": peak if fp.current else None}
+        if self.budget:
+            rec["headroom"] = self.budget - max(rec["mlx_peak"], rec["footprint_peak"] or 0)
+        rec.update(extra)
+        self.records.append(rec)
+        if self._log:
+            self._log.write(json.dumps(rec) + "\n")
+            self._log.flush()
+        return rec
+
+    @staticmethod
+    def format(rec: dict) -> str:
+        """'peak 123.4 MB, active ..., cache ..., footprint ... (peak ...)[, headroom ...]'"""
+        def mb(k):
+            return "n/a" if rec.get(k) is None else f"{rec[k] / MB:.1f} MB"
+        text = (f"peak {mb('mlx_peak')}, active {mb('mlx_active')}, cache {mb('mlx_cache')}, "
+                f"footprint {mb('footprint')} (peak {mb('footprint_peak')})")
+        return text + (f", headroom {mb('headroom')}" if "headroom" in rec else "")
+
+    def summary(self) -> str:
+        """Markdown table: max and mean (MB) of each series over all records."""
+        rows = [f"| memory ({len(self.records)} records) | max MB | mean MB |",
+                "|---|---:|---:|"]
+        for k in SERIES:
+            vals = [r[k] for r in self.records if r.get(k) is not None]
+            if vals:
+                rows.append(f"| {k} | {max(vals) / MB:.1f} | {sum(vals) / len(vals) / MB:.1f} |")
+        if self.budget:
+            rows.append(f"| budget | {self.budget / MB:.1f} | |")
+        return "\n".join(rows)
+
+    def plot(self, path: str) -> bool:
+        """PNG of memory over steps; False if matplotlib is missing or no records."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return False
+        if not self.records:
+            return False
+        steps = [r["step"] for r in self.records]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k in ("mlx_peak", "mlx_active", "footprint_peak"):
+            ys = [(r.get(k) or 0) / MB for r in self.records]
+            ax.plot(steps, ys, label=k)
+        if self.budget:
+            ax.axhline(self.budget / MB, color="red", linestyle="--", label="budget")
+        ax.set_xlabel("step")
+        ax.set_ylabel("MB")
+        ax.legend()
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return True
+
+    def close(self):
+        """Restore MLX's previous memory limit and close the log."""
+        if self._prev_limit is not None:
+            mx.set_memory_limit(self._prev_limit)
+            self._prev_limit = None
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
