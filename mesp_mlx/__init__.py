@@ -3,5 +3,21 @@
 from .engine import METHODS, value_and_grad
 from .layers import LoRALinear, apply_lora
 
-__all__ = ["apply_lora", "value_and_grad", "LoRALinear", "METHODS"]
+# training API (notebooks): the CLI's job is run(TrainConfig(...)); the parts below
+from .adapters import load_adapter_dir, save_adapters
+from .config import TrainConfig
+from .data import fixed_batches, iterate_batches, load_splits
+from .models import load_model
+from .trainer import TrainResult, evaluate, train
+
+__all__ = ["apply_lora", "value_and_grad", "LoRALinear", "METHODS",
+           "TrainConfig", "run", "train", "evaluate", "TrainResult", "load_model",
+           "load_splits", "iterate_batches", "fixed_batches", "save_adapters",
+           "load_adapter_dir"]
 __version__ = "0.1.0"
+
+
+def run(config: TrainConfig, log=print) -> dict:
+    """The `python -m mesp_mlx.lora` job from Python (see mesp_mlx.lora.run)."""
+    from .lora import run as _run      # lazy: keeps `python -m mesp_mlx.lora` clean
+    return _run(config, log)

@@ -141,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             typ = f.type if f.type in (int, float) else str
             parser.add_argument(*flags, dest=f.name, type=typ, default=None,
                                 choices=meta.get("choices"), help=help,
-                                metavar=None if meta.get("choices") else f.name.upper())
+                                metavar=None if meta.get("choices") else
+                                f.name.rsplit("_", 1)[-1].upper())
     return parser
 
 

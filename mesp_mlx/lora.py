@@ -15,13 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .config import TrainConfig, UserError, add_arguments, resolve
+from .config import ConfigError, TrainConfig, UserError, add_arguments, resolve
 
-try:
-    from .memory import MemoryBudgetError
-except ImportError:  # memory package not in this tree yet
-    class MemoryBudgetError(UserError):
-        pass
+from .memory import MemoryBudgetError
 
 EPILOG = """\
 methods: mesp = per-block recompute + hand-derived backward (least memory),
@@ -49,6 +45,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
     from .layers import apply_lora
 
     cfg.validate()
+    if cfg.train:
+        trainer.check_method(cfg.method)
     log("Options:\n" + cfg.describe())
     model, tokenizer, resolved = models.load_model(cfg.model, log=log)
     need = (("train",) if cfg.train else ()) + (("test",) if cfg.test else ())
@@ -70,13 +68,14 @@ def run(cfg: TrainConfig, log=print) -> dict:
         monitor = _memory(model, cfg, log)
         config_file = adapters.save_config(model, cfg.adapter_path, cfg.to_dict())
         log(f"Resolved options saved to {config_file}")
-        out["train"] = trainer.train(model, splits["train"], splits["valid"], cfg,
-                                     monitor=monitor, log=log)
+        with monitor:
+            out["train"] = trainer.train(model, splits["train"], splits["valid"], cfg,
+                                         monitor=monitor, log=log)
         log(f"Saved adapters to {out['train'].adapter_file}")
-        if monitor is not None:
-            log(monitor.summary())
-            if cfg.memory_log and monitor.plot(str(Path(cfg.memory_log).with_suffix(".png"))):
-                log(f"Memory plot: {Path(cfg.memory_log).with_suffix('.png')}")
+        log(monitor.summary())
+        png = Path(cfg.memory_log).with_suffix(".png") if cfg.memory_log else None
+        if png and monitor.plot(str(png)):
+            log(f"Memory plot: {png}")
     elif cfg.adapter_path:
         adapters.load_adapter_dir(model, cfg.adapter_path)
         log(f"Loaded adapters from {cfg.adapter_path}")
@@ -89,17 +88,18 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
 
 def _memory(model, cfg, log):
-    """Budget, pre-flight estimate and the per-step monitor (None if unavailable)."""
+    """Budget, pre-flight estimate (raises MemoryBudgetError) and the monitor."""
+    from .memory import MemoryMonitor, preflight, resolve_budget
+
     try:
-        from .memory import MemoryMonitor, preflight, resolve_budget
-    except ImportError:
-        if cfg.memory_budget or cfg.device_profile or cfg.memory_log:
-            raise UserError("--memory-budget, --device-profile and --memory-log need "
-                            "the mesp_mlx.memory package, missing from this install")
-        return None
-    budget = resolve_budget(cfg.memory_budget, cfg.device_profile)
-    est = preflight(model, cfg.method, cfg.max_seq_length, cfg.batch_size, budget)
-    log(f"Memory estimate: {est}")
+        budget = resolve_budget(cfg.memory_budget, cfg.device_profile)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    est = preflight(model, cfg.method, cfg.max_seq_length, cfg.batch_size, budget,
+                    optimizer=cfg.optimizer, rank=cfg.rank)
+    log(f"Memory estimate (T={cfg.max_seq_length}, B={cfg.batch_size}):\n{est}")
+    if budget:
+        log(f"Memory budget {budget / 2**20:.0f} MB, enforced with mx.set_memory_limit")
     return MemoryMonitor(log_path=cfg.memory_log, budget_bytes=budget)
 
 

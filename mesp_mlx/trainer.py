@@ -23,11 +23,6 @@ from . import adapters, engine
 from .config import ConfigError, TrainConfig
 from .data import Batch, Dataset, fixed_batches, iterate_batches
 
-try:
-    from .memory import MemoryMonitor
-except ImportError:  # memory package not installed in this tree yet
-    MemoryMonitor = None
-
 HEAD_CHUNK = 512      # positions per logits chunk in evaluation ([1, 512, V] at a time)
 
 
@@ -93,8 +88,7 @@ class _Window:
     def __init__(self):
         self.loss = self.targets = self.tokens = self.iters = 0
         self.t0 = time.perf_counter()
-        self.peak = 0
-        self.rec = None
+        self.rec = None           # last memory record, peaks maxed over the window
 
     def add(self, loss, batch, rec):
         self.loss += loss * batch.n_targets
@@ -102,11 +96,14 @@ class _Window:
         self.tokens += batch.n_tokens
         self.iters += 1
         if rec is not None:
-            self.peak = max(self.peak, rec.get("mlx_peak", 0))
-            self.rec = dict(rec, mlx_peak=self.peak)
+            prev, self.rec = self.rec or {}, dict(rec)
+            for k, pick in (("mlx_peak", max), ("footprint_peak", max), ("headroom", min)):
+                vals = [v for v in (prev.get(k), rec.get(k)) if v is not None]
+                if vals:
+                    self.rec[k] = pick(vals)
 
 
-def _check_method(method):
+def check_method(method):
     if method not in engine.METHODS:
         raise ConfigError(f"--method {method} is not supported by this engine "
                           f"(available: {', '.join(engine.METHODS)})")
@@ -123,10 +120,11 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
     """Train the LoRA parameters of `model` for config.iters iterations.
 
     Resumes from config.resume_adapter_file; saves to config.adapter_path
-    (None: no files). monitor: a mesp_mlx.memory.MemoryMonitor or None.
+    (None: no files). monitor: a mesp_mlx.memory.MemoryMonitor (its peak is
+    reset per iteration; reports show the window's maximum) or None.
     """
     cfg = config or TrainConfig(train=True)
-    _check_method(cfg.method)
+    check_method(cfg.method)
     if cfg.grad_accumulation_steps < 1:
         raise ConfigError("--grad-accumulation-steps must be >= 1")
     opt = optimizer or build_optimizer(cfg.optimizer, cfg.learning_rate,

@@ -1,0 +1,172 @@
+"""`python -m mesp_mlx.lora` end to end on the tiny model, and every bad input."""
+
+import contextlib
+import io
+import json
+import re
+
+import pytest
+from conftest import sentence, write_jsonl
+
+from mesp_mlx import engine
+from mesp_mlx.lora import main
+
+ISSUE_FLAGS = ("--model", "--train", "--test", "--data", "--iters", "--batch-size",
+               "--max-seq-length", "--learning-rate", "--optimizer", "--num-layers",
+               "--adapter-path", "--resume-adapter-file", "--steps-per-report",
+               "--steps-per-eval", "--steps-per-save", "--val-batches", "--test-batches",
+               "--grad-accumulation-steps", "--mask-prompt", "--seed", "--method",
+               "--rank", "--scale", "--dropout", "--memory-budget", "--device-profile",
+               "--memory-log", "--config")
+
+
+def cli(*args):
+    """(exit code, stdout, stderr) of main(args)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def base(model_dir, data_dir, adapter_dir, *extra):
+    return ["--model", model_dir, "--data", data_dir, "--adapter-path", adapter_dir,
+            "--batch-size", 4, "--max-seq-length", 128, "--learning-rate", 1e-2,
+            "--steps-per-report", 2, "--steps-per-eval", 2, "--val-batches", 1,
+            "--rank", 4, "--scale", 2.0, *extra]
+
+
+def losses(text):
+    return {int(i): float(v) for i, v in re.findall(r"Iter (\d+): train loss ([\d.]+)", text)}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, text_data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    rc, out, err = cli(*base(tiny_model_dir, text_data, d / "ad", "--train", "--test",
+                             "--iters", 4, "--steps-per-save", 2, "--method", "autodiff",
+                             "--optimizer", "adamw", "--memory-log", d / "mem.jsonl"))
+    assert rc == 0, err
+    return d, out
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ISSUE_FLAGS:
+        assert flag in text, flag
+    assert "mlx_lm.fuse" in text and "default: mesp" in text
+
+
+def test_train_writes_mlx_lm_files_and_memory_report(trained):
+    d, out = trained
+    files = {p.name for p in (d / "ad").iterdir()}
+    assert {"adapters.safetensors", "adapter_config.json", "0000002_adapters.safetensors",
+            "0000004_adapters.safetensors", "state.safetensors", "state.json"} <= files
+    cfg = json.loads((d / "ad" / "adapter_config.json").read_text())
+    assert cfg["lora_parameters"]["rank"] == 4 and cfg["method"] == "autodiff"
+    assert cfg["iters"] == 4 and cfg["num_layers"] == 2
+    assert "Options:" in out and "method: autodiff" in out
+    assert re.search(r"Iter 4: train loss [\d.]+, lr 1.000e-02, it/s [\d.]+, tokens/s "
+                     r"[\d.]+ processed, [\d.]+ trained, peak [\d.]+ MB", out)
+    assert "Iter 0: val loss" in out and "Test loss" in out and "Memory estimate" in out
+    recs = [json.loads(x) for x in (d / "mem.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and all(r["mlx_peak"] > 0 for r in recs)
+
+
+def test_test_only_reloads_adapters(trained, tiny_model_dir, text_data):
+    d, out = trained
+    rc, out2, err = cli("--model", tiny_model_dir, "--data", text_data, "--test",
+                        "--adapter-path", d / "ad", "--batch-size", 4,
+                        "--max-seq-length", 128)
+    assert rc == 0, err
+    test_loss = re.findall(r"Test loss ([\d.]+)", out)
+    assert test_loss and re.findall(r"Test loss ([\d.]+)", out2) == test_loss
+
+
+def test_resume_from_snapshot_reproduces_losses(trained, tiny_model_dir, text_data):
+    d, out = trained
+    rc, out2, err = cli(*base(tiny_model_dir, text_data, d / "resumed", "--train",
+                              "--iters", 4, "--method", "autodiff", "--optimizer", "adamw",
+                              "--resume-adapter-file", d / "ad" / "0000002_adapters.safetensors"))
+    assert rc == 0, err
+    assert "at iteration 2" in out2
+    assert losses(out2) == {4: losses(out)[4]}
+
+
+@pytest.mark.parametrize("method", ["mebp", "mesp"])
+def test_train_each_method(tiny_model_dir, completion_data, tmp_path, method):
+    if method not in engine.METHODS:
+        pytest.skip(f"engine has no {method} yet")
+    rc, out, err = cli(*base(tiny_model_dir, completion_data, tmp_path, "--train",
+                             "--iters", 2, "--method", method, "--mask-prompt"))
+    assert rc == 0, err
+    assert 2 in losses(out) and (tmp_path / "adapters.safetensors").is_file()
+
+
+def test_yaml_config_with_cli_override(tiny_model_dir, text_data, tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        f"model: {tiny_model_dir}\ndata: {text_data}\ntrain: true\niters: 5\n"
+        "batch_size: 4\nmax_seq_length: 128\nmethod: autodiff\nsave_every: 50\n"
+        f"adapter_path: {tmp_path / 'ad'}\nlora_parameters: {{rank: 3, scale: 4.0, "
+        "dropout: 0.0}\n")
+    rc, out, err = cli("--config", tmp_path / "c.yaml", "--iters", 1)
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["iters"] == 1 and cfg["steps_per_save"] == 50
+    assert cfg["lora_parameters"]["rank"] == 3 and cfg["lora_parameters"]["scale"] == 4.0
+
+
+def _bad(tmp_path, name, lines):
+    d = tmp_path / name
+    write_jsonl(d / "train.jsonl", [{"text": sentence(i)} for i in range(4)])
+    with open(d / "train.jsonl", "a") as f:
+        f.write(lines)
+    return d
+
+
+@pytest.mark.parametrize("case", ["unknown_repo", "missing_dir_model", "missing_data",
+                                  "missing_train", "malformed", "budget", "mezo",
+                                  "bad_budget", "nothing", "num_layers0", "bad_yaml_key"])
+def test_bad_input_is_a_clean_error(case, tiny_model_dir, text_data, tmp_path):
+    m, d, a = tiny_model_dir, text_data, tmp_path / "ad"
+    args, expect = {
+        "unknown_repo": (["--model", "nobody/no-such-model", "--data", d, "--train"],
+                         r"nobody/no-such-model.*--model <dir>"),
+        "missing_dir_model": (["--model", tmp_path / "nomodel", "--data", d, "--train"],
+                              r"model directory .*nomodel does not exist"),
+        "missing_data": (base(m, tmp_path / "nodata", a, "--train"),
+                         r"data directory .*nodata not found"),
+        "missing_train": (base(m, write_jsonl(tmp_path / "v" / "valid.jsonl",
+                                              [{"text": "a"}]).parent, a, "--train"),
+                          r"train.jsonl not found"),
+        "malformed": (base(m, _bad(tmp_path, "bad", '{"txt": "typo"}\n'), a, "--train"),
+                      r"train.jsonl:5: unrecognised record with keys \['txt'\]; expected"),
+        "budget": (base(m, d, a, "--train", "--memory-budget", "1MB"),
+                   r"exceeds the budget of 1 MB by \d+ MB"),
+        "mezo": (base(m, d, a, "--train", "--method", "mezo"), r"--method mezo"),
+        "bad_budget": (base(m, d, a, "--train", "--memory-budget", "lots"),
+                       r"memory size 'lots'"),
+        "nothing": (base(m, d, a), r"nothing to do: pass --train and/or --test"),
+        "num_layers0": (base(m, d, a, "--train", "--num-layers", 0), r"--num-layers"),
+        "bad_yaml_key": (["--config", write_jsonl(tmp_path / "c.yaml", []).with_name(
+            "c.yaml"), "--train"], r"unknown option"),
+    }[case]
+    if case == "bad_yaml_key":
+        (tmp_path / "c.yaml").write_text("iterz: 3\n")
+    rc, out, err = cli(*args)
+    assert rc == 1, (out, err)
+    assert re.search(expect, err, re.S), err
+    assert "Traceback" not in err + out
+
+
+def test_over_long_sequences_warn_once_with_count(tiny_model_dir, tmp_path):
+    d = tmp_path / "long"
+    write_jsonl(d / "train.jsonl", [{"text": sentence(i, 4)} for i in range(6)] +
+                [{"text": sentence(i, 40)} for i in range(2)])
+    rc, out, err = cli(*base(tiny_model_dir, d, tmp_path / "ad", "--train", "--iters", 1,
+                             "--method", "autodiff", "--max-seq-length", 64))
+    assert rc == 0, err
+    warns = [x for x in out.splitlines() if "truncated" in x]
+    assert len(warns) == 1 and "2 of 8 sequences" in warns[0] and "64" in warns[0]
