@@ -131,6 +131,7 @@ def _bad(tmp_path, name, lines):
                                   "bad_budget", "nothing", "num_layers0", "bad_yaml_key"])
 def test_bad_input_is_a_clean_error(case, tiny_model_dir, text_data, tmp_path):
     m, d, a = tiny_model_dir, text_data, tmp_path / "ad"
+    (tmp_path / "c.yaml").write_text("iterz: 3\n")
     args, expect = {
         "unknown_repo": (["--model", "nobody/no-such-model", "--data", d, "--train"],
                          r"nobody/no-such-model.*--model <dir>"),
@@ -150,11 +151,9 @@ def test_bad_input_is_a_clean_error(case, tiny_model_dir, text_data, tmp_path):
                        r"memory size 'lots'"),
         "nothing": (base(m, d, a), r"nothing to do: pass --train and/or --test"),
         "num_layers0": (base(m, d, a, "--train", "--num-layers", 0), r"--num-layers"),
-        "bad_yaml_key": (["--config", write_jsonl(tmp_path / "c.yaml", []).with_name(
-            "c.yaml"), "--train"], r"unknown option"),
+        "bad_yaml_key": (["--config", tmp_path / "c.yaml", "--train"],
+                         r"c.yaml: unknown option\(s\) iterz"),
     }[case]
-    if case == "bad_yaml_key":
-        (tmp_path / "c.yaml").write_text("iterz: 3\n")
     rc, out, err = cli(*args)
     assert rc == 1, (out, err)
     assert re.search(expect, err, re.S), err
@@ -170,3 +169,23 @@ def test_over_long_sequences_warn_once_with_count(tiny_model_dir, tmp_path):
     assert rc == 0, err
     warns = [x for x in out.splitlines() if "truncated" in x]
     assert len(warns) == 1 and "2 of 8 sequences" in warns[0] and "64" in warns[0]
+
+
+def test_model_names_resolve_to_published_repos():
+    from mesp_mlx.models import ModelLoadError, resolve_model_name
+    assert resolve_model_name("Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    assert resolve_model_name("Qwen2.5-3B-Instruct") == "Qwen/Qwen2.5-3B-Instruct"
+    assert resolve_model_name("qwen2.5-1.5b-instruct-4bit") == \
+        "mlx-community/Qwen2.5-1.5B-Instruct-4bit"
+    assert resolve_model_name("Qwen2.5-0.5B-Instruct-bf16") == \
+        "mlx-community/Qwen2.5-0.5B-Instruct-bf16"
+    assert resolve_model_name("org/any-model") == "org/any-model"
+    with pytest.raises(ModelLoadError, match="Instruct-4bit"):
+        resolve_model_name("Qwen2.5-0.5B-4bit")
+
+
+def test_short_name_offline_error_names_the_repo(tiny_model_dir, text_data):
+    rc, out, err = cli("--model", "Qwen2.5-0.5B-Instruct-4bit", "--data", text_data,
+                       "--train")
+    assert rc == 1 and "Model Qwen2.5-0.5B-Instruct-4bit -> mlx-community/" in out
+    assert "mlx-community/Qwen2.5-0.5B-Instruct-4bit" in err and "--model <dir>" in err

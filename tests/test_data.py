@@ -118,3 +118,14 @@ def test_fixed_batches_are_fixed(tokenizer, text_data):
     for x, y in zip(a, b):
         np.testing.assert_array_equal(np.array(x.inputs), np.array(y.inputs))
     assert len(data.fixed_batches(ds, 4, -1)) == 6
+
+
+def test_demo_data_resolves(tokenizer):
+    pytest.importorskip("mesp_mlx.demo")
+    from mesp_mlx import demo
+    try:
+        path = demo.data_path("task")
+    except FileNotFoundError:
+        pytest.skip("demo data not generated in this tree")
+    splits = data.load_splits("demo", tokenizer, 256)
+    assert len(splits["train"]) == len(data.read_jsonl(f"{path}/train.jsonl")[0])
