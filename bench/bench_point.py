@@ -25,7 +25,7 @@ B_STD = 0.01                                     # LoRA B ~ N(0, B_STD²): non-z
 
 
 def proc_status() -> dict:
-    """VmRSS and VmHWM of this process in bytes (Linux), else {}."""
+    """VmRSS and VmHWM of this process in bytes (Linux; elsewhere VmHWM only)."""
     out = {}
     try:
         with open("/proc/self/status") as f:
@@ -33,8 +33,9 @@ def proc_status() -> dict:
                 if line.startswith(("VmRSS:", "VmHWM:")):
                     key, val = line.split(":")
                     out[key] = int(val.split()[0]) * 1024
-    except OSError:
-        pass
+    except OSError:                                  # macOS: ru_maxrss is in bytes
+        import resource
+        out["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return out
 
 

@@ -143,7 +143,7 @@ def sweep_section(sweep, rows):
     return lines + _loss_check(rows) + [""]
 
 
-def _git():
+def git_commit():
     def git(*a):
         return subprocess.run(["git", *a], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent).stdout.strip()
@@ -166,10 +166,10 @@ def collect_env(dtype: str) -> dict:
     pre = os.environ.get("LD_PRELOAD", "")
     cmd = shlex.join(["python"] + sys.argv)
     return {
-        "device": str(mx.device_info()), "cpu": f"{cpu} ({os.cpu_count()} logical CPUs)",
+        "device": ", ".join(f"{k} {v}" for k, v in mx.device_info().items()), "cpu": f"{cpu} ({os.cpu_count()} logical CPUs)",
         "os": platform.platform(), "python": platform.python_version(),
         "mlx": version("mlx"), "mlx_lm": version("mlx-lm"), "dtype": dtype,
-        "commit": _git(), "ld_preload": pre,
+        "commit": git_commit(), "ld_preload": pre,
         "command": (f"LD_PRELOAD={pre} " if pre else "") + cmd,
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -181,12 +181,19 @@ def footer(env, rows):
     pre = env["ld_preload"]
     blas_note = (f"OpenBLAS preloaded (`LD_PRELOAD={pre}`)" if "openblas" in pre
                  else "no OpenBLAS preload (MLX's bundled BLAS)")
+    comp = {r.get("mlx_lm_compile", True) for r in rows
+            if r.get("method", "").startswith("mlx-lm") and r.get("status") == "ok"}
+    how = ("in the compiled step (`mx.compile`) of" if comp <= {True} else
+           "without the `mx.compile` of" if comp == {False} else
+           "(mixed: some rows with, some without the `mx.compile` of)")
+    commits = sorted({r["commit"] for r in rows if r.get("commit")} - {env["commit"]})
+    mixed = (f" (some rows measured at: {', '.join(commits)})" if commits else "")
     step_only = all(r.get("rss_peak_is_step_only") for r in rows if r.get("status") == "ok")
     return [
         "**Environment.** "
         f"Device: `{env['device']}`; CPU: {env['cpu']}; OS: {env['os']}; "
         f"Python {env['python']}; MLX {env['mlx']}; mlx-lm {env['mlx_lm']}; "
-        f"dtype {env['dtype']}; commit {env['commit']}; BLAS: {blas_note}, "
+        f"dtype {env['dtype']}; commit {env['commit']}{mixed}; BLAS: {blas_note}, "
         f"mapped in the workers: {', '.join(blas)}; load average at start "
         f"{env['load']}; {env['date']}.",
         "",
@@ -200,7 +207,7 @@ def footer(env, rows):
         + ("reset just before the measured step (`/proc/self/clear_refs`), so it "
            "excludes the build" if step_only else "including the build")
         + ". Baselines: `mlx-lm` = mlx-lm's `linear_to_lora_layers` + "
-        "`nn.value_and_grad(model, default_loss)` in the compiled step of "
+        f"`nn.value_and_grad(model, default_loss)` {how} "
         "`mlx_lm.tuner.trainer.train`, evaluated with `mx.eval(state, loss, "
         "toks, grads)`; `mlx-lm+ckpt` adds its `grad_checkpoint`. "
         "`time / autodiff` is relative to our `autodiff` at the same point. "

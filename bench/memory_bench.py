@@ -182,20 +182,26 @@ def main(argv=None):
             print(json.dumps(pt))
         print(f"{len(points)} points")
         return 0
-    if not args.render_only:
-        _run_all(args, points)
-    rows = {key_of(r): r for r in load_rows(args.json)}      # last row per key wins
-
-    def rows_for(sweep):
-        return [rows.get(key_of(pt, args.dtype), {**pt, "status": "missing"})
-                for pt in sweep["points"]]
     env = bench_report.collect_env(args.dtype)
-    bench_report.write_section(args.out, bench_report.render(sweeps, rows_for, env))
+    render = lambda: _render(args, sweeps, env)     # noqa: E731
+    if not args.render_only:
+        _run_all(args, points, after_each=render)
+    render()
     print(f"wrote {args.out} ({len(points)} points; raw rows in {args.json})")
     return 0
 
 
-def _run_all(args, points):
+def _render(args, sweeps, env):
+    """Rebuild our RESULTS.md section from the JSON rows (last row per key wins)."""
+    rows = {key_of(r): r for r in load_rows(args.json)}
+
+    def rows_for(sweep):
+        return [rows.get(key_of(pt, args.dtype), {**pt, "status": "missing"})
+                for pt in sweep["points"]]
+    bench_report.write_section(args.out, bench_report.render(sweeps, rows_for, env))
+
+
+def _run_all(args, points, after_each):
     done = {}
     if args.resume:
         for r in load_rows(args.json):
@@ -205,14 +211,15 @@ def _run_all(args, points):
     print(f"{len(points)} points, {len(points) - len(todo)} already done, "
           f"{len(todo)} to run", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+    t_start, commit = time.perf_counter(), bench_report.git_commit()
     for i, pt in enumerate(todo, 1):
         spec = dict(pt, dtype=args.dtype, scale=args.scale, steps=args.steps,
                     seed=args.seed, mlx_lm_compile=not args.no_mlx_lm_compile,
                     config=args.configs.get(pt["model"]))
-        row = run_point(spec, args.timeout)
+        row = dict(run_point(spec, args.timeout), commit=commit)
         with args.json.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        after_each()
         elapsed = time.perf_counter() - t_start
         what = (f"peak above weights {row['peak_above_bytes'] / 2**20:.1f} MB, "
                 f"{row['s_per_step']:.2f} s/step" if row["status"] == "ok"

@@ -1,0 +1,102 @@
+"""Smoke tests of bench/memory_bench.py on a tiny config (one subprocess point)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from mesp_mlx.arch import tiny_config
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import bench_point  # noqa: E402
+import bench_report  # noqa: E402
+import memory_bench  # noqa: E402
+
+
+def _spec(**kw):
+    spec = dict(model="tiny", config=tiny_config(), dtype="float32", T=12, r=4,
+                method="autodiff", scale=20.0, steps=1, seed=0, mlx_lm_compile=False)
+    spec.update(kw)
+    return spec
+
+
+def test_point_measures_sane_numbers():
+    row = bench_point.run(_spec())
+    assert row["status"] == "ok", row
+    # resident bytes are the parameters (+ the tiny token batch)
+    assert row["param_bytes"] <= row["weights_bytes"] < row["param_bytes"] + 4096
+    assert row["peak_bytes"] - row["weights_bytes"] == row["peak_above_bytes"] > 0
+    assert row["s_per_step"] > 0 and math.isfinite(row["loss"])
+    # r (d_in + d_out) per projection, D 64, kv width 32, F 128, 2 blocks
+    per_block = 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3)
+    assert row["lora_params"] == 2 * per_block
+
+
+def test_mlx_lm_baseline_sees_the_same_weights_and_loss():
+    ours = bench_point.run(_spec())
+    theirs = bench_point.run(_spec(method="mlx-lm"))
+    assert theirs["status"] == "ok", theirs
+    assert theirs["lora_params"] == ours["lora_params"]
+    assert abs(theirs["loss"] - ours["loss"]) <= 1e-5 * abs(ours["loss"])
+
+
+def test_failures_become_rows():
+    assert bench_point.run(_spec(method="nope"))["status"] == "unsupported"
+    bad = bench_point.run(_spec(config=dict(tiny_config(), hidden_size=-8)))
+    assert bad["status"] == "error" and bad["error"]
+    row = memory_bench.run_point(_spec(), timeout=0.01)
+    assert row["status"] == "timeout" and row["method"] == "autodiff"
+
+
+def test_cli_runs_resumes_and_keeps_other_sections(tmp_path, capsys):
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(tiny_config()))
+    out, raw = tmp_path / "RESULTS.md", tmp_path / "rows.jsonl"
+    out.write_text("# Results\n\n## Gradient cosine\nkept\n")
+    argv = ["--config-json", str(cfg), "--seq-lens", "8", "--ranks",
+            "--methods", "autodiff", "--out", str(out), "--json", str(raw)]
+    assert memory_bench.main(argv) == 0
+    rows = [json.loads(l) for l in raw.read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["ok"] and rows[0]["T"] == 8
+    assert memory_bench.main(argv + ["--resume"]) == 0          # nothing to rerun
+    assert "0 to run" in capsys.readouterr().out
+    assert len(raw.read_text().splitlines()) == 1
+    text = out.read_text()
+    assert "## Gradient cosine\nkept" in text
+    assert text.count(bench_report.START) == text.count(bench_report.END) == 1
+    assert "| autodiff | 8 | 4 |" not in text and "| autodiff | 8 | 8 |" in text
+    assert "Command: `" in text and "MLX 0." in text
+
+
+def test_bad_cli_input_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        memory_bench.parse_args(["--methods", "sgd"])
+    assert "unknown method 'sgd'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        memory_bench.parse_args(["--models", "7B"])
+    assert "no bundled architecture" in capsys.readouterr().err
+
+
+def _row(method, T, peak_mb, s):
+    return dict(model="Qwen2.5-0.5B", method=method, T=T, r=8, status="ok",
+                peak_above_bytes=peak_mb * 2**20, peak_bytes=(peak_mb + 1900) * 2**20,
+                weights_bytes=1900 * 2**20, rss_peak_bytes=None, cache_bytes=0,
+                s_per_step=s, loss=12.0, n_layers=24, hidden=896, itemsize=4)
+
+
+def test_report_slopes_ratios_targets_and_failed_rows():
+    rows = [_row("autodiff", T, 5.5 * T, 10.0) for T in (128, 256)]
+    rows += [_row("mesp", T, 40 + 0.1 * T, 12.0) for T in (128, 256)]
+    rows.append(dict(model="Qwen2.5-0.5B", method="mlx-lm", T=256, r=8,
+                     status="oom", error="Unable to allocate | 9 GB"))
+    text = "\n".join(bench_report.sweep_section(
+        dict(kind="seq", title="T sweep"), rows))
+    assert "| mesp | 256 | 8 | 65.6 | 1965.6 |" in text and "| 1.20 | ok |" in text
+    assert "| mlx-lm | 256 | 8 |" in text and "oom: Unable to allocate / 9 GB" in text
+    assert "| mesp | 100.0 | 40.0 | 1.0000 | 128–256 |" in text          # MB per 1k
+    assert "24 × 896 × 4 B = 84.0 KB" in text
+    assert "target ≤ 100 MB: met" in text and "target ≤ 1.3×: met" in text
