@@ -13,6 +13,7 @@ evaluation barriers outside transforms, not a layer inside one lazy graph):
         reads (down_proj's output).
 """
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -91,6 +92,7 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
     """Loss and LoRA gradients (tree of model.trainable_parameters())."""
     opt = options or EngineOptions()
     parts = model_parts(model)
+    clock = _Clock(stats)
     B, T = inputs.shape
     attn_mask = "causal" if T > 1 else None
 
@@ -106,6 +108,7 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
     if stats is not None:
         stats["checkpoint_bytes"] = sum(c.nbytes for c in ckpts.values())
         stats["n_checkpoints"] = len(ckpts)
+    clock.lap("forward_s")
 
     # 2. loss head
     flat_t, flat_m = targets.reshape(-1), mask.reshape(-1)
@@ -126,6 +129,7 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
         loss, dh = mx.value_and_grad(head)(h)
     del h
     mx.eval(loss, dh)
+    clock.lap("head_s")
 
     # 3. backward, block by block in reverse
     flat = {}
@@ -140,8 +144,22 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
             mx.clear_cache()
     if opt.clear_cache in ("block", "step"):
         mx.clear_cache()
+    clock.lap("backward_s")
     grads = tree_map_with_path(lambda p, _: flat[p], model.trainable_parameters())
     return loss, grads
+
+
+class _Clock:
+    """Wall time per phase into `stats` (no-op without stats)."""
+
+    def __init__(self, stats):
+        self.stats, self.t = stats, time.perf_counter()
+
+    def lap(self, name):
+        if self.stats is not None:
+            now = time.perf_counter()
+            self.stats[name] = now - self.t
+            self.t = now
 
 
 # ---------------------------------------------------------------- MeBP block
