@@ -155,3 +155,11 @@ def test_cli_tiny_config(tmp_path, capsys):
     assert main(["--model", "Qwen9", "--no-measure"]) == 1
     assert "no bundled architecture" in capsys.readouterr().err
     assert main(["--config-json", str(cfg), "--device-profile", "nope", "--no-measure"]) == 1
+
+
+def test_mezo_estimate_has_no_gradients():
+    arch = arch_from_config(SMALL, mx.float32)
+    mezo, mesp = estimate(arch, "mezo", 256, 1, "adam"), estimate(arch, "mesp", 256, 1, "adam")
+    assert mezo.lora_grads == mezo.optimizer_state == 0 < mesp.lora_grads
+    with pytest.raises(ValueError, match="supported: autodiff, mebp, mesp, mezo"):
+        estimate(arch, "sgd", 256, 1)

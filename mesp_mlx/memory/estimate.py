@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 
 MB = 1e6
 RUNTIME_BYTES = 100 * 10**6   # interpreter + MLX/mlx-lm libraries (Linux VmRSS after import: ~85 MB)
-OPT_STATE = {"sgd": 0, "adam": 2, "adamw": 2}   # fp32 state tensors per LoRA parameter
+OPT_STATE = {"sgd": 0, "adam": 2, "adamw": 2}   # fp32 state tensors per LoRA parameter (others: 2)
 _DEFAULT_HEAD_CHUNK = 16 << 20   # mirrors schedule.EngineOptions when unavailable
 _DEFAULT_ATTN_CHUNK = 8 << 20
 
@@ -168,8 +168,11 @@ def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool) -> tupl
         rows = min(N, max(1, head_chunk // (4 * a.V)))
         head = 4 * rows * a.V * 4 + 2 * N * a.D * 4   # z, z - lse, exp, dz + hn, dhn
         return ckpt, dh + max(_mesp_block(a, N, B, T, fused_sdpa, attn_chunk), head)
+    if method == "mezo":         # forward only (uncalibrated): one block's transients vs head
+        block = N * (4 * a.D + 3 * a.F) * a.s + (0 if fused_sdpa else 2 * B * a.H * T * T * 4)
+        return 0, max(block, N * a.V * (a.s + 2 * 4))
     raise ValueError(f"no memory estimate for method {method!r}; "
-                     "supported: autodiff, mebp, mesp")
+                     "supported: autodiff, mebp, mesp, mezo")
 
 
 def estimate(arch: Arch, method: str, seq_len: int, batch_size: int = 1,
@@ -178,13 +181,13 @@ def estimate(arch: Arch, method: str, seq_len: int, batch_size: int = 1,
     (no T×T scores in the forward), default: whether Metal is available."""
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
-    if optimizer not in OPT_STATE:
-        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPT_STATE)}")
     if fused_sdpa is None:
         fused_sdpa = mx.metal.is_available()
     ckpt, act = _working_set(arch, method, batch_size, seq_len, fused_sdpa)
+    grads = 0 if method == "mezo" else arch.lora_bytes   # MeZO: no gradients, no state
+    states = 0 if method == "mezo" else OPT_STATE.get(optimizer.lower(), 2)  # unknown: 2
     return Estimate(method, seq_len, batch_size, arch.weight_bytes, arch.lora_bytes,
-                    arch.lora_bytes, OPT_STATE[optimizer] * arch.lora_bytes, ckpt, act)
+                    grads, states * arch.lora_bytes, ckpt, act)
 
 
 class MemoryBudgetError(RuntimeError):
@@ -212,7 +215,8 @@ def _suggestions(arch, arch_4bit, method, T, B, optimizer, budget, fused_sdpa) -
         out.append(f"--max-seq-length {t} (fits with {method})")
     if B > 1 and _fits(arch, method, T, 1, optimizer, budget, fused_sdpa):
         out.append("--batch-size 1")
-    if method != "mesp" and _fits(arch, "mesp", T, B, optimizer, budget, fused_sdpa):
+    if method not in ("mesp", "mezo") and _fits(arch, "mesp", T, B, optimizer, budget,
+                                                fused_sdpa):
         out.append(f"--method mesp instead of {method}")
     if optimizer != "sgd" and _fits(arch, method, T, B, "sgd", budget, fused_sdpa):
         out.append("--optimizer sgd (no optimizer state)")
