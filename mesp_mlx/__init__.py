@@ -2,6 +2,7 @@
 
 from .engine import METHODS, value_and_grad
 from .layers import LoRALinear, apply_lora
+from .mezo import mezo_gradient_estimate
 
 # training API (notebooks): the CLI's job is run(TrainConfig(...)); the parts below
 from .adapters import load_adapter_dir, save_adapters
@@ -10,7 +11,7 @@ from .data import fixed_batches, iterate_batches, load_splits
 from .models import load_model
 from .trainer import TrainResult, evaluate, train
 
-__all__ = ["apply_lora", "value_and_grad", "LoRALinear", "METHODS",
+__all__ = ["apply_lora", "value_and_grad", "LoRALinear", "METHODS", "mezo_gradient_estimate",
            "TrainConfig", "run", "train", "evaluate", "TrainResult", "load_model",
            "load_splits", "iterate_batches", "fixed_batches", "save_adapters",
            "load_adapter_dir"]

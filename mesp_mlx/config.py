@@ -41,7 +41,9 @@ class TrainConfig:
                     "--adapter-path without --train).")
     # method and LoRA
     method: str = _f("mesp", "Gradient method: mesp (hand backward, least memory), "
-                     "mebp (per-block checkpointing), autodiff (plain MLX), mezo.",
+                     "mebp (per-block checkpointing), autodiff (plain MLX), mezo "
+                     "(zeroth-order SPSA: 2 forward passes, inference memory, "
+                     "gradient estimate only; its own SGD update, --optimizer unused).",
                      choices=METHOD_CHOICES)
     rank: int = _f(8, "LoRA rank r.")
     scale: float = _f(20.0, "LoRA scale s in y = xW0ᵀ + s·(xA)B (mlx-lm's `scale`, "
@@ -54,10 +56,13 @@ class TrainConfig:
     iters: int = _f(1000, "Training iterations (batches).")
     batch_size: int = _f(4, "Sequences per batch.")
     max_seq_length: int = _f(2048, "Longer sequences are truncated (with a warning).")
-    learning_rate: float = _f(1e-5, "Learning rate.")
+    learning_rate: float = _f(1e-5, "Learning rate. With --method mezo the MeZO "
+                              "paper uses 1e-4 or 5e-5 for LoRA (with --mezo-eps 1e-2).")
     optimizer: str = _f("adam", "Optimizer.", choices=OPTIMIZERS)
     optimizer_config: dict = _f(None, "Extra optimizer kwargs per optimizer, e.g. "
                                 "{adamw: {weight_decay: 0.01}}. YAML only.", cli=False)
+    mezo_eps: float = _f(1e-2, "MeZO perturbation size ε (paper, LoRA: 1e-2).")
+    mezo_weight_decay: float = _f(0.0, "MeZO weight decay λ in θ ← θ − lr·(p·z + λθ).")
     grad_accumulation_steps: int = _f(1, "Batches whose gradients are accumulated "
                                       "(token-weighted) per optimizer update.")
     mask_prompt: bool = _f(False, "Train on completions only (prompt/completion "
@@ -108,6 +113,11 @@ class TrainConfig:
         need(self.val_batches == -1 or self.val_batches >= 0, "--val-batches must be >= 0 or -1")
         need(self.test_batches == -1 or self.test_batches >= 1, "--test-batches must be >= 1 or -1")
         need(self.learning_rate > 0, "--learning-rate must be > 0")
+        need(0 < self.mezo_eps < float("inf"), f"--mezo-eps must be > 0, got {self.mezo_eps}")
+        need(self.mezo_weight_decay >= 0, "--mezo-weight-decay must be >= 0")
+        need(self.method != "mezo" or self.grad_accumulation_steps == 1,
+             "--method mezo does not accumulate gradients: use --batch-size instead "
+             "of --grad-accumulation-steps")
         need(self.train or self.test, "nothing to do: pass --train and/or --test")
         need(self.model is not None, "--model is required (a repo id, a local "
              "directory or a short name such as Qwen2.5-0.5B)")

@@ -6,6 +6,8 @@ method = "autodiff": plain MLX autodiff through the model (the reference).
          "mebp":     per-block checkpointing, each block re-run under mx.vjp.
          "mesp":     per-block recompute + hand-derived backward (ops/),
                      tensors freed block by block, chunked loss head.
+         "mezo":     NOT exact: MeZO's zeroth-order estimate p·z along one
+                     random direction (mezo.py), two forward passes.
 loss = Σ CE(logits, targets) · mask / Σ mask.
 """
 
@@ -17,7 +19,7 @@ import mlx.nn as nn
 from .layers import lora_layers, set_dropout_keys
 from .schedule import EngineOptions, model_parts, run
 
-METHODS = ("autodiff", "mebp", "mesp")
+METHODS = ("autodiff", "mebp", "mesp", "mezo")
 
 
 def masked_ce(logits, targets, mask):
@@ -30,6 +32,11 @@ def masked_ce(logits, targets, mask):
 def _check(model, inputs, targets, mask, method):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; supported: {', '.join(METHODS)}")
+    return check_batch(inputs, targets, mask)
+
+
+def check_batch(inputs, targets, mask):
+    """Validate [B, T] inputs/targets/mask; returns the mask (ones if None)."""
     if inputs.ndim != 2 or inputs.shape != targets.shape:
         raise ValueError(f"inputs and targets must both be [B, T] int arrays, got "
                          f"{inputs.shape} and {targets.shape}")
@@ -40,7 +47,7 @@ def _check(model, inputs, targets, mask, method):
     return mask
 
 
-def _step_dropout(model):
+def step_dropout(model):
     """Draw one key for this step's dropout masks (from MLX's global RNG)."""
     if any(m.dropout > 0 and m.training for _, m in lora_layers(model)):
         seed = mx.random.randint(0, 2**31 - 1, ()).item()
@@ -55,11 +62,16 @@ def value_and_grad(model, inputs, targets, mask=None, method="mesp", *,
 
     options: schedule knobs (chunk sizes, cache policy); stats: if a dict is
     given, the schedule records what it stored (e.g. "checkpoint_bytes").
+    method="mezo" returns MeZO's random estimate (mezo.value_and_grad), not ∇L.
     """
     mask = _check(model, inputs, targets, mask, method)
     if method != "autodiff":
         model_parts(model)            # unsupported family: fail before any work
-    _step_dropout(model)
+    if method == "mezo":                # an estimate, seed from MLX's global RNG
+        from . import mezo
+        return mezo.value_and_grad(model, inputs, targets, mask, options=options,
+                                   stats=stats)
+    step_dropout(model)
     if method == "autodiff":
         return _autodiff(model, inputs, targets, mask)
     return run(model, inputs, targets, mask, method, options, stats)

@@ -22,7 +22,10 @@ from .memory import MemoryBudgetError
 EPILOG = """\
 methods: mesp = per-block recompute + hand-derived backward (least memory),
 mebp = per-block checkpointing, autodiff = plain MLX autodiff (the reference);
-all three give the same gradients. Options may also come from a YAML file
+all three give the same gradients. mezo = MeZO (zeroth-order SPSA): two
+forward passes per step at inference memory, but only a gradient estimate, so
+it converges far slower (paper, LoRA: --learning-rate 1e-4 or 5e-5,
+--mezo-eps 1e-2). Options may also come from a YAML file
 (--config), with the same names as the flags (CLI > YAML > defaults); an
 mlx-lm LoRA YAML file works as is. Adapters are mlx-lm's files: use them with
 `mlx_lm.generate --adapter-path` or `mlx_lm.fuse`."""

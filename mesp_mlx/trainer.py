@@ -19,7 +19,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from . import adapters, engine
+from . import adapters, engine, mezo
 from .config import ConfigError, TrainConfig
 from .data import Batch, Dataset, fixed_batches, iterate_batches
 
@@ -32,6 +32,7 @@ class TrainResult:
     train_losses: List[tuple] = field(default_factory=list)   # (iteration, loss) per report
     val_losses: List[tuple] = field(default_factory=list)     # (iteration, loss)
     step_losses: List[float] = field(default_factory=list)    # every iteration's loss
+    step_seconds: List[float] = field(default_factory=list)   # every iteration's wall time
     adapter_file: Optional[str] = None
 
 
@@ -127,6 +128,13 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
     check_method(cfg.method)
     if cfg.grad_accumulation_steps < 1:
         raise ConfigError("--grad-accumulation-steps must be >= 1")
+    if cfg.method == "mezo":
+        if cfg.grad_accumulation_steps != 1:
+            raise ConfigError("--method mezo does not accumulate gradients: use "
+                              "--batch-size instead of --grad-accumulation-steps")
+        log(f"MeZO: SGD update θ -= lr·(p·z + {cfg.mezo_weight_decay}·θ), eps "
+            f"{cfg.mezo_eps}; the optimizer is unused; train loss = (L(θ+εz) + "
+            "L(θ-εz))/2, an O(eps²) overestimate of L(θ)")
     opt = optimizer or build_optimizer(cfg.optimizer, cfg.learning_rate,
                                        (cfg.optimizer_config or {}).get(cfg.optimizer))
     start, accum, accum_n = _resume(model, opt, cfg, log)
@@ -151,18 +159,25 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
     for it in range(start + 1, cfg.iters + 1):
         if monitor is not None:
             monitor.start_window()
-        mx.random.seed(cfg.seed * 1_000_003 + it)      # dropout keys: f(seed, it)
+        mx.random.seed(cfg.seed * 1_000_003 + it)      # dropout keys, MeZO seed: f(seed, it)
         batch = next(batches)
-        loss, grads = engine.value_and_grad(model, batch.inputs, batch.targets,
-                                            batch.mask, method=cfg.method)
-        accum, accum_n = _accumulate(accum, accum_n, grads, batch, cfg)
-        if it % cfg.grad_accumulation_steps == 0:
-            g = accum if cfg.grad_accumulation_steps == 1 else \
-                tree_map(lambda x: x / accum_n, accum)
-            opt.update(model, g)
-            mx.eval(model.parameters(), opt.state)
-            accum, accum_n = None, 0
-        loss = loss.item()
+        tic = time.perf_counter()
+        if cfg.method == "mezo":                       # in-place MeZO-SGD, no optimizer
+            loss = mezo.mezo_step(model, batch.inputs, batch.targets, batch.mask,
+                                  _lr(opt), cfg.mezo_eps, cfg.mezo_weight_decay).loss
+        else:
+            loss, grads = engine.value_and_grad(model, batch.inputs, batch.targets,
+                                                batch.mask, method=cfg.method)
+            accum, accum_n = _accumulate(accum, accum_n, grads, batch, cfg)
+            del grads
+            if it % cfg.grad_accumulation_steps == 0:
+                g = accum if cfg.grad_accumulation_steps == 1 else \
+                    tree_map(lambda x: x / accum_n, accum)
+                opt.update(model, g)
+                mx.eval(model.parameters(), opt.state)
+                accum, accum_n = None, 0
+            loss = loss.item()
+        result.step_seconds.append(time.perf_counter() - tic)
         result.step_losses.append(loss)
         rec = monitor.record(it, loss=loss) if monitor is not None else None
         win.add(loss, batch, rec)

@@ -95,7 +95,10 @@ def test_evaluate_matches_full_logits_loss(tiny_model_dir, loaded, monkeypatch):
     assert abs(got - want) < 1e-5 * max(1.0, want)
 
 
-def test_unknown_method_is_a_config_error(tiny_model_dir, loaded):
-    with pytest.raises(ConfigError, match="mezo"):
+def test_unsupported_method_setup_is_a_config_error(tiny_model_dir, loaded):
+    with pytest.raises(ConfigError, match="nope"):
         trainer.train(_model(tiny_model_dir), loaded["train"], None,
-                      _cfg(method="mezo"), log=lambda *_: None)
+                      _cfg(method="nope"), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="mezo does not accumulate"):
+        trainer.train(_model(tiny_model_dir), loaded["train"], None,
+                      _cfg(method="mezo", grad_accumulation_steps=2), log=lambda *_: None)
