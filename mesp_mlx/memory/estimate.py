@@ -168,9 +168,10 @@ def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool) -> tupl
         rows = min(N, max(1, head_chunk // (4 * a.V)))
         head = 4 * rows * a.V * 4 + 2 * N * a.D * 4   # z, z - lse, exp, dz + hn, dhn
         return ckpt, dh + max(_mesp_block(a, N, B, T, fused_sdpa, attn_chunk), head)
-    if method == "mezo":         # forward only (uncalibrated): one block's transients vs head
+    if method == "mezo":         # forward only: h0 + h, then one block's transients
+        rows = min(N, max(1, head_chunk // (4 * a.V)))   # vs a [chunk, V] loss-only head
         block = N * (4 * a.D + 3 * a.F) * a.s + (0 if fused_sdpa else 2 * B * a.H * T * T * 4)
-        return 0, max(block, N * a.V * (a.s + 2 * 4))
+        return 0, 2 * N * a.D * a.s + max(block, rows * a.V * 4 + N * a.D * 4)
     raise ValueError(f"no memory estimate for method {method!r}; "
                      "supported: autodiff, mebp, mesp, mezo")
 
