@@ -8,6 +8,10 @@ Protocol: build the model (random weights) + LoRA (A, B random, B non-zero,
 identical for every method), clear the cache, read the resident bytes; step 1
 is a warm-up; reset the MLX peak (and the kernel's VmHWM) and time `steps`
 warm steps. Every step ends with an `mx.eval` of loss and gradients.
+mezo runs a real MeZO-SGD step (two forward passes + in-place update, no
+gradients); its row also has the peak of one forward-only pass at θ
+(`inference_peak_above_bytes`) and that pass's loss as `loss`, so it compares
+with the other methods' L(θ) ((L+ + L−)/2 of the step is `mezo_loss`).
 """
 
 import gc
@@ -91,6 +95,13 @@ def _ours(model, spec, batch):
 
     mesp_mlx.apply_lora(model, rank=spec["r"], scale=spec["scale"], dropout=0.0)
     inputs, targets = batch[:, :-1], batch[:, 1:]
+    if spec["method"] == "mezo":
+        from mesp_mlx import mezo
+
+        def mezo_step():
+            res = mezo.mezo_step(model, inputs, targets, lr=mezo.MEZO_LR, eps=mezo.MEZO_EPS)
+            return mx.array(res.loss), []
+        return mezo_step
 
     def step():
         loss, grads = mesp_mlx.value_and_grad(model, inputs, targets,
@@ -133,6 +144,22 @@ def _mlx_lm(model, spec, batch):
     return step
 
 
+def _inference(model, batch, weights_bytes) -> dict:
+    """MeZO's reference: one forward-only pass at θ (same blocks and loss head)."""
+    import mlx.core as mx
+    from mesp_mlx import mezo
+
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    mask = mx.ones(inputs.shape)
+    mx.eval(mask)
+    mx.reset_peak_memory()
+    loss = mezo.lm_loss_at(model, inputs, targets, mask, mezo.Perturbation(model, 0))(0.0)
+    out = {"inference_peak_above_bytes": mx.get_peak_memory() - weights_bytes,
+           "inference_loss": loss}
+    mx.clear_cache()
+    return out
+
+
 def _measure(spec) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -160,6 +187,8 @@ def _measure(spec) -> dict:
     row["weights_bytes"] = mx.get_active_memory()
     row["param_bytes"] = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     row["rss_before_bytes"] = proc_status().get("VmRSS")
+    if spec["method"] == "mezo":
+        row.update(_inference(model, batch, row["weights_bytes"]))
 
     mx.reset_peak_memory()
     t0 = time.perf_counter()
@@ -167,6 +196,8 @@ def _measure(spec) -> dict:
     row["first_step_s"] = time.perf_counter() - t0
     row["first_peak_bytes"] = mx.get_peak_memory()
     row["loss"] = loss.item()
+    if "inference_loss" in row:                      # mezo: compare L(θ), keep (L+ + L−)/2
+        row["mezo_loss"], row["loss"] = row["loss"], row.pop("inference_loss")
     del loss, grads
     gc.collect()
 

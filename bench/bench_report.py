@@ -109,6 +109,26 @@ def target_lines(rows, T=256, peak_mb=100.0, ratio=1.3):
     return ["", "Targets (issue 3): " + "; ".join(out) + "."]
 
 
+def mezo_lines(rows):
+    """MeZO's peak against one forward-only pass (inference) at the same point."""
+    out = []
+    for r in rows:
+        if r.get("method") != "mezo" or r.get("status") != "ok" or \
+                "inference_peak_above_bytes" not in r:
+            continue
+        lora = r["lora_params"] * r["itemsize"]
+        d = r["peak_above_bytes"] - r["inference_peak_above_bytes"]
+        out.append(f"{r['model']} T {r['T']} r {r['r']}: mezo {_mb(r['peak_above_bytes'])} MB "
+                   f"vs inference {_mb(r['inference_peak_above_bytes'])} MB "
+                   f"(+{_mb(d)} MB; all LoRA parameters: {_mb(lora)} MB)")
+    if not out:
+        return []
+    return ["", "MeZO = one real MeZO-SGD step (two forward passes, in-place update, "
+                "lr 1e-4, ε 1e-2), against one forward-only pass at θ with the same "
+                "blocks and chunked loss head; peaks above weights (which include the "
+                "LoRA parameters): " + "; ".join(out) + "."]
+
+
 def _loss_check(rows):
     """Same weights and tokens for every method: losses must agree."""
     groups = {}
@@ -140,7 +160,7 @@ def sweep_section(sweep, rows):
         lines += slope_lines(rows)
         if {r["model"] for r in rows} == {"Qwen2.5-0.5B"}:
             lines += target_lines(rows)
-    return lines + _loss_check(rows) + [""]
+    return lines + mezo_lines(rows) + _loss_check(rows) + [""]
 
 
 def git_commit():

@@ -100,3 +100,16 @@ def test_report_slopes_ratios_targets_and_failed_rows():
     assert "| mesp | 100.0 | 40.0 | 1.0000 | 128–256 |" in text          # MB per 1k
     assert "24 × 896 × 4 B = 84.0 KB" in text
     assert "target ≤ 100 MB: met" in text and "target ≤ 1.3×: met" in text
+
+
+def test_mezo_point_is_a_real_step_at_inference_memory():
+    ours = bench_point.run(_spec(T=64))
+    row = bench_point.run(_spec(T=64, method="mezo"))
+    assert row["status"] == "ok", row
+    assert abs(row["loss"] - ours["loss"]) <= 1e-5 * abs(ours["loss"])   # L(θ), same θ
+    assert math.isfinite(row["mezo_loss"])
+    assert row["peak_above_bytes"] < ours["peak_above_bytes"]
+    assert row["peak_above_bytes"] <= row["inference_peak_above_bytes"] + 64 * 1024
+    text = "\n".join(bench_report.mezo_lines([dict(row, model="tiny", method="mezo", T=64,
+                                                   r=4)]))
+    assert "mezo" in text and "vs inference" in text
