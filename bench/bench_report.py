@@ -247,12 +247,20 @@ def render(sweeps, rows_for, env) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str):
-    """Replace (or append) our marked section, keeping everything else."""
+def environment_line(env) -> str:
+    """One-paragraph environment footer from collect_env (for other bench scripts)."""
+    return (f"**Environment.** Device: `{env['device']}`; CPU: {env['cpu']}; OS: "
+            f"{env['os']}; Python {env['python']}; MLX {env['mlx']}; mlx-lm "
+            f"{env['mlx_lm']}; dtype {env['dtype']}; commit {env['commit']}; load "
+            f"average at start {env['load']}; {env['date']}. Command: `{env['command']}`")
+
+
+def write_section(path: Path, section: str, start: str = START, end: str = END):
+    """Replace (or append) the section between `start` and `end`, keeping the rest."""
     text = path.read_text() if path.exists() else "# Results\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
