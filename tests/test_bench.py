@@ -113,3 +113,35 @@ def test_mezo_point_is_a_real_step_at_inference_memory():
     text = "\n".join(bench_report.mezo_lines([dict(row, model="tiny", method="mezo", T=64,
                                                    r=4)]))
     assert "mezo" in text and "vs inference" in text
+
+
+def test_gradient_cosine_smoke(tmp_path):
+    import gradient_cosine
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(tiny_config()))
+    out, raw = tmp_path / "RESULTS.md", tmp_path / "gc.jsonl"
+    assert gradient_cosine.main(["--models", str(cfg), "--seq-len", "8", "--seeds", "4",
+                                 "--ks", "1", "4", "--ideal-samples", "8", "--ideal-ks",
+                                 "1", "8", "--out", str(out), "--json", str(raw)]) == 0
+    row = json.loads(raw.read_text())
+    assert row["d"] == 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3) * 2
+    assert abs(row["cos_mesp_autodiff"] - 1) < 1e-6 and row["sign_agree"] >= 3
+    assert 0 < row["abs_cos"]["mean"] < 0.1 and set(row["ideal_k"]) == {"1", "8"}
+    text = out.read_text()
+    assert text.count(gradient_cosine.START) == 1 and "Paper comparison" in text
+    assert gradient_cosine.theory(1, 10**6) == pytest.approx(math.sqrt(2 / (math.pi * 1e6)),
+                                                            rel=1e-5)
+
+
+def test_convergence_smoke(tiny_model_dir, completion_data, tmp_path):
+    import convergence
+    out = tmp_path / "RESULTS.md"
+    rc = convergence.main(["--model", str(tiny_model_dir), "--data", str(completion_data),
+                           "--iters", "3", "--val-every", "2", "--methods", "autodiff",
+                           "mesp", "mezo", "--out", str(out), "--png",
+                           str(tmp_path / "c.png"), "--json", str(tmp_path / "c.json")])
+    assert rc == 0
+    runs = json.loads((tmp_path / "c.json").read_text())["runs"]
+    assert [len(r["losses"]) for r in runs] == [3, 3, 3]
+    text = out.read_text()
+    assert "| mezo | MeZO-SGD, ε 0.01 |" in text and "the curves coincide" in text
