@@ -22,7 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from .layers import LoRALinear
-from .ops.attention import attention_backward_chunked
+from .ops.attention import attention_backward_chunked, attention_chunked
 from .ops.frozen import FrozenWeight
 from .ops.lora_linear import lora_linear, lora_linear_backward
 from .ops.loss_head import loss_head_value_and_grad
@@ -37,9 +37,24 @@ SUPPORTED = ("qwen2",)
 class EngineOptions:
     """Knobs of the schedule (defaults chosen by bench/memory_bench.py)."""
 
-    head_chunk_bytes: int = 16 << 20  # fp32 logits per loss-head chunk (rows = this / 4V)
+    head_chunk_bytes: int = 8 << 20   # fp32 logits per loss-head tile [rows, vocab slice]
+    head_rows: int = 512              # token rows per loss-head tile
     attn_chunk_bytes: int = 8 << 20   # attention probs per query block (rows = this / 4HT)
     clear_cache: str = "step"         # allocator cache: "none", "step" or "block" (mx.clear_cache)
+    fused_attention: Optional[bool] = None  # None: fused SDPA where it is memory-efficient
+
+
+def head_tiles(opt: EngineOptions, N: int, V: int):
+    """(rows, vocab slice) of a loss-head tile: about opt.head_chunk_bytes of fp32."""
+    rows = max(1, min(N, opt.head_rows))
+    return rows, max(1, min(V, opt.head_chunk_bytes // (4 * rows)))
+
+
+def fused_attention_ok(opt: EngineOptions) -> bool:
+    """Metal's fused SDPA never materialises the T×T scores; the CPU fallback does."""
+    if opt.fused_attention is not None:
+        return opt.fused_attention
+    return mx.default_device() == mx.gpu and mx.metal.is_available()
 
 
 @dataclass
@@ -103,7 +118,7 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
     for i, blk in enumerate(parts.blocks):
         if i >= parts.first:
             ckpts[i] = h
-        h = blk(h, attn_mask)
+        h = _mesp_forward(blk, h, opt) if method == "mesp" else blk(h, attn_mask)
         mx.eval(h)
     if stats is not None:
         stats["checkpoint_bytes"] = sum(c.nbytes for c in ckpts.values())
@@ -114,10 +129,10 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
     flat_t, flat_m = targets.reshape(-1), mask.reshape(-1)
     if method == "mesp":
         V, D = parts.head.shape
-        chunk = max(1, opt.head_chunk_bytes // (4 * V))
+        rows, vocab = head_tiles(opt, B * T, V)
         hf = h.reshape(-1, D)
         hn = rmsnorm(hf, parts.norm.weight, parts.norm.eps)
-        loss, dhn = loss_head_value_and_grad(hn, parts.head, flat_t, flat_m, chunk)
+        loss, dhn = loss_head_value_and_grad(hn, parts.head, flat_t, flat_m, rows, vocab)
         dh = rmsnorm_backward(dhn, hf, parts.norm.weight, parts.norm.eps).reshape(h.shape)
         del hn, dhn, hf
     else:
@@ -210,6 +225,39 @@ def _tokens(t):            # [B,n,T,hd] -> [B,T,n·hd]
     return t.transpose(0, 2, 1, 3).reshape(B, T, n * hd)
 
 
+def _attend(q, k, v, scale, opt):
+    T, H = q.shape[2], q.shape[1]
+    if fused_attention_ok(opt) or T == 1:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                    mask="causal" if T > 1 else None)
+    return attention_chunked(q, k, v, scale, max(1, opt.attn_chunk_bytes // (4 * H * T)))
+
+
+def _attention_half(blk, x, opt):
+    """n1, q, k, v (after RoPE, head layout), o, hm = x + o_proj(o)."""
+    a, ln1 = blk.self_attn, blk.input_layernorm
+    n1 = rmsnorm(x, ln1.weight, ln1.eps)
+    q = rope(_heads(_lin(a.q_proj, n1), a.n_heads), a.rope.dims, a.rope.base)
+    k = rope(_heads(_lin(a.k_proj, n1), a.n_kv_heads), a.rope.dims, a.rope.base)
+    v = _heads(_lin(a.v_proj, n1), a.n_kv_heads)
+    o = _attend(q, k, v, a.scale, opt)
+    return n1, q, k, v, o, x + _lin(a.o_proj, _tokens(o))
+
+
+def _mlp_half(blk, hm):
+    """n2, gate, up, m = swiglu(gate, up): the MLP up to (not through) down_proj."""
+    ln2, mlp = blk.post_attention_layernorm, blk.mlp
+    n2 = rmsnorm(hm, ln2.weight, ln2.eps)
+    gate, up = _lin(mlp.gate_proj, n2), _lin(mlp.up_proj, n2)
+    return n2, gate, up, swiglu(gate, up)
+
+
+def _mesp_forward(blk, x, opt):
+    """The block's output through the same ops as its recompute."""
+    _, _, _, _, _, hm = _attention_half(blk, x, opt)
+    return hm + _lin(blk.mlp.down_proj, _mlp_half(blk, hm)[3])
+
+
 def _mesp_block(parts, blk, x, g, attn_mask, flat, opt, need_dx=True):
     """Hand-derived backward of one Qwen2 block; returns dL/dx.
 
@@ -218,21 +266,12 @@ def _mesp_block(parts, blk, x, g, attn_mask, flat, opt, need_dx=True):
     """
     a, mlp = blk.self_attn, blk.mlp
     ln1, ln2 = blk.input_layernorm, blk.post_attention_layernorm
-    H, K = a.n_heads, a.n_kv_heads
+    H, T = a.n_heads, x.shape[1]
     dims, base = a.rope.dims, a.rope.base
-    T = x.shape[1]
 
-    # recompute: attention half, then the MLP up to (not through) down_proj
-    n1 = rmsnorm(x, ln1.weight, ln1.eps)
-    q = rope(_heads(_lin(a.q_proj, n1), H), dims, base)
-    k = rope(_heads(_lin(a.k_proj, n1), K), dims, base)
-    v = _heads(_lin(a.v_proj, n1), K)
-    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=a.scale, mask=attn_mask)
-    of = _tokens(o)
-    hm = x + _lin(a.o_proj, of)
-    n2 = rmsnorm(hm, ln2.weight, ln2.eps)
-    gate, up = _lin(mlp.gate_proj, n2), _lin(mlp.up_proj, n2)
-    m = swiglu(gate, up)
+    # recompute (down_proj's output is never needed)
+    n1, q, k, v, o, hm = _attention_half(blk, x, opt)
+    n2, gate, up, m = _mlp_half(blk, hm)
 
     # MLP backward: out = hm + down(m)
     dm = _lin_bwd(parts, mlp.down_proj, g, m, flat)
@@ -245,9 +284,8 @@ def _mesp_block(parts, blk, x, g, attn_mask, flat, opt, need_dx=True):
     del dn2, n2, hm
     mx.eval(dh, n1, q, k, v, o, *flat.values())          # barrier: MLP tensors freed
 
-    # attention backward: hm = x + o_proj(of)
-    do = _heads(_lin_bwd(parts, a.o_proj, dh, of, flat), H)
-    del of
+    # attention backward: hm = x + o_proj(o)
+    do = _heads(_lin_bwd(parts, a.o_proj, dh, _tokens(o), flat), H)
     chunk = max(1, opt.attn_chunk_bytes // (4 * H * T))
     dq, dk, dv = attention_backward_chunked(do, q, k, v, o, a.scale, chunk)
     del do, q, k, v, o

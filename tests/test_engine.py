@@ -159,3 +159,21 @@ def test_memory_relations():
     assert peaks["mesp"] < peaks["mebp"] < peaks["autodiff"], peaks
     assert stats["checkpoint_bytes"] == 6 * B * T * 128 * 4
     assert stats["n_checkpoints"] == 6
+
+
+@pytest.mark.parametrize("opts", [
+    dict(fused_attention=True),                                   # the Metal path
+    dict(attn_chunk_bytes=4 * 4 * 13 * 5, head_rows=7, head_chunk_bytes=4 * 7 * 100),
+    dict(clear_cache="block"),
+])
+def test_options_do_not_change_gradients(opts):
+    """Tiling (attention query blocks, head row/vocab tiles) and cache policy are exact."""
+    from mesp_mlx.schedule import EngineOptions
+
+    model = make({})
+    x, y, mask = batch(13)
+    loss_ref, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
+    loss, g = mesp_mlx.value_and_grad(model, x, y, mask, method="mesp",
+                                      options=EngineOptions(**opts))
+    assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
+    compare(g, g_ref, mx.float32)

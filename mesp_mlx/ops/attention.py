@@ -94,6 +94,25 @@ def attention_backward_chunked(do, q, k, v, o, scale, chunk):
     return mx.concatenate(dq_blocks, axis=2), dk, dv
 
 
+def attention_chunked(q, k, v, scale, chunk):
+    """O only, `chunk` query positions at a time (memory O(H·chunk·T), not O(H·T²)).
+
+    For backends whose fused attention still materialises the T×T scores (the
+    CPU backend); evaluates after each block.
+    """
+    H, K, T = q.shape[1], k.shape[1], q.shape[2]
+    if chunk >= T:
+        return attention(q, k, v, scale)[0]
+    blocks = []
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        kc, vc = k[:, :, :t1], v[:, :, :t1]
+        s = _causal((_rows(q[:, :, t0:t1], K) * scale) @ kc.swapaxes(-1, -2), H // K, t0)
+        blocks.append(_heads(mx.softmax(s, axis=-1, precise=True) @ vc, H))
+        mx.eval(blocks[-1])
+    return mx.concatenate(blocks, axis=2)
+
+
 def attention_ref(q, k, v, scale):
     """Plain reference: repeat K/V per head, full mask, softmax."""
     B, H, T, hd = q.shape

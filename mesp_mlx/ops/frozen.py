@@ -47,6 +47,21 @@ class FrozenWeight:
         """g W0: (..., d_out) -> (..., d_in)."""
         return self._qmm(g, False) if self.quantized else g @ self.w
 
+    def rows(self, v0: int, v1: int) -> "FrozenWeight":
+        """Output rows [v0, v1) as a FrozenWeight (a vocabulary slice of a head)."""
+        q = self.quantized
+        return FrozenWeight(self.w[v0:v1], self.scales[v0:v1] if q else None,
+                            self.biases[v0:v1] if q and self.biases is not None else None,
+                            self.group_size, self.bits, self.mode)
+
+    def take(self, ids: mx.array) -> mx.array:
+        """Dense rows W0[ids]: (..., d_in), dequantizing only those rows."""
+        if not self.quantized:
+            return self.w[ids]
+        return mx.dequantize(self.w[ids], self.scales[ids],
+                             None if self.biases is None else self.biases[ids],
+                             group_size=self.group_size, bits=self.bits, mode=self.mode)
+
     def dense(self) -> mx.array:
         """W0 as a dense (d_out, d_in) array (references and tests only)."""
         if not self.quantized:
