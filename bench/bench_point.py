@@ -24,7 +24,8 @@ import traceback
 RESULT_PREFIX = "MEMORY_BENCH_RESULT "
 OURS = ("autodiff", "mebp", "mesp", "mezo")     # through mesp_mlx.value_and_grad
 BASELINES = ("mlx-lm", "mlx-lm+ckpt")            # mlx-lm's own LoRA + trainer step
-ALL_METHODS = OURS + BASELINES
+CACHE_VARIANTS = ("mesp@none", "mesp@block")   # mesp with another allocator-cache policy
+ALL_METHODS = OURS + BASELINES + CACHE_VARIANTS
 B_STD = 0.01                                     # LoRA B ~ N(0, B_STD²): non-zero
 
 
@@ -67,6 +68,7 @@ def unsupported_reason(method: str):
     if method in BASELINES:
         return None
     import mesp_mlx
+    method = method.partition("@")[0]
     if method not in mesp_mlx.METHODS:
         return f"mesp_mlx.METHODS = {', '.join(mesp_mlx.METHODS)}"
     return None
@@ -103,9 +105,13 @@ def _ours(model, spec, batch):
             return mx.array(res.loss), []
         return mezo_step
 
+    from mesp_mlx.schedule import EngineOptions
+
+    method, _, policy = spec["method"].partition("@")     # e.g. "mesp@block"
+    kw = {"options": EngineOptions(clear_cache=policy)} if policy else {}
+
     def step():
-        loss, grads = mesp_mlx.value_and_grad(model, inputs, targets,
-                                              method=spec["method"])
+        loss, grads = mesp_mlx.value_and_grad(model, inputs, targets, method=method, **kw)
         mx.eval(loss, grads)
         return loss, grads
     return step
