@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from .engine import check_batch, step_dropout
 from .ops.loss_head import loss_head_value
 from .ops.rmsnorm import rmsnorm
-from .schedule import EngineOptions, model_parts
+from .schedule import EngineOptions, _mesp_forward, head_tiles, model_parts
 
 MEZO_LR = 1e-4         # MeZO paper, LoRA: lr 1e-4 or 5e-5 (REFERENCE §1)
 MEZO_EPS = 1e-2        # MeZO paper, LoRA: ε = 1e-2
@@ -116,25 +116,24 @@ def lm_loss_at(model, inputs, targets, mask, pert: Perturbation,
     """
     opt = options or EngineOptions()
     parts = model_parts(model)
-    attn_mask = "causal" if inputs.shape[1] > 1 else None
     h0 = parts.embed(inputs)
     mx.eval(h0)
     for blk in parts.blocks[:parts.first]:
-        h0 = blk(h0, attn_mask)
+        h0 = _mesp_forward(blk, h0, opt)          # MeSP's block forward (chunked attention)
         mx.eval(h0)
     V, D = parts.head.shape
-    chunk = max(1, opt.head_chunk_bytes // (4 * V))
+    rows, vocab = head_tiles(opt, inputs.size, V)
     flat_t, flat_m = targets.reshape(-1), mask.reshape(-1)
 
     def loss_at(c: float) -> float:
         t0, h = time.perf_counter(), h0
         for blk in parts.blocks[parts.first:]:
             with perturbed(blk, parts.paths[id(blk)], pert, c):
-                h = blk(h, attn_mask)
+                h = _mesp_forward(blk, h, opt)
                 mx.eval(h)
         hn = rmsnorm(h.reshape(-1, D), parts.norm.weight, parts.norm.eps)
         del h
-        loss = loss_head_value(hn, parts.head, flat_t, flat_m, chunk).item()
+        loss = loss_head_value(hn, parts.head, flat_t, flat_m, rows, vocab).item()
         if stats is not None:
             stats["forward_s"] = stats.get("forward_s", 0.0) + time.perf_counter() - t0
         return loss

@@ -18,7 +18,7 @@ linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /
 # Estimate vs mx.get_peak_memory() of one value_and_grad step, fp32, CPU backend.
 # Measured when written (ratio est/measured): autodiff 1.00, mebp 1.00-1.02,
 # mesp 1.00-1.02 on SMALL; bf16 0.84 (fp32 LoRA upcasts not modelled).
-TOLERANCE = {"autodiff": 0.20, "mebp": 0.20, "mesp": 0.20, "mezo": 0.20}   # mezo 0.95-1.04
+TOLERANCE = {"autodiff": 0.20, "mebp": 0.20, "mesp": 0.20, "mezo": 0.20}   # mezo 1.02-1.07
 SMALL = tiny_config(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                     vocab_size=4096)
 

@@ -132,6 +132,16 @@ def _chunks():
         return _DEFAULT_HEAD_CHUNK, _DEFAULT_ATTN_CHUNK
 
 
+def _head_tile(N: int, V: int) -> tuple:
+    """(rows, vocab entries) of one loss-head tile, as the schedule chooses them."""
+    try:
+        from ..schedule import EngineOptions, head_tiles
+        return head_tiles(EngineOptions(), N, V)
+    except ImportError:
+        rows = min(N, 512)
+        return rows, max(1, min(V, _DEFAULT_HEAD_CHUNK // (4 * rows)))
+
+
 def _layer_graph(a: Arch, N: int, T: int) -> int:
     # autodiff keeps per token ~8D + 2Kd + 6F (block input, norms, q/k/v, attention
     # output, residual, gate/up/silu/product) plus the H×T attention probs
@@ -169,9 +179,11 @@ def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool) -> tupl
         head = 4 * rows * a.V * 4 + 2 * N * a.D * 4   # z, z - lse, exp, dz + hn, dhn
         return ckpt, dh + max(_mesp_block(a, N, B, T, fused_sdpa, attn_chunk), head)
     if method == "mezo":         # forward only: h0 + h, then one block's transients
-        rows = min(N, max(1, head_chunk // (4 * a.V)))   # vs a [chunk, V] loss-only head
-        block = N * (4 * a.D + 3 * a.F) * a.s + (0 if fused_sdpa else 2 * B * a.H * T * T * 4)
-        return 0, 2 * N * a.D * a.s + max(block, rows * a.V * 4 + N * a.D * 4)
+        rows, vocab = _head_tile(N, a.V)                 # vs a loss-only head tile:
+        head = 9 * rows * vocab + 2 * N * a.D * 4        # fp32 z, exp(z − μ) (~2.25×) + hn
+        attn = 0 if fused_sdpa else 2 * min(attn_chunk, B * a.H * T * T * 4)
+        block = N * (4 * a.D + 3 * a.F) * a.s + attn
+        return 0, 2 * N * a.D * a.s + max(block, head)
     raise ValueError(f"no memory estimate for method {method!r}; "
                      "supported: autodiff, mebp, mesp, mezo")
 
