@@ -109,7 +109,8 @@ def test_mezo_point_is_a_real_step_at_inference_memory():
     assert abs(row["loss"] - ours["loss"]) <= 1e-5 * abs(ours["loss"])   # L(θ), same θ
     assert math.isfinite(row["mezo_loss"])
     assert row["peak_above_bytes"] < ours["peak_above_bytes"]
-    assert row["peak_above_bytes"] <= row["inference_peak_above_bytes"] + 64 * 1024
+    # ≈ inference: + one block's perturbed LoRA copy, and allocator noise at this tiny size
+    assert row["peak_above_bytes"] <= 1.05 * row["inference_peak_above_bytes"] + 96 * 1024
     text = "\n".join(bench_report.mezo_lines([dict(row, model="tiny", method="mezo", T=64,
                                                    r=4)]))
     assert "mezo" in text and "vs inference" in text
