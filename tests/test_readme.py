@@ -1,0 +1,223 @@
+"""README.md cannot rot: its ```bash commands that run on the bundled demo
+model (the main LoRA command with few iterations, the follow-up generation
+with the adapters, `mesp_mlx.memory` estimates) are executed in a temporary
+directory. A line ending in `# not run in tests` is skipped."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DEMO_MODEL = ROOT / "mesp_mlx" / "demo" / "model"
+SKIP_MARK = "# not run in tests"
+ITERS = "5"              # the main command's --iters, overridden
+MAX_TOKENS = "10"        # generation length, overridden
+
+
+@dataclass
+class Command:
+    line: str            # as written in the README
+    kind: str            # "lora", "generate", "memory", "mesp" or "other"
+    argv: list           # shell words after rewriting (program mapped to this Python)
+    run: bool            # runnable here (demo model or estimate only)
+    why: str = ""        # why not, if not
+
+
+def bash_blocks(text: str) -> list:
+    """Contents of the ```bash / ```sh fenced blocks, in order."""
+    return re.findall(r"^```(?:bash|sh|shell)[ \t]*\n(.*?)^```", text, re.M | re.S)
+
+
+def _open_quote(line: str) -> bool:
+    try:
+        shlex.split(line, comments=True)
+        return False
+    except ValueError:
+        return True
+
+
+def command_lines(block: str) -> list:
+    """Logical command lines: `\\` continuations and quoted newlines joined,
+    comments and blanks dropped."""
+    out, cur = [], ""
+    for raw in block.splitlines():
+        line = raw.rstrip()
+        if line.endswith("\\"):
+            cur += line[:-1] + " "
+            continue
+        cur += line
+        if _open_quote(cur):
+            cur += "\n"
+            continue
+        line, cur = cur.strip(), ""
+        line = line[2:] if line.startswith("$ ") else line
+        if line and not line.startswith("#"):
+            out.append(line)
+    if cur.strip():
+        out.append(cur.strip())          # unbalanced quotes: parse() reports it
+    return out
+
+
+def _flag(words, name):
+    return words[words.index(name) + 1] if name in words[:-1] else None
+
+
+def _set_flag(words, name, value):
+    if name in words[:-1]:
+        words[words.index(name) + 1] = value
+    else:
+        words += [name, value]
+
+
+def parse(line: str, adapter_dir: Path) -> Command:
+    """Classify a README command and rewrite it to run here: `python` and
+    `mlx_lm.X` map to this interpreter, --iters and --max-tokens shrink,
+    --adapter-path moves into `adapter_dir`."""
+    if line.endswith(SKIP_MARK):
+        return Command(line, "other", [], False, "marked " + SKIP_MARK)
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError as e:
+        return Command(line, "other", [], False, f"not a simple command ({e})")
+    if not words:
+        return Command(line, "other", [], False, "empty")
+    head = words[0]
+    if head in ("python", "python3") and len(words) > 2 and words[1] == "-m":
+        module, rest = words[2], words[3:]
+        if module == "mlx_lm" and rest:
+            module, rest = f"mlx_lm.{rest[0]}", rest[1:]
+    elif head.startswith("mlx_lm."):
+        module, rest = head, words[1:]
+    else:
+        return Command(line, "other", words, False, "not a python -m / mlx_lm command")
+    if module in ("mlx_lm.generate", "mesp_mlx.generate"):
+        kind = "generate"
+    elif module == "mesp_mlx.lora":
+        kind = "lora"
+    elif module == "mesp_mlx.memory":
+        kind = "memory"
+    else:
+        kind = "mesp" if module.startswith("mesp_mlx") else "other"
+    model = _flag(rest, "--model") or ""
+    on_demo = model == "demo" or "mesp_mlx.demo" in model
+    if kind == "lora":
+        if "--iters" in rest or "--train" in rest:
+            _set_flag(rest, "--iters", ITERS)
+    if kind in ("lora", "generate") and _flag(rest, "--adapter-path"):
+        _set_flag(rest, "--adapter-path", str(adapter_dir / Path(_flag(rest, "--adapter-path")).name))
+    elif kind == "lora":
+        _set_flag(rest, "--adapter-path", str(adapter_dir / "adapters"))
+    if kind == "generate":
+        _set_flag(rest, "--max-tokens", MAX_TOKENS)
+    argv = ([sys.executable, "-m", "mlx_lm", module.split(".", 1)[1]]
+            if module.startswith("mlx_lm.") else [sys.executable, "-m", module]) + rest
+    if kind == "memory":
+        ok = on_demo or "--no-measure" in rest
+        return Command(line, kind, argv, ok, "" if ok else "measures a real-size model")
+    if kind == "other":
+        return Command(line, kind, argv, False, f"{module} is not a mesp_mlx command")
+    return Command(line, kind, argv, on_demo, "" if on_demo else
+                   f"--model {model or '(none)'} is not the bundled demo model")
+
+
+def _shell(argv: list) -> str:
+    """argv as a bash line; "$(python ...)" words stay command substitutions."""
+    def word(w):
+        if w.startswith("$(") and w.endswith(")"):
+            inner = re.sub(r"^\$\(\s*python3?\b", "$(" + shlex.quote(sys.executable), w)
+            return '"' + inner + '"'
+        return shlex.quote(w)
+    return " ".join(word(w) for w in argv)
+
+
+def readme_commands(adapter_dir: Path) -> list:
+    text = README.read_text()
+    return [parse(line, adapter_dir) for block in bash_blocks(text)
+            for line in command_lines(block)]
+
+
+# ---------------------------------------------------------------- parser tests
+
+SAMPLE = """
+Intro.
+
+```bash
+pip install -e ".[dev]"
+python -m mesp_mlx.lora --model demo --train --data demo --iters 200
+python -m mlx_lm generate --model "$(python -c 'import mesp_mlx.demo as d; print(d.model_path())')" \\
+    --adapter-path adapters --prompt "Question: hi"
+mlx_lm.generate --model demo-like --adapter-path /abs/adapters --prompt x  # not run in tests
+python -m mesp_mlx.lora --model Qwen2.5-0.5B --train --data ./data
+python -m mesp_mlx.memory --model Qwen2.5-3B --no-measure --device-profile iphone-8gb
+python -m mesp_mlx.memory --model Qwen2.5-3B
+```
+
+```python
+print("not bash")
+```
+"""
+
+
+def test_parser_classifies_and_rewrites(tmp_path):
+    cmds = [parse(line, tmp_path) for block in bash_blocks(SAMPLE)
+            for line in command_lines(block)]
+    assert [(c.kind, c.run) for c in cmds] == [
+        ("other", False), ("lora", True), ("generate", True), ("other", False),
+        ("lora", False), ("memory", True), ("memory", False)]
+    lora, gen = cmds[1].argv, cmds[2].argv
+    assert lora[:3] == [sys.executable, "-m", "mesp_mlx.lora"]
+    assert _flag(lora, "--iters") == ITERS
+    assert _flag(lora, "--adapter-path") == str(tmp_path / "adapters")
+    assert gen[:4] == [sys.executable, "-m", "mlx_lm", "generate"]
+    assert _flag(gen, "--adapter-path") == str(tmp_path / "adapters")
+    assert _flag(gen, "--max-tokens") == MAX_TOKENS
+    assert _shell(gen).count(shlex.quote(sys.executable)) == 2   # $(python ...) too
+    assert "not the bundled demo model" in cmds[4].why
+
+
+# ---------------------------------------------------------------- README tests
+
+def test_readme_has_main_and_generate_commands(tmp_path):
+    assert README.is_file(), "README.md is missing"
+    cmds = readme_commands(tmp_path)
+    runnable = [c for c in cmds if c.run]
+    assert any(c.kind == "lora" and "--train" in c.argv for c in runnable), \
+        "README.md has no runnable main command (```bash block with " \
+        "`python -m mesp_mlx.lora --model demo --train --data demo ...`)"
+    assert any(c.kind == "generate" and "--adapter-path" in c.argv for c in runnable), \
+        "README.md has no runnable generation command with --adapter-path on the demo model"
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(),
+                    reason=f"demo model not built ({DEMO_MODEL}/config.json missing)")
+def test_readme_commands_run(tmp_path):
+    """Runs in README order (generation uses the adapters trained before it);
+    test_readme_has_main_and_generate_commands checks that there are some."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                       os.environ.get("PYTHONPATH")])))
+    for c in readme_commands(tmp_path):
+        if not c.run:
+            continue
+        proc = subprocess.run(["bash", "-c", _shell(c.argv)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=180)
+        out = proc.stdout + proc.stderr
+        ok = proc.returncode in ((0, 2) if c.kind == "memory" else (0,))   # 2: does not fit
+        assert ok and "Traceback" not in out, \
+            f"README command failed (exit {proc.returncode}):\n  {c.line}\nran as:\n  " \
+            f"{_shell(c.argv)}\n--- output ---\n{out[-3000:]}"
+        if c.kind == "lora" and "--train" in c.argv:
+            adapters = Path(_flag(c.argv, "--adapter-path"))
+            assert (adapters / "adapters.safetensors").is_file(), out[-2000:]
+            assert (adapters / "adapter_config.json").is_file()
+            assert re.search(r"Iter \d+: train loss", out), out[-2000:]
+            assert "Saved adapters to" in out and "peak" in out, out[-2000:]
+        if c.kind == "generate":
+            assert proc.stdout.strip(), f"{c.line}: no generated text\n{out}"
