@@ -27,6 +27,8 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_METHODS = ("autodiff", "mebp", "mesp", "mezo", "mlx-lm", "mlx-lm+ckpt")
 SHORT = {"0.5B": "Qwen2.5-0.5B", "1.5B": "Qwen2.5-1.5B", "3B": "Qwen2.5-3B"}
 KEY = ("model", "dtype", "T", "r", "method")
+ALL_METHODS_HERE = ("mesp", "mebp", "autodiff", "mezo", "mlx-lm", "mlx-lm+ckpt",
+                    "mesp@block", "mesp@none")
 
 
 def _model_name(name):
@@ -55,9 +57,27 @@ def preset_issue3(methods):
     ]
 
 
+def preset_here(methods):
+    """The subset of issue3 that fits a 2-core session (what bench/RESULTS.md holds)."""
+    small = "Qwen2.5-0.5B"
+    pick = lambda names: [m for m in names if m in methods]     # noqa: E731
+    return [
+        _sweep("seq", f"Sequence length ({small}, r 8)", [small], [128, 256, 512, 1024],
+               [8], pick(("mesp", "mebp", "autodiff", "mezo", "mlx-lm"))),
+        _sweep("cache", f"Checkpointed baseline and cache policy ({small}, T 256, r 8)",
+               [small], [256], [8], pick(("mesp", "mesp@block", "mesp@none", "mlx-lm+ckpt"))),
+        _sweep("rank", f"LoRA rank ({small}, T 256)", [small], [256], [4, 8, 16, 32],
+               pick(("mesp", "autodiff"))),
+        _sweep("size", "Model size (T 256, r 8)", list(SHORT.values()), [256], [8],
+               pick(("mesp", "autodiff", "mezo"))),
+    ]
+
+
 def build_sweeps(args, methods):
     if args.preset == "issue3":
         return preset_issue3(methods)
+    if args.preset == "here":
+        return preset_here(methods)
     models = args.models + args.json_models
     if not models:
         raise SystemExit("error: no models: give --models and/or --config-json")
@@ -112,7 +132,8 @@ def run_point(spec, timeout):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=["issue3"], help="a predefined grid")
+    p.add_argument("--preset", choices=["issue3", "here"],
+                   help="a predefined grid (here: the subset measured on a 2-core machine)")
     p.add_argument("--models", nargs="*", default=None,
                    help="bundled architectures: 0.5B, 1.5B, 3B or Qwen2.5-* "
                         "(default: 0.5B unless --config-json is given)")
@@ -174,7 +195,7 @@ def main(argv=None):
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--worker":
         return bench_point.main(sys.argv[2])
     args = parse_args(argv)
-    methods = args.methods or list(DEFAULT_METHODS)
+    methods = args.methods or list(ALL_METHODS_HERE if args.preset == "here" else DEFAULT_METHODS)
     sweeps = build_sweeps(args, methods)
     points = list({key_of(pt, args.dtype): pt for s in sweeps for pt in s["points"]}.values())
     if args.dry_run:
