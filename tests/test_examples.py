@@ -21,6 +21,12 @@ needs_demo = pytest.mark.skipif(
            "build it with `python -m mesp_mlx.demo.build`)")
 
 
+def _env() -> dict:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                PYTHONPATH=path)
+
+
 def code_cells(path: Path) -> list:
     """The notebook's code cells as source strings, IPython magics dropped."""
     nb = json.loads(path.read_text())
@@ -84,10 +90,9 @@ def test_notebook_runs_on_demo_model(tmp_path, monkeypatch):
 
 @needs_demo
 def test_compare_methods_runs_on_demo_model(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
         [sys.executable, str(COMPARE), "--model", "demo", "--steps", "2",
-         "--seq-length", "64"], cwd=tmp_path, env=env, capture_output=True,
+         "--seq-length", "64"], cwd=tmp_path, env=_env(), capture_output=True,
         text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
@@ -101,6 +106,6 @@ def test_compare_methods_runs_on_demo_model(tmp_path):
 def test_compare_methods_rejects_bad_input(tmp_path):
     proc = subprocess.run([sys.executable, str(COMPARE), "--model", str(tmp_path / "nope"),
                            "--steps", "1"], capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                          env=_env())
     assert proc.returncode == 1
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
