@@ -106,12 +106,15 @@ def parse(line: str, adapter_dir: Path) -> Command:
     else:
         kind = "mesp" if module.startswith("mesp_mlx") else "other"
     model = _flag(rest, "--model") or ""
-    on_demo = model == "demo" or "mesp_mlx.demo" in model
+    on_demo = model == "demo" or "mesp_mlx.demo" in model or "mesp_mlx/demo" in model
+    if "mesp_mlx/demo" in model and not Path(model).is_absolute() and "$" not in model:
+        _set_flag(rest, "--model", str(ROOT / model))     # commands run elsewhere
     if kind == "lora":
         if "--iters" in rest or "--train" in rest:
             _set_flag(rest, "--iters", ITERS)
-    if kind in ("lora", "generate") and _flag(rest, "--adapter-path"):
-        _set_flag(rest, "--adapter-path", str(adapter_dir / Path(_flag(rest, "--adapter-path")).name))
+    given = _flag(rest, "--adapter-path")
+    if kind in ("lora", "generate") and given:
+        _set_flag(rest, "--adapter-path", str(adapter_dir / Path(given).name))
     elif kind == "lora":
         _set_flag(rest, "--adapter-path", str(adapter_dir / "adapters"))
     if kind == "generate":
@@ -154,6 +157,7 @@ python -m mesp_mlx.lora --model demo --train --data demo --iters 200
 python -m mlx_lm generate --model "$(python -c 'import mesp_mlx.demo as d; print(d.model_path())')" \\
     --adapter-path adapters --prompt "Question: hi"
 mlx_lm.generate --model demo-like --adapter-path /abs/adapters --prompt x  # not run in tests
+mlx_lm.generate --model mesp_mlx/demo/model --adapter-path /abs/adapters --prompt x
 python -m mesp_mlx.lora --model Qwen2.5-0.5B --train --data ./data
 python -m mesp_mlx.memory --model Qwen2.5-3B --no-measure --device-profile iphone-8gb
 python -m mesp_mlx.memory --model Qwen2.5-3B
@@ -170,7 +174,7 @@ def test_parser_classifies_and_rewrites(tmp_path):
             for line in command_lines(block)]
     assert [(c.kind, c.run) for c in cmds] == [
         ("other", False), ("lora", True), ("generate", True), ("other", False),
-        ("lora", False), ("memory", True), ("memory", False)]
+        ("generate", True), ("lora", False), ("memory", True), ("memory", False)]
     lora, gen = cmds[1].argv, cmds[2].argv
     assert lora[:3] == [sys.executable, "-m", "mesp_mlx.lora"]
     assert _flag(lora, "--iters") == ITERS
@@ -179,7 +183,9 @@ def test_parser_classifies_and_rewrites(tmp_path):
     assert _flag(gen, "--adapter-path") == str(tmp_path / "adapters")
     assert _flag(gen, "--max-tokens") == MAX_TOKENS
     assert _shell(gen).count(shlex.quote(sys.executable)) == 2   # $(python ...) too
-    assert "not the bundled demo model" in cmds[4].why
+    assert _flag(cmds[4].argv, "--model") == str(ROOT / "mesp_mlx/demo/model")
+    assert _flag(cmds[4].argv, "--adapter-path") == str(tmp_path / "adapters")
+    assert "not the bundled demo model" in cmds[5].why
 
 
 # ---------------------------------------------------------------- README tests
