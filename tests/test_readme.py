@@ -201,6 +201,20 @@ def test_readme_has_main_and_generate_commands(tmp_path):
         "README.md has no runnable generation command with --adapter-path on the demo model"
 
 
+def test_readme_generate_prompts_are_not_templated_twice(tmp_path):
+    """mlx_lm generate applies the model's chat template to --prompt (unless
+    --ignore-chat-template): a prompt already in the demo's Question/Answer
+    form would become 'Question: Question: ...\\nAnswer:\\nAnswer:'."""
+    for c in readme_commands(tmp_path):
+        if (c.kind == "generate" and c.run and c.argv[2] == "mlx_lm"
+                and "--ignore-chat-template" not in c.argv):
+            prompt = _flag(c.argv, "--prompt") or ""
+            assert not re.search(r"^\s*Question:|Answer:\s*$", prompt), \
+                f"{c.line}\n--prompt is templated again by mlx_lm generate: pass the " \
+                "bare question (e.g. --prompt \"What is the opposite of thin?\") " \
+                "or add --ignore-chat-template"
+
+
 @pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(),
                     reason=f"demo model not built ({DEMO_MODEL}/config.json missing)")
 def test_readme_commands_run(tmp_path):
