@@ -68,7 +68,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
             f"(rank {cfg.rank}, scale {cfg.scale})")
         if splits["valid"] is None:
             log("Warning: no valid.jsonl: training without validation")
-        monitor = _memory(model, cfg, log)
+        longest = max((len(t) - 1 for t in splits["train"].tokens), default=1)
+        monitor = _memory(model, cfg, log, min(cfg.max_seq_length, max(longest, 1)))
         config_file = adapters.save_config(model, cfg.adapter_path, cfg.to_dict())
         log(f"Resolved options saved to {config_file}")
         with monitor:
@@ -90,19 +91,20 @@ def run(cfg: TrainConfig, log=print) -> dict:
     return out
 
 
-def _memory(model, cfg, log):
-    """Budget, pre-flight estimate (raises MemoryBudgetError) and the monitor."""
+def _memory(model, cfg, log, T):
+    """Budget, pre-flight estimate at the longest batch T (raises MemoryBudgetError)
+    and the monitor."""
     from .memory import MemoryMonitor, preflight, resolve_budget
 
     try:
         budget = resolve_budget(cfg.memory_budget, cfg.device_profile)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    est = preflight(model, cfg.method, cfg.max_seq_length, cfg.batch_size, budget,
+    est = preflight(model, cfg.method, T, cfg.batch_size, budget,
                     optimizer=cfg.optimizer, rank=cfg.rank)
-    log(f"Memory estimate (T={cfg.max_seq_length}, B={cfg.batch_size}):\n{est}")
+    log(f"Memory estimate (longest batch T={T}, B={cfg.batch_size}):\n{est}")
     if budget:
-        log(f"Memory budget {budget / 2**20:.0f} MB, enforced with mx.set_memory_limit")
+        log(f"Memory budget {budget / 1e6:.0f} MB, enforced with mx.set_memory_limit")
     return MemoryMonitor(log_path=cfg.memory_log, budget_bytes=budget)
 
 
