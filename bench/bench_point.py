@@ -109,6 +109,9 @@ def _ours(model, spec, batch):
 
     method, _, policy = spec["method"].partition("@")     # e.g. "mesp@block"
     kw = {"options": EngineOptions(clear_cache=policy)} if policy else {}
+    phases = spec.setdefault("_phases", {})           # per-phase time and peak (mebp/mesp)
+    if method in ("mebp", "mesp"):
+        kw["stats"] = phases
 
     def step():
         loss, grads = mesp_mlx.value_and_grad(model, inputs, targets, method=method, **kw)
@@ -224,6 +227,9 @@ def _measure(spec) -> dict:
     row["step_times_s"] = times
     row["s_per_step"] = sum(times) / len(times)
     row["peak_above_bytes"] = row["peak_bytes"] - row["weights_bytes"]
+    if spec.get("_phases"):                           # the measured step's breakdown
+        row["phases"] = {k: (v - row["weights_bytes"] if k.startswith("peak_after_") else v)
+                         for k, v in spec.pop("_phases").items()}
     return row
 
 

@@ -160,12 +160,14 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
     if opt.clear_cache in ("block", "step"):
         mx.clear_cache()
     clock.lap("backward_s")
+    if stats is not None:
+        stats["grad_bytes"] = sum(g.nbytes for g in flat.values())
     grads = tree_map_with_path(lambda p, _: flat[p], model.trainable_parameters())
     return loss, grads
 
 
 class _Clock:
-    """Wall time per phase into `stats` (no-op without stats)."""
+    """Wall time per phase and the MLX peak so far into `stats` (no-op without stats)."""
 
     def __init__(self, stats):
         self.stats, self.t = stats, time.perf_counter()
@@ -174,6 +176,7 @@ class _Clock:
         if self.stats is not None:
             now = time.perf_counter()
             self.stats[name] = now - self.t
+            self.stats["peak_after_" + name[:-2]] = mx.get_peak_memory()  # monotone
             self.t = now
 
 
