@@ -109,6 +109,28 @@ def target_lines(rows, T=256, peak_mb=100.0, ratio=1.3):
     return ["", "Targets (issue 3): " + "; ".join(out) + "."]
 
 
+def breakdown_lines(rows):
+    """Where mesp's peak comes from: stored checkpoints, LoRA grads, phase peaks."""
+    body = []
+    for r in rows:
+        ph = r.get("phases")
+        if r.get("method") != "mesp" or r.get("status") != "ok" or not ph:
+            continue
+        body.append([r["model"], r["T"], r["r"], _mb(ph.get("checkpoint_bytes")),
+                     _mb(ph.get("grad_bytes")), _mb(ph.get("peak_after_forward")),
+                     _mb(ph.get("peak_after_head")), _mb(ph.get("peak_after_backward")),
+                     f"{ph.get('forward_s', 0):.1f} / {ph.get('head_s', 0):.1f} / "
+                     f"{ph.get('backward_s', 0):.1f}"])
+    if not body:
+        return []
+    head = ["model", "T", "r", "checkpoints MB", "LoRA grads MB", "peak after forward MB",
+            "after loss head MB", "after backward MB", "s forward / head / backward"]
+    return (["", "mesp peak breakdown (measured step; peaks above weights, cumulative: the "
+                 "phase whose column first reaches the final peak sets it; the block "
+                 "working set is the backward peak minus checkpoints and grads):", ""]
+            + _table(head, body))
+
+
 def mezo_lines(rows):
     """MeZO's peak against one forward-only pass (inference) at the same point."""
     out = []
@@ -160,6 +182,7 @@ def sweep_section(sweep, rows):
         lines += slope_lines(rows)
         if {r["model"] for r in rows} == {"Qwen2.5-0.5B"}:
             lines += target_lines(rows)
+    lines += breakdown_lines(rows)
     return lines + mezo_lines(rows) + _loss_check(rows) + [""]
 
 
