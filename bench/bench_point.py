@@ -45,13 +45,9 @@ def proc_status() -> dict:
 
 
 def reset_rss_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux clear_refs '5'); False if denied."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    """Reset VmHWM to the current RSS (Linux); False where the OS can't."""
+    from mesp_mlx.memory.footprint import reset_footprint_peak
+    return reset_footprint_peak()
 
 
 def blas_in_use() -> str:
