@@ -156,7 +156,8 @@ def _full_head(a: Arch, N: int) -> int:
 def _mesp_block(a: Arch, N: int, B: int, T: int, fused_sdpa: bool, attn_chunk: int) -> int:
     # MLP phase: x, n1, q, k, v, o, residual, n2, g, dh (~8D + 2Kd) and
     # gate, up, product, dm, dgate, dup (~5-6F); attention phase: per query
-    # chunk P, dP, dS (3 × chunk); CPU SDPA forward materialises B·H·T·T scores
+    # chunk P, dP, dS (3 × chunk); the CPU SDPA fallback materialises B·H·T·T
+    # scores (mesp passes fused=True: it runs attention in query chunks there)
     tokens = N * ((8 * a.D + 2 * a.K * a.d + 6 * a.F) * a.s)
     attn = 3 * min(attn_chunk, B * a.H * T * T * 4)
     if not fused_sdpa:
@@ -174,10 +175,10 @@ def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool) -> tupl
     dh = N * a.D * 4             # gradient flowing down the residual stream
     if method == "mebp":         # one block's graph + its vjp's transients (~2×) vs the full head
         return ckpt, dh + max(2 * _layer_graph(a, N, T), _full_head(a, N))
-    if method == "mesp":         # hand backward of one block vs a [chunk, V] head
-        rows = min(N, max(1, head_chunk // (4 * a.V)))
-        head = 4 * rows * a.V * 4 + 2 * N * a.D * 4   # z, z - lse, exp, dz + hn, dhn
-        return ckpt, dh + max(_mesp_block(a, N, B, T, fused_sdpa, attn_chunk), head)
+    if method == "mesp":         # hand backward of one block vs a [rows, vocab] head tile
+        rows, vocab = _head_tile(N, a.V)
+        head = 9 * rows * vocab + 3 * N * a.D * 4     # fp32 z, exp(z − μ) + hn, dhn, acc
+        return ckpt, dh + max(_mesp_block(a, N, B, T, True, attn_chunk), head)
     if method == "mezo":         # forward only: h0 + h, then one block's transients
         rows, vocab = _head_tile(N, a.V)                 # vs a loss-only head tile:
         head = 9 * rows * vocab + 2 * N * a.D * 4        # fp32 z, exp(z − μ) (~2.25×) + hn
