@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from .engine import check_batch, step_dropout
 from .ops.loss_head import loss_head_value
 from .ops.rmsnorm import rmsnorm
-from .schedule import EngineOptions, _mesp_forward, head_tiles, model_parts
+from .schedule import EngineOptions, block_forward, head_tiles, model_parts
 
 MEZO_LR = 1e-4         # MeZO paper, LoRA: lr 1e-4 or 5e-5 (REFERENCE §1)
 MEZO_EPS = 1e-2        # MeZO paper, LoRA: ε = 1e-2
@@ -119,7 +119,7 @@ def lm_loss_at(model, inputs, targets, mask, pert: Perturbation,
     h0 = parts.embed(inputs)
     mx.eval(h0)
     for blk in parts.blocks[:parts.first]:
-        h0 = _mesp_forward(blk, h0, opt)          # MeSP's block forward (chunked attention)
+        h0 = block_forward(blk, h0, opt)          # MeSP's block forward (chunked attention)
         mx.eval(h0)
     V, D = parts.head.shape
     rows, vocab = head_tiles(opt, inputs.size, V)
@@ -129,7 +129,7 @@ def lm_loss_at(model, inputs, targets, mask, pert: Perturbation,
         t0, h = time.perf_counter(), h0
         for blk in parts.blocks[parts.first:]:
             with perturbed(blk, parts.paths[id(blk)], pert, c):
-                h = _mesp_forward(blk, h, opt)
+                h = block_forward(blk, h, opt)
                 mx.eval(h)
         hn = rmsnorm(h.reshape(-1, D), parts.norm.weight, parts.norm.eps)
         del h

@@ -118,7 +118,7 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
     for i, blk in enumerate(parts.blocks):
         if i >= parts.first:
             ckpts[i] = h
-        h = _mesp_forward(blk, h, opt) if method == "mesp" else blk(h, attn_mask)
+        h = block_forward(blk, h, opt) if method == "mesp" else blk(h, attn_mask)
         mx.eval(h)
     if stats is not None:
         stats["checkpoint_bytes"] = sum(c.nbytes for c in ckpts.values())
@@ -255,7 +255,7 @@ def _mlp_half(blk, hm):
     return n2, gate, up, swiglu(gate, up)
 
 
-def _mesp_forward(blk, x, opt):
+def block_forward(blk, x, opt):
     """The block's output through the same ops as its recompute."""
     _, _, _, _, _, hm = _attention_half(blk, x, opt)
     return hm + _lin(blk.mlp.down_proj, _mlp_half(blk, hm)[3])
