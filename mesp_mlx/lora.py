@@ -52,6 +52,11 @@ def run(cfg: TrainConfig, log=print) -> dict:
         trainer.check_method(cfg.method)
     log("Options:\n" + cfg.describe())
     model, tokenizer, resolved = models.load_model(cfg.model, log=log)
+    limit = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    if limit and cfg.max_seq_length > limit:
+        raise ConfigError(f"--max-seq-length {cfg.max_seq_length} is longer than the model "
+                          f"supports (max_position_embeddings {limit}); use "
+                          f"--max-seq-length {limit} or less")
     need = (("train",) if cfg.train else ()) + (("test",) if cfg.test else ())
     with warnings.catch_warnings():
         warnings.simplefilter("always", data.TruncationWarning)

@@ -128,7 +128,8 @@ def _bad(tmp_path, name, lines):
 
 @pytest.mark.parametrize("case", ["unknown_repo", "missing_dir_model", "missing_data",
                                   "missing_train", "malformed", "budget", "mezo",
-                                  "bad_budget", "nothing", "num_layers0", "bad_yaml_key"])
+                                  "bad_budget", "nothing", "num_layers0", "bad_yaml_key",
+                                  "too_long"])
 def test_bad_input_is_a_clean_error(case, tiny_model_dir, text_data, tmp_path):
     m, d, a = tiny_model_dir, text_data, tmp_path / "ad"
     (tmp_path / "c.yaml").write_text("iterz: 3\n")
@@ -154,6 +155,9 @@ def test_bad_input_is_a_clean_error(case, tiny_model_dir, text_data, tmp_path):
         "num_layers0": (base(m, d, a, "--train", "--num-layers", 0), r"--num-layers"),
         "bad_yaml_key": (["--config", tmp_path / "c.yaml", "--train"],
                          r"c.yaml: unknown option\(s\) iterz"),
+        "too_long": (base(m, d, a, "--train", "--max-seq-length", 10**6),
+                     r"--max-seq-length 1000000 is longer than the model supports "
+                     r"\(max_position_embeddings \d+\)"),
     }[case]
     rc, out, err = cli(*args)
     assert rc == 1, (out, err)
