@@ -52,17 +52,13 @@ def run(cfg: TrainConfig, log=print) -> dict:
         trainer.check_method(cfg.method)
     log("Options:\n" + cfg.describe())
     model, tokenizer, resolved = models.load_model(cfg.model, log=log)
-    limit = getattr(getattr(model, "args", None), "max_position_embeddings", None)
-    if limit and cfg.max_seq_length > limit:
-        raise ConfigError(f"--max-seq-length {cfg.max_seq_length} is longer than the model "
-                          f"supports (max_position_embeddings {limit}); use "
-                          f"--max-seq-length {limit} or less")
     need = (("train",) if cfg.train else ()) + (("test",) if cfg.test else ())
     with warnings.catch_warnings():
         warnings.simplefilter("always", data.TruncationWarning)
         warnings.showwarning = lambda msg, *a, **k: log(f"Warning: {msg}")
         splits = data.load_splits(cfg.data, tokenizer, cfg.max_seq_length,
                                   cfg.mask_prompt, need)
+    _check_positions(model, splits, cfg.max_seq_length)
     out = {"train": None, "test_loss": None, "model": model}
     if cfg.train:
         mx.random.seed(cfg.seed)
@@ -94,6 +90,17 @@ def run(cfg: TrainConfig, log=print) -> dict:
         out["test_loss"] = loss
         log(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 50)):.3f}.")
     return out
+
+
+def _check_positions(model, splits, max_seq_length):
+    """Fail clearly if a (truncated) sequence is longer than the model supports."""
+    limit = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    longest = max((len(t) - 1 for ds in splits.values() if ds is not None
+                   for t in ds.tokens), default=0)
+    if limit and longest > limit:
+        raise ConfigError(f"a sequence of {longest} tokens is longer than the model "
+                          f"supports (max_position_embeddings {limit}); use "
+                          f"--max-seq-length {limit} or less")
 
 
 def _memory(model, cfg, log, T):

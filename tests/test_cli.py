@@ -155,9 +155,11 @@ def test_bad_input_is_a_clean_error(case, tiny_model_dir, text_data, tmp_path):
         "num_layers0": (base(m, d, a, "--train", "--num-layers", 0), r"--num-layers"),
         "bad_yaml_key": (["--config", tmp_path / "c.yaml", "--train"],
                          r"c.yaml: unknown option\(s\) iterz"),
-        "too_long": (base(m, d, a, "--train", "--max-seq-length", 10**6),
-                     r"--max-seq-length 1000000 is longer than the model supports "
-                     r"\(max_position_embeddings \d+\)"),
+        "too_long": (base(m, write_jsonl(tmp_path / "long" / "train.jsonl",
+                                         [{"text": "a b " * 20000}]).parent, a,
+                          "--train", "--max-seq-length", 10**6),
+                     r"a sequence of \d+ tokens is longer than the model supports "
+                     r"\(max_position_embeddings \d+\); use --max-seq-length"),
     }[case]
     rc, out, err = cli(*args)
     assert rc == 1, (out, err)
