@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .layers import lora_layers, set_dropout_keys
-from .schedule import EngineOptions, model_parts, run
+from .schedule import EngineOptions, run
 
 METHODS = ("autodiff", "mebp", "mesp", "mezo")
 
@@ -65,8 +65,6 @@ def value_and_grad(model, inputs, targets, mask=None, method="mesp", *,
     method="mezo" returns MeZO's random estimate (mezo.value_and_grad), not ∇L.
     """
     mask = _check(model, inputs, targets, mask, method)
-    if method != "autodiff":
-        model_parts(model)            # unsupported family: fail before any work
     if method == "mezo":                # an estimate, seed from MLX's global RNG
         from . import mezo
         return mezo.value_and_grad(model, inputs, targets, mask, options=options,
