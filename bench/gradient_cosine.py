@@ -172,9 +172,41 @@ def _f(x, fmt=".2e"):
     return "" if x is None else format(x, fmt)
 
 
+def latest_rows(path: Path) -> list:
+    """The last row per model in the JSONL file, Qwen2.5 sizes first, then by name."""
+    last = {}
+    if path.exists():
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{i}: not a JSON row ({e}); fix or delete it")
+                last[row["model"]] = row
+    order = list(SHORT.values())
+    return sorted(last.values(), key=lambda r: (order.index(r["model"]) if r["model"] in
+                                                order else len(order), r["model"]))
+
+
+def _footers(rows, env) -> list:
+    """One environment line per distinct run (rows from older runs keep their own)."""
+    groups = {}
+    for r in rows:
+        e = r.get("env") or dict(env, commit=r.get("commit", "unknown"),
+                                 date=r.get("date", "unknown"), load="not recorded",
+                                 command="not recorded (row written before the "
+                                         "environment was stored per row)")
+        groups.setdefault(json.dumps(e, sort_keys=True), (e, []))[1].append(r["model"])
+    if len(groups) == 1:
+        return [bench_report.environment_line(next(iter(groups.values()))[0])]
+    return [f"Rows for {', '.join(models)}: " + bench_report.environment_line(e)
+            for e, models in groups.values()]
+
+
 def render(rows, env, models_not_run) -> str:
     out = [START, "## MeZO gradient quality (`bench/gradient_cosine.py`)", "",
-           f"Models run: {', '.join(r['model'] for r in rows)}"
+           f"Models: {', '.join(r['model'] for r in rows)} (the latest row per model in "
+           "`bench/gradient_cosine.jsonl`)"
            + (f"; not run here: {', '.join(models_not_run)} (CPU time; same script, "
               "`--models 0.5B 1.5B 3B`)" if models_not_run else "") + ".", "",
            "| model | d (LoRA values) | T | seeds | ε | mean \\|cos\\| (k = 1) | std | "
@@ -205,7 +237,10 @@ def render(rows, env, models_not_run) -> str:
     out += ["", "Finite differences vs the exact directional derivative gᵀz: " + "; ".join(
         f"{r['model']}: median |p − gᵀz| / |gᵀz| = {r['fd_median_rel_err']:.1e}, same "
         f"sign in {r['sign_agree']}/{r['seeds']}" for r in rows) + "."]
-    out += ["", _verdict(rows), "", bench_report.environment_line(env), "", END]
+    out += ["", _verdict(rows), ""]
+    for line in _footers(rows, env):
+        out += [line, ""]
+    out.append(END)
     return "\n".join(out) + "\n"
 
 
@@ -249,7 +284,8 @@ def parse_args(argv=None):
                    help="skip cos(mesp, autodiff) (autodiff needs the most memory)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--json", type=Path, default=HERE / "gradient_cosine.jsonl",
-                   help="raw rows, appended")
+                   help="raw rows, appended; the results section shows the latest row "
+                        "per model in it, so models can be run one command at a time")
     args = p.parse_args(argv)
     args.configs, names = {}, []
     for m in args.models:
@@ -276,13 +312,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     env = bench_report.collect_env(args.dtype)
-    rows = []
+    latest_rows(args.json)                  # a corrupt file fails now, not after an hour
     for name in args.models:
-        row = dict(run_model(name, args), commit=env["commit"], date=env["date"])
-        rows.append(row)
+        row = dict(run_model(name, args), commit=env["commit"], date=env["date"], env=env)
         with args.json.open("a") as f:
             f.write(json.dumps(row) + "\n")
-    not_run = [m for m in SHORT.values() if m not in args.models]
+    rows = latest_rows(args.json)
+    not_run = [m for m in SHORT.values() if m not in {r["model"] for r in rows}]
     bench_report.write_section(args.out, render(rows, env, not_run), START, END)
     print(f"wrote {args.out} and {args.json}")
     return 0

@@ -125,11 +125,21 @@ def test_gradient_cosine_smoke(tmp_path):
                                  "--ks", "1", "4", "--ideal-samples", "8", "--ideal-ks",
                                  "1", "8", "--out", str(out), "--json", str(raw)]) == 0
     row = json.loads(raw.read_text())
-    assert row["d"] == 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3) * 2
+    assert row["env"]["command"] and row["d"] == 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3) * 2
     assert abs(row["cos_mesp_autodiff"] - 1) < 1e-6 and row["sign_agree"] >= 3
     assert 0 < row["abs_cos"]["mean"] < 0.1 and set(row["ideal_k"]) == {"1", "8"}
     text = out.read_text()
     assert text.count(gradient_cosine.START) == 1 and "Paper comparison" in text
+    # a second model run alone keeps the first one's rows (rendered from the JSONL file)
+    cfg2 = tmp_path / "tiny2.json"
+    cfg2.write_text(json.dumps(dict(tiny_config(), num_hidden_layers=1)))
+    assert gradient_cosine.main(["--models", str(cfg2), "--seq-len", "8", "--seeds", "2",
+                                 "--ks", "1", "--ideal-samples", "2", "--ideal-ks", "1",
+                                 "--no-autodiff", "--out", str(out), "--json", str(raw)]) == 0
+    text = out.read_text()
+    assert text.count(gradient_cosine.START) == 1
+    assert "| tiny | " in text and "| tiny2 | " in text
+    assert text.count("**Environment.**") == 2          # two runs: one footer each
     assert gradient_cosine.theory(1, 10**6) == pytest.approx(math.sqrt(2 / (math.pi * 1e6)),
                                                             rel=1e-5)
 
