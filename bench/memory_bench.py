@@ -1,6 +1,7 @@
 """Memory and speed benchmark: our methods vs mlx-lm's LoRA, one process per point.
 
     python bench/memory_bench.py --preset issue3            # the issue-3 grid
+    python bench/memory_bench.py --preset here --resume     # + cache policy = RESULTS.md
     python bench/memory_bench.py --models 0.5B --seq-lens 128 256 --methods mesp autodiff
     python bench/memory_bench.py --config-json tiny.json --seq-lens 16 --ranks
 
@@ -58,19 +59,15 @@ def preset_issue3(methods):
 
 
 def preset_here(methods):
-    """The subset of issue3 that fits a 2-core session (what bench/RESULTS.md holds)."""
+    """The issue-3 grid plus the cache-policy sweep: everything bench/RESULTS.md holds."""
     small = "Qwen2.5-0.5B"
-    pick = lambda names: [m for m in names if m in methods]     # noqa: E731
-    return [
-        _sweep("seq", f"Sequence length ({small}, r 8)", [small], [128, 256, 512, 1024],
-               [8], pick(("mesp", "mebp", "autodiff", "mezo", "mlx-lm"))),
-        _sweep("cache", f"Checkpointed baseline and cache policy ({small}, T 256, r 8)",
-               [small], [256], [8], pick(("mesp", "mesp@block", "mesp@none", "mlx-lm+ckpt"))),
-        _sweep("rank", f"LoRA rank ({small}, T 256)", [small], [256], [4, 8, 16, 32],
-               pick(("mesp", "autodiff"))),
-        _sweep("size", "Model size (T 256, r 8)", list(SHORT.values()), [256], [8],
-               pick(("mesp", "autodiff", "mezo"))),
-    ]
+    order = [m for m in ALL_METHODS_HERE if m in methods]       # table column order
+    seq, rank, size = preset_issue3([m for m in order if m in DEFAULT_METHODS])
+    cache = _sweep("cache", f"Checkpointed baseline and cache policy ({small}, T 256, r 8)",
+                   [small], [256], [8],
+                   [m for m in ("mesp", "mesp@block", "mesp@none", "mlx-lm+ckpt")
+                    if m in methods])
+    return [seq, cache, rank, size]
 
 
 def build_sweeps(args, methods):
@@ -133,7 +130,8 @@ def run_point(spec, timeout):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=["issue3", "here"],
-                   help="a predefined grid (here: the subset measured on a 2-core machine)")
+                   help="a predefined grid (issue3: the issue's grid; here: issue3 plus the "
+                        "cache-policy sweep, i.e. what bench/RESULTS.md holds)")
     p.add_argument("--models", nargs="*", default=None,
                    help="bundled architectures: 0.5B, 1.5B, 3B or Qwen2.5-* "
                         "(default: 0.5B unless --config-json is given)")
@@ -199,9 +197,10 @@ def main(argv=None):
     sweeps = build_sweeps(args, methods)
     points = list({key_of(pt, args.dtype): pt for s in sweeps for pt in s["points"]}.values())
     if args.dry_run:
-        for pt in points:
+        todo = _todo(args, points)
+        for pt in todo:
             print(json.dumps(pt))
-        print(f"{len(points)} points")
+        print(f"{len(points)} points" + (f", {len(todo)} to run" if args.resume else ""))
         return 0
     env = bench_report.collect_env(args.dtype)
     render = lambda: _render(args, sweeps, env)     # noqa: E731
@@ -222,13 +221,18 @@ def _render(args, sweeps, env):
     bench_report.write_section(args.out, bench_report.render(sweeps, rows_for, env))
 
 
-def _run_all(args, points, after_each):
+def _todo(args, points):
+    """The points still to run (all of them unless --resume)."""
     done = {}
     if args.resume:
         for r in load_rows(args.json):
             done[key_of(r)] = r.get("status")
-    todo = [pt for pt in points if key_of(pt, args.dtype) not in done
+    return [pt for pt in points if key_of(pt, args.dtype) not in done
             or (args.retry_failed and done[key_of(pt, args.dtype)] != "ok")]
+
+
+def _run_all(args, points, after_each):
+    todo = _todo(args, points)
     print(f"{len(points)} points, {len(points) - len(todo)} already done, "
           f"{len(todo)} to run", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)

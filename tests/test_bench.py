@@ -70,6 +70,20 @@ def test_cli_runs_resumes_and_keeps_other_sections(tmp_path, capsys):
     assert text.count(bench_report.START) == text.count(bench_report.END) == 1
     assert "| autodiff | 8 | 4 |" not in text and "| autodiff | 8 | 8 |" in text
     assert "Command: `" in text and "MLX 0." in text
+    capsys.readouterr()
+    assert memory_bench.main(argv + ["--resume", "--dry-run"]) == 0  # dry run honours resume
+    assert capsys.readouterr().out.strip().endswith("1 points, 0 to run")
+
+
+def test_preset_here_holds_the_whole_issue3_grid():
+    def points(preset):
+        return {tuple(sorted(pt.items())) for s in preset for pt in s["points"]}
+    issue3 = points(memory_bench.preset_issue3(memory_bench.DEFAULT_METHODS))
+    here = points(memory_bench.preset_here(memory_bench.ALL_METHODS_HERE))
+    assert len(issue3) == 45 and issue3 < here
+    assert {p for p in here - issue3} == {
+        (("T", 256), ("method", m), ("model", "Qwen2.5-0.5B"), ("r", 8))
+        for m in ("mesp@block", "mesp@none")}
 
 
 def test_bad_cli_input_is_a_clear_error(capsys):
