@@ -144,7 +144,9 @@ def test_gradient_cosine_smoke(tmp_path):
     assert 0 < row["abs_cos"]["mean"] < 0.1 and set(row["ideal_k"]) == {"1", "8"}
     text = out.read_text()
     assert text.count(gradient_cosine.START) == 1 and "Paper comparison" in text
-    # a second model run alone keeps the first one's rows (rendered from the JSONL file)
+    # a second model run alone keeps the first one's rows (rendered from the JSONL file),
+    # each with its own environment footer (the first row: as if from an older commit)
+    raw.write_text(json.dumps(dict(row, env=dict(row["env"], commit="0ld0ld"))) + "\n")
     cfg2 = tmp_path / "tiny2.json"
     cfg2.write_text(json.dumps(dict(tiny_config(), num_hidden_layers=1)))
     assert gradient_cosine.main(["--models", str(cfg2), "--seq-len", "8", "--seeds", "2",
@@ -153,7 +155,14 @@ def test_gradient_cosine_smoke(tmp_path):
     text = out.read_text()
     assert text.count(gradient_cosine.START) == 1
     assert "| tiny | " in text and "| tiny2 | " in text
-    assert text.count("**Environment.**") == 2          # two runs: one footer each
+    assert text.count("**Environment.**") == 2 and "commit 0ld0ld" in text
+    assert "standard errors" in text and "(measured − theory) / s.e." in text
+    out.write_text("# Results\n")                        # --render-only rebuilds it from JSONL
+    assert gradient_cosine.main(["--render-only", "--out", str(out), "--json", str(raw)]) == 0
+    assert out.read_text().count("| tiny") == text.count("| tiny")
+    with pytest.raises(SystemExit, match="no rows"):
+        gradient_cosine.main(["--render-only", "--json", str(tmp_path / "none.jsonl"),
+                              "--out", str(out)])
     assert gradient_cosine.theory(1, 10**6) == pytest.approx(math.sqrt(2 / (math.pi * 1e6)),
                                                             rel=1e-5)
 
