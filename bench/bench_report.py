@@ -191,7 +191,10 @@ def git_commit():
         return subprocess.run(["git", *a], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent).stdout.strip()
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    # the benchmarks' own outputs (RESULTS.md, raw JSONL rows) do not make a run "dirty"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--",
+                     ":(top)", ":(top,exclude)bench/RESULTS.md",
+                     ":(top,exclude)bench/*.jsonl"))
     return commit + (" (dirty: uncommitted changes to tracked files)" if dirty else "")
 
 
