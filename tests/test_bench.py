@@ -24,6 +24,15 @@ def _spec(**kw):
     return spec
 
 
+def test_multi_step_breakdown_is_the_last_steps_own():
+    three = bench_point.run(_spec(method="mesp", T=64, steps=3))
+    assert len(three["step_times_s"]) == 3
+    # the forward phase's peak is not contaminated by the earlier steps' backward peaks
+    ph = three["phases"]
+    assert ph["peak_after_forward"] < 0.9 * ph["peak_after_backward"]
+    assert ph["peak_after_backward"] <= three["peak_above_bytes"]
+
+
 def test_point_measures_sane_numbers():
     row = bench_point.run(_spec())
     assert row["status"] == "ok", row
