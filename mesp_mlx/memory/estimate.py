@@ -13,11 +13,11 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..schedule import EngineOptions, head_tiles
+
 MB = 1e6
 RUNTIME_BYTES = 100 * 10**6   # interpreter + MLX/mlx-lm libraries (Linux VmRSS after import: ~85 MB)
 OPT_STATE = {"sgd": 0, "adam": 2, "adamw": 2}   # fp32 state tensors per LoRA parameter (others: 2)
-_DEFAULT_HEAD_CHUNK = 16 << 20   # mirrors schedule.EngineOptions when unavailable
-_DEFAULT_ATTN_CHUNK = 8 << 20
 
 
 @dataclass
@@ -123,25 +123,6 @@ class Estimate:
         return "\n".join(rows)
 
 
-def _chunks():
-    try:
-        from ..schedule import EngineOptions
-        o = EngineOptions()
-        return o.head_chunk_bytes, o.attn_chunk_bytes
-    except ImportError:
-        return _DEFAULT_HEAD_CHUNK, _DEFAULT_ATTN_CHUNK
-
-
-def _head_tile(N: int, V: int) -> tuple:
-    """(rows, vocab entries) of one loss-head tile, as the schedule chooses them."""
-    try:
-        from ..schedule import EngineOptions, head_tiles
-        return head_tiles(EngineOptions(), N, V)
-    except ImportError:
-        rows = min(N, 512)
-        return rows, max(1, min(V, _DEFAULT_HEAD_CHUNK // (4 * rows)))
-
-
 def _layer_graph(a: Arch, N: int, T: int) -> int:
     # autodiff keeps per token ~8D + 2Kd + 6F (block input, norms, q/k/v, attention
     # output, residual, gate/up/silu/product) plus the H×T attention probs
@@ -153,22 +134,19 @@ def _full_head(a: Arch, N: int) -> int:
     return N * a.V * (a.s + 3 * 4)
 
 
-def _mesp_block(a: Arch, N: int, B: int, T: int, fused_sdpa: bool, attn_chunk: int) -> int:
+def _mesp_block(a: Arch, N: int, B: int, T: int, attn_chunk: int) -> int:
     # MLP phase: x, n1, q, k, v, o, residual, n2, g, dh (~8D + 2Kd) and
     # gate, up, product, dm, dgate, dup (~5-6F); attention phase: per query
-    # chunk P, dP, dS (3 × chunk); the CPU SDPA fallback materialises B·H·T·T
-    # scores (mesp passes fused=True: it runs attention in query chunks there)
+    # chunk P, dP, dS (3 × chunk) — mesp never materialises B·H·T·T scores
     tokens = N * ((8 * a.D + 2 * a.K * a.d + 6 * a.F) * a.s)
-    attn = 3 * min(attn_chunk, B * a.H * T * T * 4)
-    if not fused_sdpa:
-        attn = max(attn, 2 * B * a.H * T * T * 4)
-    return tokens + attn
+    return tokens + 3 * min(attn_chunk, B * a.H * T * T * 4)
 
 
 def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool) -> tuple:
     """(checkpoints, activations) bytes for one step of `method`."""
     N = B * T
-    head_chunk, attn_chunk = _chunks()
+    opt = EngineOptions()        # the engine's defaults: the tiles a step really uses
+    attn_chunk = opt.attn_chunk_bytes
     if method == "autodiff":     # every block's graph + the full-logits head
         return 0, a.L * _layer_graph(a, N, T) + _full_head(a, N)
     ckpt = a.L * N * a.D * a.s   # block inputs kept by the forward
@@ -176,11 +154,11 @@ def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool) -> tupl
     if method == "mebp":         # one block's graph + its vjp's transients (~2×) vs the full head
         return ckpt, dh + max(2 * _layer_graph(a, N, T), _full_head(a, N))
     if method == "mesp":         # hand backward of one block vs a [rows, vocab] head tile
-        rows, vocab = _head_tile(N, a.V)
+        rows, vocab = head_tiles(opt, N, a.V)
         head = 9 * rows * vocab + 3 * N * a.D * 4     # fp32 z, exp(z − μ) + hn, dhn, acc
-        return ckpt, dh + max(_mesp_block(a, N, B, T, True, attn_chunk), head)
+        return ckpt, dh + max(_mesp_block(a, N, B, T, attn_chunk), head)
     if method == "mezo":         # forward only: h0 + h, then one block's transients
-        rows, vocab = _head_tile(N, a.V)                 # vs a loss-only head tile:
+        rows, vocab = head_tiles(opt, N, a.V)         # vs a loss-only head tile:
         head = 9 * rows * vocab + 2 * N * a.D * 4        # fp32 z, exp(z − μ) (~2.25×) + hn
         attn = 0 if fused_sdpa else 2 * min(attn_chunk, B * a.H * T * T * 4)
         block = N * (4 * a.D + 3 * a.F) * a.s + attn
