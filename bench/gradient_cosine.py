@@ -228,10 +228,11 @@ def render(rows, env, models_not_run) -> str:
                    f"{(c['mean'] - r['theory_k1']) / theory_se(r['d'], r['seeds']):+.1f} | "
                    f"{_f(r.get('cos_mesp_autodiff'), '.9f')} | "
                    f"{_f(r.get('worst_tensor_cos'), '.7f')} | {r['mezo_s']:.1f} |")
-    out += ["", "s.e. = standard error of the mean over the seeds if the estimate is p = gᵀz "
-            "exactly: |cos| is then half-normal with mean √(2/(πd)) and std √((1 − 2/π)/d), "
-            "so s.e. = √((1 − 2/π)/(d·seeds)) (±22 % of the mean at 12 seeds); |values| ≤ 2 "
-            "mean the measurement agrees with theory.", "", "Averaging k estimates: mean cos(mean of k estimates, g) over disjoint "
+    out += ["", "s.e. = standard error of the mean over the seeds if the estimate is "
+            "p = gᵀz exactly: |cos| is then half-normal with mean √(2/(πd)) and std "
+            "√((1 − 2/π)/d), so s.e. = √((1 − 2/π)/(d·seeds)) (±22 % of the mean at 12 "
+            "seeds); |values| ≤ 2 mean the measurement agrees with theory.", "",
+            "Averaging k estimates: mean cos(mean of k estimates, g) over disjoint "
             "groups. *Measured* = real MeZO estimates (two forward passes each); *ideal* "
             "= exact projected gradient p = gᵀz (no forward passes, no finite-difference "
             "error); theory = E[χ_k]/√(d + k).", "",
@@ -330,7 +331,7 @@ def main(argv=None):
     env = bench_report.collect_env(args.dtype)
     latest_rows(args.json)                  # a corrupt file fails now, not after an hour
     for name in [] if args.render_only else args.models:
-        row = dict(run_model(name, args), commit=env["commit"], date=env["date"], env=env)
+        row = dict(run_model(name, args), env=env)      # env holds commit and date
         with args.json.open("a") as f:
             f.write(json.dumps(row) + "\n")
     rows = latest_rows(args.json)
