@@ -212,7 +212,8 @@ def collect_env(dtype: str) -> dict:
     pre = os.environ.get("LD_PRELOAD", "")
     cmd = shlex.join(["python"] + sys.argv)
     return {
-        "device": ", ".join(f"{k} {v}" for k, v in mx.device_info().items()), "cpu": f"{cpu} ({os.cpu_count()} logical CPUs)",
+        "device": ", ".join(f"{k} {v}" for k, v in mx.device_info().items()),
+        "cpu": f"{cpu} ({os.cpu_count()} logical CPUs)",
         "os": platform.platform(), "python": platform.python_version(),
         "mlx": version("mlx"), "mlx_lm": version("mlx-lm"), "dtype": dtype,
         "commit": git_commit(), "ld_preload": pre,

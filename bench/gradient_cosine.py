@@ -12,7 +12,8 @@ mean of k estimates. "Ideal SPSA" uses p = gᵀz exactly (no forward passes), so
 it can afford many directions. Theory for d trainable values:
 E cos(mean of k, g) = E[χ_k] / √(d + k), i.e. √(2/(πd)) at k = 1.
 Cost per estimate (two forward passes, T 128, fp32, 2 idle x86 cores, OpenBLAS):
-10 / 26 / 48 s for 0.5B / 1.5B / 3B; the RESULTS.md run took ~50 min in all.
+10 / 26 / 48 s for 0.5B / 1.5B / 3B; the timed parts of the RESULTS.md run
+(the `*_s` fields of its JSONL rows) sum to 4 / 9 / 17 min.
 """
 
 import argparse
