@@ -100,6 +100,9 @@ def test_compare_methods_runs_on_demo_model(tmp_path):
             if line.startswith("| ") and not line.startswith("| method")}
     assert set(rows) >= {"autodiff", "mebp", "mesp", "mezo"}, out
     assert "failed" not in "".join(rows.values()), out
+    for m in ("mebp", "mesp"):                      # exact methods: same gradient (B ≠ 0)
+        worst_cos = float(rows[m].split("|")[8].split(",")[0])
+        assert worst_cos > 0.9999, rows[m]
     assert "mlx" in out.lower() and "python" in out.lower(), "no environment footer"
 
 
