@@ -1,8 +1,9 @@
-"""Real Qwen2.5 architectures from their config values, with random weights.
+"""Real architectures from their config values, with random weights.
 
 Memory does not depend on weight values, so benchmarks and "will it fit?"
-answers build the exact architecture offline (REFERENCE §2) instead of
-downloading weights.
+answers build the exact architecture offline (REFERENCE §2, ARCHITECTURES §5)
+instead of downloading weights. `tiny_config(family)` gives a small config of
+every supported family for tests (windows and no-RoPE layers included).
 """
 
 from typing import Optional
@@ -11,55 +12,168 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-_BASE = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0,
-             vocab_size=151936, tie_word_embeddings=True,
-             max_position_embeddings=32768)
+_QWEN25 = dict(model_type="qwen2", rms_norm_eps=1e-6, rope_theta=1000000.0,
+               vocab_size=151936, tie_word_embeddings=True,
+               max_position_embeddings=32768)
+_QWEN3 = dict(model_type="qwen3", rms_norm_eps=1e-6, rope_theta=1000000.0,
+              vocab_size=151936, tie_word_embeddings=True,
+              max_position_embeddings=40960, head_dim=128, num_key_value_heads=8)
+_LLAMA32 = dict(model_type="llama", rms_norm_eps=1e-5, rope_theta=500000.0,
+                vocab_size=128256, tie_word_embeddings=True,
+                max_position_embeddings=131072, num_key_value_heads=8,
+                rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                  high_freq_factor=4.0,
+                                  original_max_position_embeddings=8192))
+_GEMMA3 = dict(model_type="gemma3_text", rms_norm_eps=1e-6, rope_theta=1000000.0,
+               rope_local_base_freq=10000.0, query_pre_attn_scalar=256, head_dim=256,
+               sliding_window_pattern=6)
+_SMOLLM2 = dict(model_type="llama", rms_norm_eps=1e-5, vocab_size=49152,
+                tie_word_embeddings=True, max_position_embeddings=8192, head_dim=64)
 
 CONFIGS = {
-    "Qwen2.5-0.5B": dict(_BASE, hidden_size=896, num_hidden_layers=24,
+    "Qwen2.5-0.5B": dict(_QWEN25, hidden_size=896, num_hidden_layers=24,
                          intermediate_size=4864, num_attention_heads=14,
                          num_key_value_heads=2),
-    "Qwen2.5-1.5B": dict(_BASE, hidden_size=1536, num_hidden_layers=28,
+    "Qwen2.5-1.5B": dict(_QWEN25, hidden_size=1536, num_hidden_layers=28,
                          intermediate_size=8960, num_attention_heads=12,
                          num_key_value_heads=2),
-    "Qwen2.5-3B": dict(_BASE, hidden_size=2048, num_hidden_layers=36,
+    "Qwen2.5-3B": dict(_QWEN25, hidden_size=2048, num_hidden_layers=36,
                        intermediate_size=11008, num_attention_heads=16,
                        num_key_value_heads=2),
+    "Qwen3-0.6B": dict(_QWEN3, hidden_size=1024, num_hidden_layers=28,
+                       intermediate_size=3072, num_attention_heads=16),
+    "Qwen3-1.7B": dict(_QWEN3, hidden_size=2048, num_hidden_layers=28,
+                       intermediate_size=6144, num_attention_heads=16),
+    "Qwen3-4B": dict(_QWEN3, hidden_size=2560, num_hidden_layers=36,
+                     intermediate_size=9728, num_attention_heads=32),
+    "Llama-3.2-1B": dict(_LLAMA32, hidden_size=2048, num_hidden_layers=16,
+                         intermediate_size=8192, num_attention_heads=32, head_dim=64),
+    "Llama-3.2-3B": dict(_LLAMA32, hidden_size=3072, num_hidden_layers=28,
+                         intermediate_size=8192, num_attention_heads=24, head_dim=128),
+    "gemma-3-1b": dict(_GEMMA3, hidden_size=1152, num_hidden_layers=26,
+                       intermediate_size=6912, num_attention_heads=4,
+                       num_key_value_heads=1, vocab_size=262144, sliding_window=512,
+                       max_position_embeddings=32768),
+    "gemma-3-4b": dict(_GEMMA3, hidden_size=2560, num_hidden_layers=34,
+                       intermediate_size=10240, num_attention_heads=8,
+                       num_key_value_heads=4, vocab_size=262208, sliding_window=1024,
+                       max_position_embeddings=131072,
+                       rope_scaling=dict(rope_type="linear", factor=8.0)),
+    "SmolLM2-135M": dict(_SMOLLM2, hidden_size=576, num_hidden_layers=30,
+                         intermediate_size=1536, num_attention_heads=9,
+                         num_key_value_heads=3, rope_theta=100000.0),
+    "SmolLM2-360M": dict(_SMOLLM2, hidden_size=960, num_hidden_layers=32,
+                         intermediate_size=2560, num_attention_heads=15,
+                         num_key_value_heads=5, rope_theta=10000.0),
+    "SmolLM2-1.7B": dict(_SMOLLM2, hidden_size=2048, num_hidden_layers=24,
+                         intermediate_size=8192, num_attention_heads=32,
+                         num_key_value_heads=32, rope_theta=130000.0),
+    "SmolLM3-3B": dict(model_type="smollm3", hidden_size=2048, num_hidden_layers=36,
+                       intermediate_size=11008, num_attention_heads=16,
+                       num_key_value_heads=4, head_dim=128, vocab_size=128256,
+                       rms_norm_eps=1e-6, rope_theta=5000000.0, tie_word_embeddings=True,
+                       max_position_embeddings=65536, no_rope_layer_interval=4),
+}
+
+# Tiny configs per family (tests): D 64, 2-4 blocks, vocab 256, GQA 2:1.
+_T = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+          num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+          rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096)
+TINY = {
+    "qwen2": dict(_T, model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(_T, model_type="qwen3", head_dim=16, tie_word_embeddings=True),
+    "llama": dict(_T, model_type="llama", tie_word_embeddings=False,
+                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                    high_freq_factor=4.0,
+                                    original_max_position_embeddings=64)),
+    "llama-bias-sliding": dict(_T, model_type="llama", num_hidden_layers=3,
+                               attention_bias=True, mlp_bias=True, sliding_window=5,
+                               layer_types=["sliding_attention", "full_attention",
+                                            "sliding_attention"]),
+    "llama-yarn": dict(_T, model_type="llama", rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
+        beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=0.0)),
+    "llama-linear": dict(_T, model_type="llama", rope_traditional=True,
+                         rope_scaling=dict(rope_type="linear", factor=2.0)),
+    "llama-dynamic": dict(_T, model_type="llama",
+                          rope_scaling=dict(rope_type="dynamic", factor=2.0)),
+    "mistral": dict(_T, model_type="mistral", sliding_window=4, tie_word_embeddings=False),
+    "smollm3": dict(_T, model_type="smollm3", num_hidden_layers=4,
+                    no_rope_layer_interval=2, tie_word_embeddings=True),
+    "gemma": dict(_T, model_type="gemma", head_dim=16),
+    "gemma2": dict(_T, model_type="gemma2", head_dim=16, query_pre_attn_scalar=16.0,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "gemma3_text": dict(_T, model_type="gemma3_text", head_dim=16, num_hidden_layers=3,
+                        query_pre_attn_scalar=16, sliding_window=4,
+                        sliding_window_pattern=3, rope_local_base_freq=100.0,
+                        rope_scaling=dict(rope_type="linear", factor=8.0)),
+    "gemma3": dict(model_type="gemma3", vocab_size=256, text_config=dict(
+        _T, model_type="gemma3_text", head_dim=16, num_hidden_layers=2,
+        query_pre_attn_scalar=16, sliding_window=4, sliding_window_pattern=2)),
+    "phi3": dict(_T, model_type="phi3", partial_rotary_factor=0.5,
+                 original_max_position_embeddings=64,
+                 rope_scaling=dict(type="longrope", short_factor=[1.0 + 0.1 * i
+                                                                  for i in range(4)],
+                                   long_factor=[1.0 + 0.5 * i for i in range(4)])),
+    "granite": dict(_T, model_type="granite", logits_scaling=4.0,
+                    attention_multiplier=0.2, embedding_multiplier=3.0,
+                    residual_multiplier=0.5, attention_bias=False, mlp_bias=False),
+    "olmo2": dict(_T, model_type="olmo2", tie_word_embeddings=False),
 }
 
 
-def tiny_config(**overrides) -> dict:
-    """A small Qwen2 config for tests (GQA 2:1, biases on q/k/v, tied)."""
-    cfg = dict(_BASE, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-               num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
-    cfg.update(overrides)
+def tiny_config(family: str = "qwen2", **overrides) -> dict:
+    """A small config of `family` (a TINY key) for tests; qwen2 by default
+    (GQA 2:1, biases on q/k/v, tied)."""
+    if family not in TINY:
+        raise ValueError(f"no tiny config for {family!r}; known: {', '.join(TINY)}")
+    cfg = dict(TINY[family])
+    if "text_config" in cfg:
+        cfg["text_config"] = dict(cfg["text_config"], **overrides)
+    else:
+        cfg.update(overrides)
     return cfg
 
 
 def config_for(name: str) -> dict:
+    """Bundled config of a model name (org prefix, -Instruct/-it/-Base and
+    quantization suffixes ignored), e.g. mlx-community/Qwen3-0.6B-4bit."""
     key = name.split("/")[-1]
-    for suffix in ("-Instruct", "-4bit", "-8bit", "-bf16"):
+    for suffix in ("-4bit", "-8bit", "-bf16", "-Instruct", "-Base", "-it"):
         key = key.replace(suffix, "")
-    if key not in CONFIGS:
+    folded = {k.lower(): k for k in CONFIGS}
+    if key.lower() not in folded:
         raise ValueError(f"no bundled architecture for {name!r}; known: "
                          f"{', '.join(CONFIGS)}")
-    return dict(CONFIGS[key])
+    return dict(CONFIGS[folded[key.lower()]])
+
+
+def model_class(config: dict):
+    """(Model, ModelArgs) classes mlx-lm would use for `config` (remaps included)."""
+    from mlx_lm.utils import _get_classes
+    return _get_classes(config)
 
 
 def build_model(config, dtype=mx.float32, seed: int = 0,
-                quantize: Optional[dict] = None) -> nn.Module:
-    """qwen2.Model from a config dict or bundled name, random weights, evaluated.
+                quantize: Optional[dict] = None, lazy: bool = False) -> nn.Module:
+    """mlx-lm Model from a config dict or bundled name, random weights, evaluated.
 
     quantize: e.g. {"group_size": 64, "bits": 4} to quantize like mlx-lm.
+    lazy: leave the weights unevaluated (shapes and nbytes only, no memory).
     """
-    from mlx_lm.models import qwen2
-
     if isinstance(config, str):
         config = config_for(config)
+    Model, Args = model_class(config)
     mx.random.seed(seed)
-    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
+    model = Model(Args.from_dict(config))
+    if hasattr(model, "sanitize"):       # gemma3: no lm_head weight -> tie it
+        from mlx.utils import tree_flatten
+        weights = {k: v for k, v in tree_flatten(model.parameters())
+                   if not k.endswith("lm_head.weight")}
+        model.sanitize(weights)
     model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
     if quantize:
         nn.quantize(model, **quantize)
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     return model
