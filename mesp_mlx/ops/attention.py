@@ -9,6 +9,9 @@ product below is one matmul per kv head and K/V are never repeated G times.
             dS = P ⊙ (dP − δ)
             dQ = c · dS K,   dK = c · dSᵀ Q,   dV = Pᵀ dO    (the sums over the G heads
             sharing a kv head are inside the G·T-row matmuls)
+Gemma 2 softcap c: S = c·tanh(S_raw / c) before the mask, so dS_raw = dS ⊙ (1 − (S/c)²).
+Sliding window W: query i keeps keys i − W < j ≤ i; a query block [t0, t1) reads
+keys [max(0, t0 − W + 1), t1) only (O(T·W) work).
 Stored: `attention_backward` keeps P ([B,K,G·T,T] = H·T² values, quadratic in T).
 `attention_backward_chunked` keeps only O and recomputes P for one block of
 query rows at a time (rows are independent under softmax), with an evaluation
@@ -17,6 +20,8 @@ version could keep a per-row log-sum-exp instead of O.
 """
 
 import mlx.core as mx
+
+from .softcap import softcap as _cap
 
 
 def _rows(x, K):
@@ -30,49 +35,74 @@ def _heads(x, H):
     return x.reshape(B, H, GT * K // H, hd)
 
 
-def _causal(s, G, q0):
-    """Mask keys after each query's position; s: [B,K,G·Tq,Tk]."""
+def _causal(s, G, q0, k0=0, window=None):
+    """Mask keys after each query's position (and before its window);
+    s: [B,K,G·Tq,Tk] for queries q0.. and keys k0..."""
     B, K, GTq, Tk = s.shape
     Tq = GTq // G
     qpos = mx.arange(q0, q0 + Tq)[:, None]
-    keep = mx.arange(Tk)[None, :] <= qpos                         # [Tq,Tk]
+    kpos = mx.arange(k0, k0 + Tk)[None, :]
+    keep = kpos <= qpos                                           # [Tq,Tk]
+    if window is not None:
+        keep = keep & (kpos > qpos - window)
     s = s.reshape(B, K, G, Tq, Tk)
     s = mx.where(keep, s, mx.array(-mx.inf, s.dtype))
     return s.reshape(B, K, GTq, Tk)
 
 
-def attention(q, k, v, scale):
+def _scores(qr, k, scale, G, q0, k0, window, softcap):
+    """(masked S, capped S before masking or None) for grouped queries qr."""
+    s = (qr * scale) @ k.swapaxes(-1, -2)
+    capped = None
+    if softcap is not None:
+        s = capped = _cap(s, softcap)
+    return _causal(s, G, q0, k0, window), capped
+
+
+def attention(q, k, v, scale, *, window=None, softcap=None):
     """Returns (O [B,H,T,hd], P [B,K,G·T,T])."""
     H, K = q.shape[1], k.shape[1]
-    qr = _rows(q, K)
-    s = _causal((qr * scale) @ k.swapaxes(-1, -2), H // K, 0)
+    s, _ = _scores(_rows(q, K), k, scale, H // K, 0, 0, window, softcap)
     p = mx.softmax(s, axis=-1, precise=True)
     return _heads(p @ v, H), p
 
 
-def _backward_rows(do, q, k, v, o, p, scale):
+def _backward_rows(do, q, k, v, o, p, scale, capped=None, softcap=None):
     """Gradients for a block of query rows (all arrays in [B,K,rows,·] layout)."""
     dp = do @ v.swapaxes(-1, -2)                                  # [B,K,R,Tk]
     delta = mx.sum(do.astype(mx.float32) * o.astype(mx.float32), axis=-1, keepdims=True)
-    ds = (p * (dp - delta.astype(dp.dtype))).astype(q.dtype)
+    ds = p * (dp - delta.astype(dp.dtype))
+    if softcap is not None:
+        r = capped / softcap
+        ds = ds * (1 - r * r)
+    ds = ds.astype(q.dtype)
     dq = (ds @ k) * scale                                         # [B,K,R,hd]
     dk = (ds.swapaxes(-1, -2) @ q) * scale                        # [B,K,Tk,hd]
     dv = p.swapaxes(-1, -2).astype(do.dtype) @ do                 # [B,K,Tk,hd]
     return dq, dk, dv
 
 
-def attention_backward(do, q, k, v, o, p, scale):
+def attention_backward(do, q, k, v, o, p, scale, *, window=None, softcap=None):
     """dQ, dK, dV from stored P. do, q, o: [B,H,T,hd]; k, v: [B,K,T,hd]."""
     H, K = q.shape[1], k.shape[1]
-    dq, dk, dv = _backward_rows(_rows(do, K), _rows(q, K), k, v, _rows(o, K), p, scale)
+    capped = None
+    if softcap is not None:     # the capped scores, recomputed (P alone cannot give them)
+        _, capped = _scores(_rows(q, K), k, scale, H // K, 0, 0, window, softcap)
+    dq, dk, dv = _backward_rows(_rows(do, K), _rows(q, K), k, v, _rows(o, K), p, scale,
+                                capped, softcap)
     return _heads(dq, H), dk, dv
 
 
-def attention_backward_chunked(do, q, k, v, o, scale, chunk):
+def _key_start(t0, window):
+    return 0 if window is None else max(0, t0 - window + 1)
+
+
+def attention_backward_chunked(do, q, k, v, o, scale, chunk, *, window=None,
+                               softcap=None):
     """Same gradients, recomputing P for `chunk` query positions at a time.
 
-    Query block [t0, t1) only attends to keys [0, t1), so the causal half of the
-    work is skipped. Evaluates after each block (memory barrier).
+    Query block [t0, t1) only attends to keys [k0, t1) (k0 = 0, or the window's
+    start), so the masked work is skipped. Evaluates after each block (memory barrier).
     """
     B, H, T, hd = q.shape
     K = k.shape[1]
@@ -82,43 +112,48 @@ def attention_backward_chunked(do, q, k, v, o, scale, chunk):
     dv = mx.zeros(v.shape, v.dtype)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
+        k0 = _key_start(t0, window)
         qc, doc, oc = (_rows(a[:, :, t0:t1], K) for a in (q, do, o))
-        kc, vc = k[:, :, :t1], v[:, :, :t1]
-        p = mx.softmax(_causal((qc * scale) @ kc.swapaxes(-1, -2), G, t0), axis=-1,
-                       precise=True)
-        dqc, dkc, dvc = _backward_rows(doc, qc, kc, vc, oc, p, scale)
+        kc, vc = k[:, :, k0:t1], v[:, :, k0:t1]
+        s, capped = _scores(qc, kc, scale, G, t0, k0, window, softcap)
+        p = mx.softmax(s, axis=-1, precise=True)
+        dqc, dkc, dvc = _backward_rows(doc, qc, kc, vc, oc, p, scale, capped, softcap)
         dq_blocks.append(_heads(dqc, H))
-        dk[:, :, :t1] += dkc
-        dv[:, :, :t1] += dvc
+        dk[:, :, k0:t1] += dkc
+        dv[:, :, k0:t1] += dvc
         mx.eval(dq_blocks[-1], dk, dv)
     return mx.concatenate(dq_blocks, axis=2), dk, dv
 
 
-def attention_chunked(q, k, v, scale, chunk):
+def attention_chunked(q, k, v, scale, chunk, *, window=None, softcap=None):
     """O only, `chunk` query positions at a time (memory O(H·chunk·T), not O(H·T²)).
 
     For backends whose fused attention still materialises the T×T scores (the
-    CPU backend); evaluates after each block.
+    CPU backend), and for softcapped attention; evaluates after each block.
     """
     H, K, T = q.shape[1], k.shape[1], q.shape[2]
     if chunk >= T:
-        return attention(q, k, v, scale)[0]
+        return attention(q, k, v, scale, window=window, softcap=softcap)[0]
     blocks = []
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        kc, vc = k[:, :, :t1], v[:, :, :t1]
-        s = _causal((_rows(q[:, :, t0:t1], K) * scale) @ kc.swapaxes(-1, -2), H // K, t0)
-        blocks.append(_heads(mx.softmax(s, axis=-1, precise=True) @ vc, H))
+        k0 = _key_start(t0, window)
+        s, _ = _scores(_rows(q[:, :, t0:t1], K), k[:, :, k0:t1], scale, H // K, t0, k0,
+                       window, softcap)
+        blocks.append(_heads(mx.softmax(s, axis=-1, precise=True) @ v[:, :, k0:t1], H))
         mx.eval(blocks[-1])
     return mx.concatenate(blocks, axis=2)
 
 
-def attention_ref(q, k, v, scale):
-    """Plain reference: repeat K/V per head, full mask, softmax."""
+def attention_ref(q, k, v, scale, *, window=None, softcap=None):
+    """Plain reference: repeat K/V per head, full bool mask, softmax."""
     B, H, T, hd = q.shape
     G = H // k.shape[1]
     k, v = mx.repeat(k, G, axis=1), mx.repeat(v, G, axis=1)
     s = (q * scale) @ k.swapaxes(-1, -2)
-    mask = mx.tril(mx.ones((T, T), dtype=mx.bool_))
+    if softcap is not None:
+        s = softcap * mx.tanh(s / softcap)
+    i, j = mx.arange(T)[:, None], mx.arange(T)[None]
+    mask = (j <= i) if window is None else (j <= i) & (j > i - window)
     s = mx.where(mask, s, mx.array(-mx.inf, s.dtype))
     return mx.softmax(s, axis=-1, precise=True) @ v

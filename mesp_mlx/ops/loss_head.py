@@ -13,6 +13,9 @@ head (two matmuls), one pass, memory O(c·v) instead of O(N·V) (V = 151,936
 fp32 logits are 155 MB at N = 256). Tiles are wide in rows (up to 512) because
 BLAS matmuls with few rows run far below peak throughput.
 Each tile ends with an evaluation barrier. Accumulation is in fp32.
+Logit transforms (ARCHITECTURES §3.5): granite divides by L (the head runs on hn/L,
+dhn is scaled by 1/L); Gemma 2 caps z' = c·tanh(z/c), so every W0ᵥ in the
+accumulator is weighted by (1 − (z'ᵥ/c)²) and dhn = w (a/s − (1 − (z'_y/c)²) W0[y]).
 """
 
 import mlx.core as mx
@@ -21,33 +24,41 @@ from .frozen import FrozenWeight
 
 
 def loss_head_value_and_grad(hn, W0: FrozenWeight, targets, mask, chunk,
-                             vocab_chunk=None):
+                             vocab_chunk=None, *, softcap=None, logit_scale=None):
     """hn [N, D], targets [N] int, mask [N] → (loss scalar fp32, dhn [N, D]).
 
-    chunk: rows per tile; vocab_chunk: vocabulary entries per tile (None: all).
+    chunk: rows per tile; vocab_chunk: vocabulary entries per tile (None: all);
+    softcap: final-logit cap c; logit_scale: logits are divided by it.
     """
     N, D = hn.shape
     V = W0.shape[0]
     vc = V if vocab_chunk is None else max(1, min(V, vocab_chunk))
+    inv = None if logit_scale is None else 1.0 / logit_scale
     mask = mask.astype(mx.float32)
     denom = mx.maximum(mask.sum(), 1.0)
     loss = mx.array(0.0, mx.float32)
     dh_chunks = []
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
-        x = hn[n0:n1]                                               # [c, D]
-        mu, s, acc = _online_softmax(x, W0, V, vc)
+        x = hn[n0:n1] if inv is None else hn[n0:n1] * inv          # [c, D]
+        mu, s, acc = _online_softmax(x, W0, V, vc, softcap=softcap)
         y = mx.where(mask[n0:n1] > 0, targets[n0:n1], 0)            # masked ids may be pads
         Wy = W0.take(y).astype(mx.float32)                          # [c, D]
         zy = mx.sum(x.astype(mx.float32) * Wy, axis=-1, keepdims=True)
+        if softcap is not None:
+            zy = _cap(zy, softcap)
+            Wy = Wy * (1 - (zy / softcap) ** 2)
         w = mask[n0:n1, None] / denom                               # [c, 1]
-        loss = loss + mx.sum((mu + mx.log(s) - zy) * w)
+        if inv is not None:
+            w = w * inv
+        loss = loss + mx.sum((mu + mx.log(s) - zy) * mask[n0:n1, None] / denom)
         dh_chunks.append(((acc / s - Wy) * w).astype(hn.dtype))
         mx.eval(loss, dh_chunks[-1])
     return loss, mx.concatenate(dh_chunks, axis=0)
 
 
-def loss_head_value(hn, W0: FrozenWeight, targets, mask, chunk, vocab_chunk=None):
+def loss_head_value(hn, W0: FrozenWeight, targets, mask, chunk, vocab_chunk=None, *,
+                    softcap=None, logit_scale=None):
     """The loss alone (forward-only users such as MeZO): same tiles, no accumulator."""
     N, V = hn.shape[0], W0.shape[0]
     vc = V if vocab_chunk is None else max(1, min(V, vocab_chunk))
@@ -56,18 +67,25 @@ def loss_head_value(hn, W0: FrozenWeight, targets, mask, chunk, vocab_chunk=None
     loss = mx.array(0.0, mx.float32)
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
-        x = hn[n0:n1]
-        mu, s, _ = _online_softmax(x, W0, V, vc, need_acc=False)
+        x = hn[n0:n1] if logit_scale is None else hn[n0:n1] * (1.0 / logit_scale)
+        mu, s, _ = _online_softmax(x, W0, V, vc, need_acc=False, softcap=softcap)
         y = mx.where(mask[n0:n1] > 0, targets[n0:n1], 0)
         zy = mx.sum(x.astype(mx.float32) * W0.take(y).astype(mx.float32), axis=-1,
                     keepdims=True)
+        if softcap is not None:
+            zy = _cap(zy, softcap)
         loss = loss + mx.sum((mu + mx.log(s) - zy) * mask[n0:n1, None]) / denom
         mx.eval(loss)
     return loss
 
 
-def _online_softmax(x, W0: FrozenWeight, V, vc, need_acc=True):
-    """Running max μ [c,1], Σ exp(Z−μ) [c,1], Σ exp(Z−μ) W0 [c,D] over vocab tiles."""
+def _cap(z, c):
+    return mx.tanh(z / c) * c
+
+
+def _online_softmax(x, W0: FrozenWeight, V, vc, need_acc=True, softcap=None):
+    """Running max μ [c,1], Σ exp(Z−μ) [c,1], Σ exp(Z−μ) W0 [c,D] over vocab tiles
+    (with a softcap: Z capped, and each term weighted by the cap's derivative)."""
     c, D = x.shape
     mu = mx.full((c, 1), -mx.inf, mx.float32)
     s = mx.zeros((c, 1), mx.float32)
@@ -75,21 +93,28 @@ def _online_softmax(x, W0: FrozenWeight, V, vc, need_acc=True):
     for v0 in range(0, V, vc):
         Wt = W0.rows(v0, min(V, v0 + vc))
         z = Wt.xWt(x).astype(mx.float32)                            # [c, v]
+        if softcap is not None:
+            z = _cap(z, softcap)
         mu_new = mx.maximum(mu, z.max(axis=-1, keepdims=True))
         rescale = mx.exp(mu - mu_new)                               # 0 on the first tile
         e = mx.exp(z - mu_new)
         s = s * rescale + e.sum(axis=-1, keepdims=True)
         if need_acc:
-            acc = acc * rescale + Wt.gW(e.astype(x.dtype)).astype(mx.float32)
+            ew = e if softcap is None else e * (1 - (z / softcap) ** 2)
+            acc = acc * rescale + Wt.gW(ew.astype(x.dtype)).astype(mx.float32)
         mu = mu_new
         if vc < V:
             mx.eval(mu, s, *([acc] if need_acc else []))
     return mu, s, acc
 
 
-def loss_head_ref(hn, W, targets, mask):
+def loss_head_ref(hn, W, targets, mask, *, softcap=None, logit_scale=None):
     """Plain reference on a dense W (V, D): full logits, autodiff-able in hn."""
     z = (hn @ W.T).astype(mx.float32)
+    if logit_scale is not None:
+        z = z / logit_scale
+    if softcap is not None:
+        z = softcap * mx.tanh(z / softcap)
     ce = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
     mask = mask.astype(mx.float32)
     return mx.sum(ce * mask) / mx.maximum(mask.sum(), 1.0)

@@ -1,17 +1,100 @@
-"""Rotary position embedding as in mlx-lm's Qwen2 (traditional=False).
+"""Rotary position embedding from a frequency table: every mlx-lm variant.
 
-Letters: B batch, H heads, T tokens, hd head dim; dims ≤ hd rotated features.
-  forward   for each pair (x₁ᵢ, x₂ᵢ) = (x[..., i], x[..., i + dims/2]):
-            θᵢ(t) = (t + offset) · base^(−2i/dims)
-            (y₁, y₂) = (x₁ cos θ − x₂ sin θ,  x₁ sin θ + x₂ cos θ)
-  backward  the rotation is orthogonal, so dx = R(θ)ᵀ dy = R(−θ) dy:
-            the same kernel with negated frequencies.
+Letters: B batch, H heads, T tokens, hd head dim; d ≤ hd rotated features.
+  forward   y[..., :d] = R_θ(m · x[..., :d]),   y[..., d:] = x[..., d:]
+            θ_{t,i} = s · t / p_i,  p_i = base^(2i/d) (plain) or a table (Llama 3,
+            YaRN, LongRoPE); pairs (x_i, x_{i+d/2}), or interleaved when traditional
+  backward  the rotation is orthogonal: dx[..., :d] = m · R_{−θ}(dy[..., :d]) — the same
+            kernel with negated periods; dx[..., d:] = dy[..., d:]
 Stored: nothing (the rotation depends only on positions).
+Module → Rope (ARCHITECTURES §3.6): nn.RoPE (dims, traditional, base, scale);
+Llama3RoPE (dims, traditional, _freqs); YarnRoPE (+ mscale); SuScaledRoPE (dim,
+_freqs, _scale); DynamicNTKScalingRoPE = plain while T ≤ max_positions; NoPE: none.
 """
 
+from dataclasses import dataclass
+from typing import Optional
+
 import mlx.core as mx
+import mlx.nn as nn
 
 
+@dataclass(frozen=True)
+class Rope:
+    dims: int
+    traditional: bool = False
+    base: Optional[float] = None          # plain: p_i = base^(2i/dims)
+    freqs: Optional[mx.array] = None      # else a table of periods p_i
+    scale: float = 1.0                    # s: position scale (linear RoPE: 1/factor)
+    mscale: float = 1.0                   # m: multiplies x[..., :dims] first
+    max_positions: Optional[int] = None   # exact only up to this T (dynamic NTK)
+
+    def periods(self):
+        if self.freqs is not None:
+            return self.freqs
+        return self.base ** (mx.arange(0, self.dims, 2, dtype=mx.float32) / self.dims)
+
+
+def _premul(x, spec):
+    return x if spec.mscale == 1.0 else x.at[..., :spec.dims].multiply(spec.mscale)
+
+
+def rope_apply(x, spec: Rope):
+    _check_T(x, spec)
+    return mx.fast.rope(_premul(x, spec), spec.dims, traditional=spec.traditional,
+                        base=spec.base if spec.freqs is None else None, scale=spec.scale,
+                        offset=0, freqs=spec.freqs)
+
+
+def rope_apply_backward(dy, spec: Rope):
+    dx = mx.fast.rope(dy, spec.dims, traditional=spec.traditional, base=None,
+                      scale=spec.scale, offset=0, freqs=-spec.periods())
+    return _premul(dx, spec)
+
+
+def rope_apply_ref(x, spec: Rope):
+    """Written out with cos/sin (half-split or interleaved pairs, partial dims)."""
+    T, d = x.shape[-2], spec.dims
+    theta = spec.scale * mx.arange(T, dtype=mx.float32)[:, None] / spec.periods()
+    cos, sin = mx.cos(theta).astype(x.dtype), mx.sin(theta).astype(x.dtype)
+    xr, rest = x[..., :d] * spec.mscale, x[..., d:]
+    if spec.traditional:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        y = mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+        y = y.reshape(*xr.shape)
+    else:
+        x1, x2 = xr[..., :d // 2], xr[..., d // 2:]
+        y = mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return mx.concatenate([y, rest], axis=-1)
+
+
+def _check_T(x, spec):
+    if spec.max_positions is not None and x.shape[-2] > spec.max_positions:
+        raise ValueError(f"dynamic NTK RoPE rescales beyond {spec.max_positions} "
+                         f"positions (got {x.shape[-2]}): use method='autodiff'")
+
+
+def rope_from_module(m) -> Optional[Rope]:
+    """Rope of an mlx-lm RoPE module (None: no rotation); ValueError if unknown."""
+    name = type(m).__name__
+    if isinstance(m, nn.RoPE):
+        return Rope(m.dims, m.traditional, base=m.base, scale=m.scale)
+    if name == "Llama3RoPE":
+        return Rope(m.dims, m.traditional, freqs=m._freqs)
+    if name == "YarnRoPE":
+        return Rope(m.dims, m.traditional, freqs=m._freqs, mscale=m.mscale)
+    if name == "SuScaledRoPE":
+        return Rope(m.dim, False, freqs=m._freqs, mscale=m._scale)
+    if name == "DynamicNTKScalingRoPE":
+        return Rope(m.dims, m.traditional, base=m.base,
+                    max_positions=m.max_position_embeddings)
+    if name == "NoPE":
+        return None
+    raise ValueError(f"RoPE variant {name} is not supported by the per-block engine; "
+                     "use method='autodiff'")
+
+
+# Qwen2-style plain RoPE (traditional=False), kept for existing callers and tests
 def rope(x, dims, base, offset=0):
     return mx.fast.rope(x, dims, traditional=False, base=base, scale=1.0, offset=offset)
 
