@@ -28,9 +28,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .engine import check_batch, step_dropout
+from .block import block_forward
 from .ops.loss_head import loss_head_value
-from .ops.rmsnorm import rmsnorm
-from .schedule import EngineOptions, block_forward, head_tiles, model_parts
+from .schedule import EngineOptions, head_tiles, model_spec
 
 MEZO_LR = 1e-4         # MeZO paper, LoRA: lr 1e-4 or 5e-5 (REFERENCE §1)
 MEZO_EPS = 1e-2        # MeZO paper, LoRA: ε = 1e-2
@@ -110,30 +110,33 @@ def spsa(loss_at: Callable[[float], float], eps: float, seed: int) -> SPSA:
 
 def lm_loss_at(model, inputs, targets, mask, pert: Perturbation,
                options: Optional[EngineOptions] = None, stats: Optional[dict] = None):
-    """c ↦ L(θ + c·z) for a qwen2 LoRA model, forward only, inference memory.
+    """c ↦ L(θ + c·z) for a LoRA model of any supported family, forward only,
+    inference memory (the generic block forward of block.py).
 
     Blocks below the lowest LoRA block are run once and their output is reused.
     """
     opt = options or EngineOptions()
-    parts = model_parts(model)
-    h0 = parts.embed(inputs)
+    spec = model_spec(model, "mesp", inputs.shape[1], opt)
+    h0 = spec.embed_ids(inputs)
     mx.eval(h0)
-    for blk in parts.blocks[:parts.first]:
-        h0 = block_forward(blk, h0, opt)          # MeSP's block forward (chunked attention)
+    for b in spec.blocks[:spec.first]:
+        h0 = block_forward(b, h0, opt)
         mx.eval(h0)
-    V, D = parts.head.shape
+    V, D = spec.head.shape
     rows, vocab = head_tiles(opt, inputs.size, V)
     flat_t, flat_m = targets.reshape(-1), mask.reshape(-1)
 
     def loss_at(c: float) -> float:
         t0, h = time.perf_counter(), h0
-        for blk in parts.blocks[parts.first:]:
-            with perturbed(blk, parts.paths[id(blk)], pert, c):
-                h = block_forward(blk, h, opt)
+        for b in spec.blocks[spec.first:]:
+            with perturbed(b.module, spec.paths[id(b.module)], pert, c):
+                h = block_forward(b, h, opt)
                 mx.eval(h)
-        hn = rmsnorm(h.reshape(-1, D), parts.norm.weight, parts.norm.eps)
+        hn = spec.norm(h.reshape(-1, D))
         del h
-        loss = loss_head_value(hn, parts.head, flat_t, flat_m, rows, vocab).item()
+        loss = loss_head_value(hn, spec.head, flat_t, flat_m, rows, vocab,
+                               softcap=spec.final_softcap,
+                               logit_scale=spec.logit_scale).item()
         if stats is not None:
             stats["forward_s"] = stats.get("forward_s", 0.0) + time.perf_counter() - t0
         return loss
