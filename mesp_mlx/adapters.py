@@ -20,7 +20,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import UserError
-from .layers import ALL_KEYS, apply_lora, lora_layers
+import re
+
+from .layers import apply_lora, lora_layers
 
 ADAPTERS = "adapters.safetensors"
 CONFIG = "adapter_config.json"
@@ -42,11 +44,16 @@ def lora_config(model: nn.Module) -> dict:
     if not layers:
         raise AdapterError("the model has no LoRA layers (call apply_lora first)")
     _, first = layers[0]
-    blocks = {p.split(".")[2] for p, _ in layers if p.startswith("model.layers.")}
-    keys = sorted({p.split(".", 3)[3] for p, _ in layers}, key=ALL_KEYS.index)
-    return {"fine_tune_type": "lora", "num_layers": len(blocks),
+    where = [_BLOCK.search(p) for p, _ in layers]        # "<...>layers.<i>.<key>"
+    if not all(where):
+        raise AdapterError(f"LoRA layer {layers[0][0]} is not inside a model block")
+    keys = list(dict.fromkeys(m.group(2) for m in reversed(where)))  # q, k, ..., down
+    return {"fine_tune_type": "lora", "num_layers": len({m.group(1) for m in where}),
             "lora_parameters": {"rank": first.rank, "scale": first.scale,
                                 "dropout": first.dropout, "keys": keys}}
+
+
+_BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.(.+)$")
 
 
 def _atomic(path: Path, write):

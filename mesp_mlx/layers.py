@@ -20,6 +20,7 @@ import mlx.nn as nn
 from .ops.frozen import FrozenWeight
 from .ops.lora_linear import lora_linear_fn
 
+# Qwen/Llama-style names of the 7 projections (benchmarks name them for mlx-lm)
 ALL_KEYS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -76,13 +77,21 @@ def set_dropout_keys(model: nn.Module, key: Optional[mx.array]):
         m._drop_key = None if keys is None else keys[i]
 
 
+def block_linears(block: nn.Module) -> list:
+    """Paths of the frozen linear layers inside a block, in module order
+    (mlx-lm's default LoRA targets since 0.28: every linear of the block)."""
+    return [p for p, m in block.named_modules()
+            if isinstance(m, (nn.Linear, nn.QuantizedLinear))][::-1]
+
+
 def apply_lora(model: nn.Module, rank: int = 8, scale: float = 20.0,
                dropout: float = 0.0, keys: Optional[Iterable[str]] = None,
                num_layers: Optional[int] = None) -> nn.Module:
     """Replace the linear layers named by `keys` in the last `num_layers` blocks
     by LoRA layers (in place), freeze everything else, return the model.
 
-    keys: suffixes like "self_attn.q_proj" or short names "q_proj" (None: all 7).
+    keys: block-relative paths like "self_attn.q_proj" or short names "q_proj"
+          (None: every linear layer of each block, as mlx-lm; phi3: qkv_proj, ...).
     num_layers: None = every block (unlike mlx-lm, 0 means none).
     """
     if rank < 1:
@@ -92,29 +101,28 @@ def apply_lora(model: nn.Module, rank: int = 8, scale: float = 20.0,
     blocks = getattr(model, "layers", None)
     if blocks is None:
         raise ValueError(f"{type(model).__name__} has no `layers`: not an mlx-lm "
-                         "decoder model (supported: qwen2 family)")
+                         "decoder model")
     n = len(blocks) if num_layers is None else int(num_layers)
     if not 0 <= n <= len(blocks):
         raise ValueError(f"num_layers={num_layers} but the model has {len(blocks)} blocks")
-    wanted = _resolve_keys(keys)
     model.freeze()
     for block in blocks[len(blocks) - n:]:
-        for path, module in block.named_modules():
-            if path in wanted and isinstance(module, (nn.Linear, nn.QuantizedLinear)):
-                parent, name = _parent(block, path)
-                setattr(parent, name, LoRALinear(module, rank, scale, dropout))
+        for path in _resolve_keys(keys, block_linears(block)):
+            parent, name = _parent(block, path)
+            setattr(parent, name, LoRALinear(getattr(parent, name), rank, scale, dropout))
     return model
 
 
-def _resolve_keys(keys):
+def _resolve_keys(keys, available):
     if keys is None:
-        return set(ALL_KEYS)
-    out = set()
+        return available
+    out = []
     for k in keys:
-        full = [a for a in ALL_KEYS if a == k or a.endswith("." + k)]
+        full = [a for a in available if a == k or a.endswith("." + k)]
         if not full:
-            raise ValueError(f"unknown LoRA key {k!r}; choose from {', '.join(ALL_KEYS)}")
-        out.update(full)
+            raise ValueError(f"unknown LoRA key {k!r}; this model's blocks have "
+                             f"{', '.join(available)}")
+        out += [a for a in full if a not in out]
     return out
 
 
