@@ -1,4 +1,10 @@
-"""Exactness of the per-block schedules against plain autodiff, and memory relations."""
+"""Exactness of the per-block schedules against autodiff of the mlx-lm model itself,
+for every supported family, and memory relations.
+
+Tolerance (fp32): per tensor max|got − ref| ≤ 1e-5·max|ref| + 1e-6·G, where G is the
+largest gradient of the whole model: a tensor whose reference is exactly 0 (q/k at
+T = 1) is held to rounding noise of the gradients that feed it, never to 0.
+"""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -6,8 +12,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mesp_mlx
-from mesp_mlx.arch import build_model, tiny_config
+from mesp_mlx.arch import TINY, build_model, tiny_config
+from mesp_mlx.families import UnsupportedModelError
 from mesp_mlx.layers import lora_layers
+from mesp_mlx.schedule import EngineOptions
 
 CASES = {
     "gqa2-tied": dict(cfg={}, T=13),
@@ -20,11 +28,13 @@ CASES = {
     "quantized-8bit": dict(cfg={}, T=5, quantize=dict(group_size=64, bits=8)),
     "single-token": dict(cfg={}, T=1),
 }
+FAMILIES = list(TINY)        # every tiny family config (windows < T = 13)
 
 
 def make(cfg, rank=4, num_layers=None, keys=None, quantize=None, dtype=mx.float32,
-         dropout=0.0, seed=0):
-    model = build_model(tiny_config(**cfg), dtype=dtype, quantize=quantize, seed=seed)
+         dropout=0.0, seed=0, family="qwen2"):
+    model = build_model(tiny_config(family, **cfg), dtype=dtype, quantize=quantize,
+                        seed=seed)
     mesp_mlx.apply_lora(model, rank=rank, num_layers=num_layers, keys=keys, dropout=dropout)
     for _, m in lora_layers(model):          # B ≠ 0, or half the gradients are trivial
         m.lora_b = (0.05 * mx.random.normal(m.lora_b.shape)).astype(dtype)
@@ -42,29 +52,41 @@ def batch(T, B=2, V=256, seed=1):
 
 def compare(got, ref, dtype):
     g, r = dict(tree_flatten(got)), dict(tree_flatten(ref))
-    assert g.keys() == r.keys()
+    assert g.keys() == r.keys() and r
+    G = max(mx.abs(v.astype(mx.float32)).max().item() for v in r.values())
+    assert G > 0, "every reference gradient is 0: the test could not fail"
     for k in r:
         assert g[k].shape == r[k].shape and g[k].dtype == r[k].dtype, k
         a, b = g[k].astype(mx.float32), r[k].astype(mx.float32)
         scale = mx.abs(b).max().item()
         err = mx.abs(a - b).max().item()
-        if scale == 0.0:                        # e.g. q/k grads at T = 1
-            assert err <= 1e-7, f"{k}: ref is 0, got max {err}"
-            continue
-        cos = (mx.sum(a * b) / (mx.linalg.norm(a.reshape(-1)) * mx.linalg.norm(b.reshape(-1)))).item()
-        msg = f"{k}: max err {err:.3g} (mean {mx.abs(a - b).mean().item():.3g}), scale {scale:.3g}, cos {cos:.7f}"
+        msg = (f"{k}: max err {err:.3g} (mean {mx.abs(a - b).mean().item():.3g}), "
+               f"scale {scale:.3g}, model max {G:.3g}")
         if dtype == mx.float32:
-            assert err <= 1e-5 * scale and cos >= 0.99999, msg
-        else:
-            assert cos >= 0.999, msg
+            assert err <= 1e-5 * scale + 1e-6 * G, msg
+        if scale == 0.0:                        # e.g. q/k grads at T = 1
+            continue
+        cos = (mx.sum(a * b) / (mx.linalg.norm(a.reshape(-1)) *
+                                mx.linalg.norm(b.reshape(-1)))).item()
+        assert cos >= (0.99999 if dtype == mx.float32 else 0.999), f"{msg}, cos {cos:.7f}"
 
 
-def grads_by_method(model, x, y, mask, seed=7):
+def grads_by_method(model, x, y, mask, seed=7, methods=("autodiff", "mebp", "mesp")):
     out = {}
-    for method in ("autodiff", "mebp", "mesp"):
+    for method in methods:
         mx.random.seed(seed)                   # same dropout randomness for every method
         out[method] = mesp_mlx.value_and_grad(model, x, y, mask, method=method)
     return out
+
+
+def _check_exact(model, x, y, mask, dtype=mx.float32):
+    res = grads_by_method(model, x, y, mask)
+    loss_ref, g_ref = res["autodiff"]
+    for method in ("mebp", "mesp"):
+        loss, g = res[method]
+        tol = 1e-6 if dtype == mx.float32 else 1e-2
+        assert abs(loss.item() - loss_ref.item()) <= tol * abs(loss_ref.item()), method
+        compare(g, g_ref, dtype)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -72,21 +94,32 @@ def test_fp32_exact(name):
     case = dict(CASES[name])
     cfg, T = case.pop("cfg"), case.pop("T")
     model = make(cfg, **case)
-    x, y, mask = batch(T)
-    res = grads_by_method(model, x, y, mask)
-    loss_ref, g_ref = res["autodiff"]
-    for method in ("mebp", "mesp"):
-        loss, g = res[method]
-        assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item()), method
-        compare(g, g_ref, mx.float32)
+    _check_exact(model, *batch(T))
 
 
-def test_bf16_close():
-    model = make({}, dtype=mx.bfloat16)
-    x, y, mask = batch(16)
-    res = grads_by_method(model, x, y, mask)
-    for method in ("mebp", "mesp"):
-        compare(res[method][1], res["autodiff"][1], mx.bfloat16)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_fp32_exact(family):
+    """Every family: all block linears adapted, T 13 > every tiny window, B 2."""
+    model = make({}, family=family)
+    _check_exact(model, *batch(13))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama-bias-sliding", "gemma2",
+                                    "gemma3_text", "phi3", "granite", "olmo2"])
+def test_family_quantized_exact(family):
+    model = make({}, family=family, quantize=dict(group_size=32, bits=4))
+    _check_exact(model, *batch(11))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "phi3", "olmo2", "gemma2"])
+def test_family_bf16_close(family):
+    model = make({}, family=family, dtype=mx.bfloat16)
+    _check_exact(model, *batch(16), dtype=mx.bfloat16)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "llama-bias-sliding", "smollm3"])
+def test_family_single_token(family):
+    _check_exact(make({}, family=family), *batch(1))
 
 
 def test_dropout_same_randomness():
@@ -121,6 +154,14 @@ def test_matches_mlx_lm_lora_layers():
     compare(g, g_ref, mx.float32)
 
 
+def test_default_keys_are_every_block_linear():
+    phi = make({}, family="phi3")
+    names = {p.split(".", 3)[3] for p, _ in lora_layers(phi)}
+    assert names == {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                     "mlp.down_proj"}
+    assert len(lora_layers(make({}, family="qwen3"))) == 2 * 7
+
+
 def test_errors():
     model = make({})
     x, y, mask = batch(4)
@@ -130,9 +171,48 @@ def test_errors():
         mesp_mlx.value_and_grad(model, x[0], y[0])
 
     class Other(nn.Module):
-        model_type = "gpt2"
-    with pytest.raises(ValueError, match="supported: qwen2"):
+        pass
+    with pytest.raises(UnsupportedModelError, match="autodiff"):
         mesp_mlx.value_and_grad(Other(), x, y, method="mesp")
+
+
+@pytest.mark.parametrize("method", ["mesp", "mebp"])
+def test_out_of_reach_family_names_autodiff(method):
+    """MoE: a clear error naming the method that works; autodiff still runs."""
+    cfg = dict(TINY["qwen3"], model_type="qwen3_moe", num_experts=4,
+               num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+               mlp_only_layers=[], norm_topk_prob=True)
+    model = build_model(cfg)
+    mesp_mlx.apply_lora(model, rank=2, keys=["q_proj"])
+    x, y, mask = batch(5)
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts.*autodiff"):
+        mesp_mlx.value_and_grad(model, x, y, mask, method=method)
+    loss, _ = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
+    assert mx.isfinite(loss).item()
+
+
+def test_spec_mismatch_is_caught():
+    """A spec that disagrees with the model (wrong window) stops before any gradient."""
+    from mesp_mlx import families
+    from mesp_mlx.verify import SpecMismatchError
+
+    model = make({}, family="gemma3_text")
+    x, y, mask = batch(13)
+    real = families.READERS["gemma3_text"]
+
+    def wrong(m, lm, inner):
+        blocks, extra = real(m, lm, inner)
+        for b in blocks:
+            b.window = None                     # "causal" for every layer
+        return blocks, extra
+
+    families.READERS["gemma3_text"] = wrong
+    try:
+        for method in ("mesp", "mebp"):
+            with pytest.raises(SpecMismatchError, match="layer 0.*autodiff"):
+                mesp_mlx.value_and_grad(model, x, y, mask, method=method)
+    finally:
+        families.READERS["gemma3_text"] = real
 
 
 def _peak(model, x, y, method, stats=None):
@@ -146,13 +226,18 @@ def _peak(model, x, y, method, stats=None):
     return peak
 
 
-def test_memory_relations():
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "llama"])
+def test_memory_relations(family):
     """mesp < mebp < autodiff peak, and checkpoints are exactly L·B·T·D·itemsize."""
     cfg = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=6,
                vocab_size=4096, num_attention_heads=8, num_key_value_heads=2)
-    model = make(cfg)
+    if family == "gemma3_text":
+        cfg.update(head_dim=16, sliding_window=64)
+    model = make(cfg, family=family)
     B, T = 1, 256
     x, y, _ = batch(T, B=B, V=4096)
+    _peak(model, x[:, :8], y[:, :8], "mesp")           # the one-time spec check
+    _peak(model, x[:, :8], y[:, :8], "mebp")
     stats = {}
     peaks = {m: _peak(model, x, y, m, stats if m == "mesp" else None)
              for m in ("autodiff", "mebp", "mesp")}
@@ -166,11 +251,10 @@ def test_memory_relations():
     dict(attn_chunk_bytes=4 * 4 * 13 * 5, head_rows=7, head_chunk_bytes=4 * 7 * 100),
     dict(clear_cache="block"),
 ])
-def test_options_do_not_change_gradients(opts):
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "gemma2"])
+def test_options_do_not_change_gradients(opts, family):
     """Tiling (attention query blocks, head row/vocab tiles) and cache policy are exact."""
-    from mesp_mlx.schedule import EngineOptions
-
-    model = make({})
+    model = make({}, family=family)
     x, y, mask = batch(13)
     loss_ref, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
     loss, g = mesp_mlx.value_and_grad(model, x, y, mask, method="mesp",
