@@ -6,6 +6,8 @@ largest gradient of the whole model: a tensor whose reference is exactly 0 (q/k 
 T = 1) is held to rounding noise of the gradients that feed it, never to 0.
 """
 
+import zlib
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -39,7 +41,19 @@ def make(cfg, rank=4, num_layers=None, keys=None, quantize=None, dtype=mx.float3
     for _, m in lora_layers(model):          # B ≠ 0, or half the gradients are trivial
         m.lora_b = (0.05 * mx.random.normal(m.lora_b.shape)).astype(dtype)
         m.lora_a = m.lora_a.astype(dtype)
+    randomize_norms(model)
     return model
+
+
+def randomize_norms(model):
+    """Norm weights ≠ 1, so the backward through w is tested; effective weight ≈ 1 ±
+    0.1 (Gemma's 1 + w norms get w ≈ 0: their mlx-lm init of w = 1 doubles every
+    norm, which makes a random tiny model chaotic enough that fp32 op order shows)."""
+    for path, m in model.named_modules():
+        if "weight" in m and m.weight.ndim == 1 and "RMSNorm" in type(m).__name__:
+            base = 0.0 if type(m).__module__.startswith("mlx_lm.models.gemma") else 1.0
+            noise = 0.1 * mx.random.normal(m.weight.shape, key=mx.random.key(zlib.crc32(path.encode())))
+            m.weight = (base + noise).astype(m.weight.dtype)
 
 
 def batch(T, B=2, V=256, seed=1):
@@ -141,6 +155,7 @@ def test_matches_mlx_lm_lora_layers():
 
     model = make({})
     ref = build_model(tiny_config(), seed=0)
+    randomize_norms(ref)
     ref.freeze()
     linear_to_lora_layers(ref, 2, {"rank": 4, "scale": 20.0, "dropout": 0.0})
     ref.update(model.trainable_parameters())
