@@ -1,4 +1,4 @@
-"""Analytic pre-flight estimate of one training step's MLX peak (qwen2).
+"""Analytic pre-flight estimate of one training step's MLX peak (any supported family).
 
 Letters: L blocks (with LoRA), B batch, T tokens, D model, F MLP width,
 H heads, K kv heads, d head dim, V vocab, s activation itemsize, r rank.
@@ -33,61 +33,67 @@ class Arch:
     weight_bytes: int         # resident frozen weights (dense or quantized)
     lora_bytes: int           # LoRA parameters (fp32 A and B)
     quant_bits: Optional[int] = None
+    head_dim: Optional[int] = None   # None: D / H (qwen2); qwen3, gemma, llama may differ
 
     @property
     def d(self) -> int:
-        return self.D // self.H
+        return self.head_dim or self.D // self.H
 
 
-def param_bytes(cfg: dict, s: int, bits: Optional[int] = None, group: int = 64) -> int:
-    """Weights of a qwen2 config: dense itemsize s, or `bits`-bit like nn.quantize."""
-    D, F, V, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    kv = D // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    mats = [(D, D), (kv, D), (kv, D), (D, D), (F, D), (F, D), (D, F)]   # (out, in) per block
-    vecs = L * (D + 2 * kv + 2 * D) + D                                   # q/k/v biases, norms
-
-    def mat(o, i):   # packed weight + fp scales and biases per group
-        return o * i * s if not bits else o * i * bits // 8 + 2 * o * (i // group) * s
-    embeds = 1 if cfg.get("tie_word_embeddings", True) else 2
-    return L * sum(mat(o, i) for o, i in mats) + embeds * mat(V, D) + vecs * s
+def _text_args(model):
+    """The text model's ModelArgs (VLM wrappers such as gemma3 keep it inside)."""
+    lm = model.language_model if "language_model" in model else model
+    return lm.args, lm
 
 
-def lora_param_count(cfg: dict, rank: int) -> int:
-    """r (d_in + d_out) summed over the 7 projections of every block."""
-    D, F = cfg["hidden_size"], cfg["intermediate_size"]
-    kv = D // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    return cfg["num_hidden_layers"] * rank * (9 * D + 2 * kv + 3 * F)
+def _lora_count(model, rank: int) -> int:
+    """r (d_in + d_out) over every linear layer of every block (the default keys)."""
+    from ..layers import block_linears
+    from ..ops.frozen import FrozenWeight
+    n = 0
+    for blk in model.layers:
+        for path in block_linears(blk):
+            d_out, d_in = FrozenWeight.of(dict(blk.named_modules())[path]).shape
+            n += rank * (d_in + d_out)
+    return n
+
+
+def _arch(model, weight_bytes, lora_bytes, s, bits) -> Arch:
+    a, lm = _text_args(model)
+    H = a.num_attention_heads
+    K = getattr(a, "num_key_value_heads", None) or H
+    hd = getattr(a, "head_dim", None) or a.hidden_size // H
+    return Arch(a.num_hidden_layers, a.hidden_size, a.intermediate_size, H, K,
+                a.vocab_size, s, weight_bytes, lora_bytes, bits, hd)
 
 
 def arch_from_config(cfg: dict, dtype=mx.float32, quant_bits: Optional[int] = None,
                      rank: int = 8) -> Arch:
-    """Arch of a config without building it (weights counted analytically)."""
+    """Arch of a config, built lazily (shapes only, nothing allocated)."""
+    from ..arch import build_model
     s = mx.zeros((), dtype).itemsize
-    return Arch(cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
-                cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"],
-                s, param_bytes(cfg, s, quant_bits), 4 * lora_param_count(cfg, rank), quant_bits)
+    q = {"group_size": 64, "bits": quant_bits} if quant_bits else None
+    model = build_model(cfg, dtype=dtype, quantize=q, lazy=True)
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return _arch(model, weights, 4 * _lora_count(model, rank), s, quant_bits)
 
 
 def arch_from_model(model, rank: int = 8) -> Arch:
-    """Arch of a built qwen2 model; LoRA from its trainable parameters if applied."""
-    a = model.args
-    if getattr(a, "model_type", "qwen2") != "qwen2":
-        raise ValueError(f"the memory estimate knows the qwen2 architecture only, "
-                         f"got {a.model_type!r}")
+    """Arch of a built mlx-lm model; LoRA from its trainable parameters if applied."""
+    from ..families import OUT_OF_REACH, family_of
+    fam = family_of(model)
+    if fam in OUT_OF_REACH:
+        raise ValueError(f"the memory estimate does not model {fam!r} ({OUT_OF_REACH[fam]}); "
+                         "pass no memory budget, or train with --method autodiff")
     total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     lora = sum(v.nbytes for k, v in tree_flatten(model.parameters())
                if k.endswith((".lora_a", ".lora_b")))
-    cfg = dict(hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
-               vocab_size=a.vocab_size, num_hidden_layers=a.num_hidden_layers,
-               num_attention_heads=a.num_attention_heads,
-               num_key_value_heads=a.num_key_value_heads)
-    if lora == 0:   # estimate before apply_lora: all 7 projections of every block
-        lora = 4 * lora_param_count(cfg, rank)
-    embed = model.model.embed_tokens
+    if lora == 0:   # estimate before apply_lora: every linear of every block
+        lora = 4 * _lora_count(model, rank)
+    _, lm = _text_args(model)
+    embed = lm.model.embed_tokens
     bits = getattr(embed, "bits", None) if "scales" in embed else None
-    return Arch(a.num_hidden_layers, a.hidden_size, a.intermediate_size,
-                a.num_attention_heads, a.num_key_value_heads, a.vocab_size,
-                model.model.norm.weight.itemsize, total - lora, lora, bits)
+    return _arch(model, total - lora, lora, lm.model.norm.weight.itemsize, bits)
 
 
 @dataclass
