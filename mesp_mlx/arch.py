@@ -101,7 +101,7 @@ TINY = {
     "smollm3": dict(_T, model_type="smollm3", num_hidden_layers=4,
                     no_rope_layer_interval=2, tie_word_embeddings=True),
     "gemma": dict(_T, model_type="gemma", head_dim=16),
-    "gemma2": dict(_T, model_type="gemma2", head_dim=16, query_pre_attn_scalar=16.0,
+    "gemma2": dict(_T, model_type="gemma2", head_dim=16, query_pre_attn_scalar=16,
                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
     "gemma3_text": dict(_T, model_type="gemma3_text", head_dim=16, num_hidden_layers=3,
                         query_pre_attn_scalar=16, sliding_window=4,

@@ -65,6 +65,37 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+def make_model_dir(path, family: str, **overrides):
+    """A loadable model directory of any tiny family (mesp_mlx.arch.TINY): config.json,
+    model.safetensors (random fp32 weights) and a BPE tokenizer with a chat template."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mesp_mlx.arch import build_model, tiny_config
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab, eos = _tokenizer(path)
+    cfg = tiny_config(family, vocab_size=vocab, eos_token_id=eos, **overrides)
+    if "text_config" in cfg:                       # gemma3 wrapper: vocab on both levels
+        cfg["vocab_size"] = vocab
+    model = build_model(cfg, seed=1)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def family_model_dir(tmp_path_factory):
+    """family -> a cached model directory of that tiny family (make_model_dir)."""
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = make_model_dir(tmp_path_factory.mktemp(f"model_{family}"), family)
+        return made[family]
+    return get
+
+
 @pytest.fixture(scope="session")
 def text_data(tmp_path_factory):
     """train/valid/test.jsonl with {"text"} records of 6-16 words."""
