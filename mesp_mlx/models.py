@@ -2,7 +2,8 @@
 
 `--model` takes a local directory, a Hugging Face repo id, `demo`, or a short
 name: `Qwen2.5-{0.5B,1.5B,3B}` (Qwen/ originals), `-Instruct`, and the
-mlx-community conversions `-Instruct-4bit` / `-Instruct-bf16`.
+mlx-community conversions `-Instruct-4bit` / `-Instruct-bf16`, plus the published
+mlx-community conversions of the other families (PUBLISHED, ARCHITECTURES §5).
 """
 
 import re
@@ -14,6 +15,13 @@ SIZES = ("0.5B", "1.5B", "3B")
 _SHORT = re.compile(r"^qwen2\.5-(0\.5b|1\.5b|3b)(-instruct)?(-4bit|-bf16)?$", re.I)
 
 
+PUBLISHED = ("Qwen3-0.6B-4bit", "Qwen3-0.6B-bf16", "Qwen3-4B-4bit",
+             "Llama-3.2-1B-Instruct-4bit", "Llama-3.2-3B-Instruct-4bit",
+             "gemma-3-1b-it-8bit", "gemma-2-2b-it-4bit", "Phi-3.5-mini-instruct-4bit",
+             "SmolLM3-3B-Base-8bit")
+_PUBLISHED = {n.lower(): f"mlx-community/{n}" for n in PUBLISHED}
+
+
 class ModelLoadError(UserError):
     """The model could not be found or loaded."""
 
@@ -23,7 +31,7 @@ def short_names() -> list:
     for s in SIZES:
         out += [f"Qwen2.5-{s}", f"Qwen2.5-{s}-Instruct", f"Qwen2.5-{s}-Instruct-4bit",
                 f"Qwen2.5-{s}-Instruct-bf16"]
-    return out
+    return out + list(PUBLISHED)
 
 
 def resolve_model_name(name: str) -> str:
@@ -37,6 +45,8 @@ def resolve_model_name(name: str) -> str:
             return demo.model_path()
         except FileNotFoundError as e:
             raise ModelLoadError(str(e)) from None
+    if name.lower() in _PUBLISHED and not Path(name).exists():
+        return _PUBLISHED[name.lower()]
     m = _SHORT.match(name)
     if m is None or Path(name).exists():
         return name

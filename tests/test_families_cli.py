@@ -31,3 +31,17 @@ def test_train_and_load_in_mlx_lm(family, family_model_dir, text_data, tmp_path)
     assert mx.abs(a - b).max().item() <= 1e-4 * mx.abs(b).max().item()
     assert mx.abs(adapters.adapter_weights(ours)[next(iter(adapters.adapter_weights(ours)))]
                   ).max().item() > 0
+
+
+@pytest.mark.parametrize("short,repo", [
+    ("Qwen3-0.6B-4bit", "mlx-community/Qwen3-0.6B-4bit"),
+    ("llama-3.2-1b-instruct-4bit", "mlx-community/Llama-3.2-1B-Instruct-4bit"),
+    ("gemma-3-1b-it-8bit", "mlx-community/gemma-3-1b-it-8bit"),
+    ("SmolLM3-3B-Base-8bit", "mlx-community/SmolLM3-3B-Base-8bit"),
+    ("Qwen2.5-0.5B-Instruct-4bit", "mlx-community/Qwen2.5-0.5B-Instruct-4bit"),
+    ("someone/custom-model", "someone/custom-model"),
+])
+def test_short_names(short, repo):
+    from mesp_mlx.models import resolve_model_name, short_names
+    assert resolve_model_name(short) == repo
+    assert "Phi-3.5-mini-instruct-4bit" in short_names()
