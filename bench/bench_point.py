@@ -124,12 +124,10 @@ def _mlx_lm(model, spec, batch):
     import mlx.nn as nn
     from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
     from mlx_lm.tuner.utils import linear_to_lora_layers
-    from mesp_mlx.layers import ALL_KEYS
 
     model.freeze()                                   # as mlx_lm.lora does first
     linear_to_lora_layers(model, len(model.layers), {
-        "rank": spec["r"], "scale": spec["scale"], "dropout": 0.0,
-        "keys": list(ALL_KEYS)})
+        "rank": spec["r"], "scale": spec["scale"], "dropout": 0.0})   # every block linear
     if spec["method"] == "mlx-lm+ckpt":
         grad_checkpoint(model.layers[0])
     loss_value_and_grad = nn.value_and_grad(model, default_loss)

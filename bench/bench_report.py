@@ -262,15 +262,24 @@ def footer(env, rows):
     ]
 
 
-def render(sweeps, rows_for, env) -> str:
+def markers(name=None):
+    """(start, end) markers of a RESULTS.md section (None: the main memory_bench one)."""
+    if name is None:
+        return START, END
+    return f"<!-- memory_bench:{name}:start -->", f"<!-- memory_bench:{name}:end -->"
+
+
+def render(sweeps, rows_for, env, name=None, title=None) -> str:
     """The whole memory_bench section, markers included."""
-    lines = [START, "## Memory and speed benchmark (`bench/memory_bench.py`)", ""]
+    start, end = markers(name)
+    lines = [start, f"## {title or 'Memory and speed benchmark'} (`bench/memory_bench.py`)",
+             ""]
     all_rows = []
     for sweep in sweeps:
         rows = rows_for(sweep)
         all_rows += rows
         lines += sweep_section(sweep, rows)
-    lines += footer(env, all_rows) + [END]
+    lines += footer(env, all_rows) + [end]
     return "\n".join(lines) + "\n"
 
 

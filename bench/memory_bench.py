@@ -70,7 +70,23 @@ def preset_here(methods):
     return [seq, cache, rank, size]
 
 
+FAMILY_MODELS = ("SmolLM2-360M", "Qwen3-0.6B", "gemma-3-1b", "Llama-3.2-1B")
+FAMILY_METHODS = ("mesp", "mebp", "autodiff", "mlx-lm", "mlx-lm+ckpt")
+
+
+def preset_families(methods):
+    """Issue 10: one point per family at T 256, r 8 on every block linear."""
+    return [_sweep("family", "Families (T 256, r 8 on every block linear, batch 1)",
+                   list(FAMILY_MODELS), [256], [8],
+                   [m for m in FAMILY_METHODS if m in methods])]
+
+
+SECTIONS = {"families": ("families", "Model families")}     # preset -> own RESULTS section
+
+
 def build_sweeps(args, methods):
+    if args.preset == "families":
+        return preset_families(methods)
     if args.preset == "issue3":
         return preset_issue3(methods)
     if args.preset == "here":
@@ -129,9 +145,11 @@ def run_point(spec, timeout):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=["issue3", "here"],
+    p.add_argument("--preset", choices=["issue3", "here", "families"],
                    help="a predefined grid (issue3: the issue's grid; here: issue3 plus the "
-                        "cache-policy sweep, i.e. what bench/RESULTS.md holds)")
+                        "cache-policy sweep, i.e. what bench/RESULTS.md holds; families: "
+                        "Qwen3/Llama 3.2/gemma 3/SmolLM2 at T 256, own section and "
+                        "bench/families.jsonl unless --json is given)")
     p.add_argument("--models", nargs="*", default=None,
                    help="bundled architectures: 0.5B, 1.5B, 3B or Qwen2.5-* "
                         "(default: 0.5B unless --config-json is given)")
@@ -154,7 +172,9 @@ def parse_args(argv=None):
     p.add_argument("--no-mlx-lm-compile", action="store_true",
                    help="run the mlx-lm baselines without the trainer's mx.compile")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    p.add_argument("--json", type=Path, default=HERE / "results.jsonl")
+    p.add_argument("--json", type=Path, default=None,
+                   help="raw rows (default: bench/results.jsonl; families.jsonl for "
+                        "--preset families)")
     p.add_argument("--resume", action="store_true",
                    help="skip points already in --json (any status)")
     p.add_argument("--retry-failed", action="store_true",
@@ -163,6 +183,8 @@ def parse_args(argv=None):
                    help="rebuild --out from --json without running anything")
     p.add_argument("--dry-run", action="store_true", help="list the points and exit")
     args = p.parse_args(argv)
+    if args.json is None:
+        args.json = HERE / ("families.jsonl" if args.preset == "families" else "results.jsonl")
     _validate(p, args)
     return args
 
@@ -193,7 +215,9 @@ def main(argv=None):
     if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--worker":
         return bench_point.main(sys.argv[2])
     args = parse_args(argv)
-    methods = args.methods or list(ALL_METHODS_HERE if args.preset == "here" else DEFAULT_METHODS)
+    methods = args.methods or list(ALL_METHODS_HERE if args.preset == "here" else
+                                   FAMILY_METHODS if args.preset == "families"
+                                   else DEFAULT_METHODS)
     sweeps = build_sweeps(args, methods)
     points = list({key_of(pt, args.dtype): pt for s in sweeps for pt in s["points"]}.values())
     if args.dry_run:
@@ -218,7 +242,9 @@ def _render(args, sweeps, env):
     def rows_for(sweep):
         return [rows.get(key_of(pt, args.dtype), {**pt, "status": "missing"})
                 for pt in sweep["points"]]
-    bench_report.write_section(args.out, bench_report.render(sweeps, rows_for, env))
+    name, title = SECTIONS.get(args.preset, (None, None))
+    bench_report.write_section(args.out, bench_report.render(sweeps, rows_for, env, name, title),
+                               *bench_report.markers(name))
 
 
 def _todo(args, points):
