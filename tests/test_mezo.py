@@ -167,6 +167,18 @@ def test_forward_loss_matches_autodiff_and_value_and_grad():
     assert abs(l1.item() - want.item()) < 0.05
 
 
+@pytest.mark.parametrize("family", ["qwen3", "llama-bias-sliding", "gemma2",
+                                    "gemma3_text", "phi3", "granite", "olmo2"])
+def test_forward_loss_every_family(family):
+    """MeZO's forward is the engine's spec forward: L(θ + 0·z) is the model's own loss
+    (T 16 > the tiny sliding windows, softcaps and logit scaling included)."""
+    model = _model(cfg=tiny_config(family))
+    x, y = _batch()
+    want, _ = mesp_mlx.value_and_grad(model, x, y, method="autodiff")
+    got = mezo.lm_loss_at(model, x, y, mx.ones(x.shape), mezo.Perturbation(model, 0))(0.0)
+    assert abs(got - want.item()) <= 1e-5 * abs(want.item())
+
+
 def test_bad_input_is_a_clear_error():
     model = _model()
     x, y = _batch()
