@@ -1,5 +1,6 @@
 """Chunked LM head + masked cross-entropy: (loss, dhn) vs mx.value_and_grad of
-the reference, for chunk sizes that do and don't divide N, dense and quantized W0."""
+the reference, for chunk sizes that do and don't divide N, dense and quantized W0,
+with and without final-logit softcap and logit scaling."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -7,9 +8,10 @@ import pytest
 
 from gradcheck import Rng, assert_close
 from mesp_mlx.ops.frozen import FrozenWeight
-from mesp_mlx.ops.loss_head import loss_head_ref, loss_head_value_and_grad
+from mesp_mlx.ops.loss_head import loss_head_ref, loss_head_value, loss_head_value_and_grad
 
 N, D, V = 37, 64, 1000
+DTYPES = [mx.float32, mx.bfloat16]
 
 
 def _case(mask_kind="partial", bits=None, seed=0):
@@ -94,3 +96,30 @@ def test_bf16_matches_fp32_truth():
     # ~2⁻⁹ per logit, mostly averaging out (measured 1.3e-4), so 1e-3 instead of 1e-5.
     assert_close("loss", loss, loss_ref, rtol=1e-3)
     assert_close("dhn", dhn, dhn_ref.astype(mx.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kw", [dict(softcap=3.0), dict(logit_scale=4.0),
+                                dict(softcap=3.0, logit_scale=0.5)])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_loss_head_transforms(kw, bits, dtype):
+    rng = Rng(6)
+    N, D, V = 21, 32, 300
+    hn = rng.normal((N, D), dtype)
+    W = rng.normal((V, D), std=D ** -0.5 * 4)
+    if bits:
+        emb = nn.Embedding(V, D)
+        emb.weight = W
+        W0 = FrozenWeight.of(nn.QuantizedEmbedding.from_embedding(emb, 32, bits))
+    else:
+        W0 = FrozenWeight(W.astype(dtype))
+    t = rng.randint(0, V, (N,))
+    m = (rng.uniform((N,)) > 0.3).astype(mx.float32)
+    Wd = W0.dense()
+    ref, dref = mx.value_and_grad(lambda h: loss_head_ref(h, Wd, t, m, **kw))(hn)
+    loss, dh = loss_head_value_and_grad(hn, W0, t, m, 8, 70, **kw)
+    tol = 1e-5 if dtype == mx.float32 else 1e-2
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    assert abs(loss_head_value(hn, W0, t, m, 8, 70, **kw).item() - ref.item()) <= \
+        tol * abs(ref.item())
+    assert_close("dhn", dh, dref)

@@ -1,12 +1,15 @@
-"""RMSNorm: hand backward vs mx.vjp of the reference; forward vs mx.fast.rms_norm."""
+"""RMSNorm (effective weight w, 1+w or none; full width and per head): hand backward
+vs mx.vjp of the reference; forward vs mx.fast.rms_norm and mlx-lm's norm modules."""
 
 import mlx.core as mx
 import pytest
+from mlx_lm.models import gemma3_text
 
 from gradcheck import Rng, assert_all_close, assert_close, ref_vjp
-from mesp_mlx.ops.rmsnorm import rmsnorm, rmsnorm_backward, rmsnorm_ref
+from mesp_mlx.ops.rmsnorm import effective_weight, rmsnorm, rmsnorm_backward, rmsnorm_ref
 
 D = 64
+DTYPES = [mx.float32, mx.bfloat16]
 
 
 def _case(T, eps, dtype=mx.float32, seed=0, std=3.0):
@@ -42,3 +45,22 @@ def test_bf16_matches_fp32_truth():
     y_ref, (dx_ref,) = ref_vjp(lambda x: rmsnorm_ref(x, f32[1], 1e-6), (f32[0],), f32[2])
     got = (rmsnorm(x, w, 1e-6), rmsnorm_backward(dy, x, w, 1e-6))
     assert_all_close(("y", "dx"), got, (y_ref.astype(mx.bfloat16), dx_ref.astype(mx.bfloat16)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["w", "1+w", "none"])
+@pytest.mark.parametrize("shape", [(2, 5, 24), (2, 3, 5, 8)])      # full width, per head
+def test_rmsnorm_effective_weight(kind, shape, dtype):
+    rng = Rng(0)
+    x, dy = rng.normal(shape, dtype), rng.normal(shape, dtype)
+    w = effective_weight(rng.normal(shape[-1:], dtype, std=0.3), kind)
+    y, (dx_ref,) = ref_vjp(lambda x: rmsnorm_ref(x, w, 1e-6), (x,), dy)
+    assert_close("y", rmsnorm(x, w, 1e-6), y)
+    assert_close("dx", rmsnorm_backward(dy, x, w, 1e-6), dx_ref)
+
+
+def test_gemma_norm_matches_mlx_lm():
+    n = gemma3_text.RMSNorm(16, eps=1e-6)
+    n.weight = Rng(1).normal((16,), mx.bfloat16, std=0.5)
+    x = Rng(2).normal((3, 16), mx.bfloat16)
+    assert mx.array_equal(n(x), rmsnorm(x, effective_weight(n.weight, "1+w"), 1e-6)).item()

@@ -1,15 +1,18 @@
-"""RoPE (traditional=False, mlx-lm Qwen2 convention): backward vs mx.vjp of the
-reference; forward vs nn.RoPE and mlx-lm's initialize_rope."""
+"""RoPE: the plain Qwen2 form (rope/rope_backward) and the Rope table form of every
+mlx-lm variant: backward vs mx.vjp of the reference; forward vs nn.RoPE and the
+mlx-lm modules built by rope_utils."""
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.rope_utils import SuScaledRoPE, initialize_rope
 
 from gradcheck import Rng, assert_close, ref_vjp
-from mesp_mlx.ops.rope import rope, rope_backward, rope_ref
+from mesp_mlx.ops.rope import (Rope, rope, rope_apply, rope_apply_backward, rope_apply_ref,
+                               rope_backward, rope_from_module, rope_ref)
 
 HD = 32
+DTYPES = [mx.float32, mx.bfloat16]
 
 
 def _rtol(max_pos):
@@ -65,3 +68,46 @@ def test_bf16_matches_fp32_truth():
                                dy.astype(mx.float32))
     assert_close("y", rope(x, HD, 1e6, 4), y_ref.astype(mx.bfloat16))
     assert_close("dx", rope_backward(dy, HD, 1e6, 4), dx_ref.astype(mx.bfloat16))
+
+
+def _rope_modules():
+    llama3 = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                  high_freq_factor=4.0, original_max_position_embeddings=8192)
+    yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
+                mscale=1.0, mscale_all_dim=0.5)
+    return {
+        "plain": nn.RoPE(16, base=10000.0),
+        "traditional": nn.RoPE(16, traditional=True, base=500.0),
+        "linear": initialize_rope(16, 10000.0, False, dict(rope_type="linear", factor=8.0)),
+        "llama3": initialize_rope(16, 500000.0, False, llama3, 131072),
+        "yarn": initialize_rope(16, 10000.0, False, yarn, 256),
+        "longrope-partial": SuScaledRoPE(8, 10000.0, 1024, 64, [1.0, 1.2, 1.4, 1.6],
+                                         [1.0, 2.0, 3.0, 4.0]),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(_rope_modules()))
+def test_rope_variants(name, dtype):
+    mod = _rope_modules()[name]
+    spec = rope_from_module(mod)
+    rng = Rng(5)
+    x, dy = rng.normal((2, 3, 11, 16), dtype), rng.normal((2, 3, 11, 16), dtype)
+    assert_close("vs mlx-lm module", rope_apply(x, spec), mod(x))
+    y, (dx,) = ref_vjp(lambda x: rope_apply_ref(x, spec), (x,), dy)
+    assert_close("y", rope_apply(x, spec), y)
+    assert_close("dx", rope_apply_backward(dy, spec), dx)
+
+
+def test_rope_spec_fields():
+    m = _rope_modules()
+    assert rope_from_module(m["longrope-partial"]).mscale > 1.0      # _scale != 1
+    assert rope_from_module(m["yarn"]).mscale != 1.0
+    assert rope_from_module(m["linear"]).scale == 1 / 8
+
+    class Odd(nn.Module):
+        pass
+    with pytest.raises(ValueError, match="Odd.*autodiff"):
+        rope_from_module(Odd())
+    with pytest.raises(ValueError, match="positions"):
+        rope_apply(mx.zeros((1, 1, 9, 4)), Rope(4, base=10.0, max_positions=8))
