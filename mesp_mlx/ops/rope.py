@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Rope:
     dims: int
     traditional: bool = False
@@ -28,6 +28,20 @@ class Rope:
     scale: float = 1.0                    # s: position scale (linear RoPE: 1/factor)
     mscale: float = 1.0                   # m: multiplies x[..., :dims] first
     max_positions: Optional[int] = None   # exact only up to this T (dynamic NTK)
+
+    def _key(self):
+        return (self.dims, self.traditional, self.base, self.scale, self.mscale,
+                self.max_positions)
+
+    def __eq__(self, other):            # the table compared by value (a field-wise
+        if not isinstance(other, Rope):  # dataclass == would call bool() on an array)
+            return NotImplemented
+        if self._key() != other._key() or (self.freqs is None) != (other.freqs is None):
+            return False
+        return self.freqs is None or bool(mx.array_equal(self.freqs, other.freqs))
+
+    def __hash__(self):
+        return hash((self._key(), self.freqs is None))
 
     def periods(self):
         if self.freqs is not None:
