@@ -60,8 +60,9 @@ def test_chunked_backward(T, chunk, H, K):
     assert_all_close(("dq", "dk", "dv"), got, grads_ref)
 
 
-def test_bf16_matches_fp32_truth():
-    q, k, v, do, scale = _case(37, 14, 2, mx.bfloat16)
+@pytest.mark.parametrize("T", [1, 37])
+def test_bf16_matches_fp32_truth(T):
+    q, k, v, do, scale = _case(T, 14, 2, mx.bfloat16)
     f32 = [a.astype(mx.float32) for a in (q, k, v, do)]
     o_ref, grads_ref = ref_vjp(lambda q, k, v: attention_ref(q, k, v, scale), f32[:3], f32[3])
     to16 = lambda a: a.astype(mx.bfloat16)
@@ -98,19 +99,72 @@ def test_attention_window_softcap(window, softcap_c, chunk, H, K):
                      attention_backward_chunked(do, q, k, v, o_ref, sc, chunk, **kw), grads)
 
 
-def test_attention_window_matches_mlx_lm_mask():
-    q, k, v, _, sc = _attn_case(13, 4, 2)
-    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=sc,
-                                               mask=create_causal_mask(13, window_size=4))
-    assert_close("o", attention_chunked(q, k, v, sc, 5, window=4), ref)
+def _sdpa_window(q, k, v, sc, window):
+    """Independent reference: the fused kernel with mlx-lm's full bool window mask."""
+    mask = create_causal_mask(q.shape[2], window_size=window)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=sc, mask=mask)
 
 
-def test_attention_window_softcap_bf16():
+@pytest.mark.parametrize("T,window,chunk", [(13, 1, 5), (13, 4, 3), (13, 4, 5), (16, 4, 4),
+                                            (13, 13, 4), (13, 20, 6), (1, 4, 1)])
+@pytest.mark.parametrize("H,K", [(4, 2), (3, 1)])
+def test_window_vs_mlx_lm_mask(T, window, chunk, H, K):
+    q, k, v, do, sc = _attn_case(T, H, K, seed=2)
+    o_ref, grads = ref_vjp(lambda q, k, v: _sdpa_window(q, k, v, sc, window), (q, k, v), do)
+    assert_close("o chunked", attention_chunked(q, k, v, sc, chunk, window=window), o_ref)
+    assert_all_close(("dq", "dk", "dv"),
+                     attention_backward_chunked(do, q, k, v, o_ref, sc, chunk, window=window),
+                     grads)
+
+
+def test_window_at_least_T_is_causal():
+    q, k, v, do, sc = _attn_case(13, 4, 2)
+    o = attention_chunked(q, k, v, sc, 5)
+    grads = attention_backward_chunked(do, q, k, v, o, sc, 5)
+    for W in (13, 50):
+        assert mx.array_equal(attention_chunked(q, k, v, sc, 5, window=W), o).item()
+        for a, b in zip(attention_backward_chunked(do, q, k, v, o, sc, 5, window=W), grads):
+            assert mx.array_equal(a, b).item()
+
+
+def test_window_reads_only_its_keys():
+    """NaN in key/value 0: blocks whose window starts after 0 must never touch it."""
+    q, k, v, do, sc = _attn_case(13, 4, 2)
+    k, v = k.at[:, :, 0].add(mx.nan), v.at[:, :, 0].add(mx.nan)
+    o = attention_chunked(q, k, v, sc, 4, window=4)                # blocks [4, 8) on: k0 >= 1
+    dq, dk, dv = attention_backward_chunked(do, q, k, v, o, sc, 4, window=4)
+    for name, t in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert mx.all(mx.isfinite(t[:, :, 4:])).item(), f"{name} read a key outside its window"
+
+
+def test_softcap_matches_gemma2_attention():
+    """Our softcapped (and windowed) attention inside mlx-lm's gemma2 Attention module."""
+    from mlx_lm.models import gemma2
+    mx.random.seed(0)
+    args = gemma2.ModelArgs("gemma2", hidden_size=32, num_hidden_layers=1,
+                            intermediate_size=64, num_attention_heads=4, head_dim=8,
+                            rms_norm_eps=1e-6, vocab_size=16, num_key_value_heads=2,
+                            attn_logit_softcapping=2.0, query_pre_attn_scalar=8.0)
+    att = gemma2.Attention(args)
+    x = Rng(7).normal((2, 13, 32))
+    heads = lambda y, n: y.reshape(2, 13, n, 8).transpose(0, 2, 1, 3)
+    q, k = att.rope(heads(att.q_proj(x), 4)), att.rope(heads(att.k_proj(x), 2))
+    v = heads(att.v_proj(x), 2)
+    for window in (None, 4):
+        o = attention_chunked(q, k, v, att.scale, 5, window=window, softcap=2.0)
+        ours = att.o_proj(o.transpose(0, 2, 1, 3).reshape(2, 13, 32))
+        assert_close(f"window {window}", ours,
+                     att(x, mask=create_causal_mask(13, window_size=window)))
+
+
+@pytest.mark.parametrize("window,softcap_c", [(None, 2.0), (4, None), (4, 2.0)])
+def test_attention_window_softcap_bf16(window, softcap_c):
     q, k, v, do, sc = _attn_case(13, 4, 2, mx.bfloat16)
     f32 = [t.astype(mx.float32) for t in (q, k, v, do)]
-    kw = dict(window=4, softcap=2.0)
-    _, grads = ref_vjp(lambda q, k, v: attention_ref(q, k, v, sc, **kw), f32[:3], f32[3])
+    kw = dict(window=window, softcap=softcap_c)
+    o_ref, grads = ref_vjp(lambda q, k, v: attention_ref(q, k, v, sc, **kw), f32[:3], f32[3])
     o = attention_chunked(q, k, v, sc, 5, **kw)
+    assert_close("o", o, o_ref.astype(mx.bfloat16))
     assert_all_close(("dq", "dk", "dv"),
                      attention_backward_chunked(do, q, k, v, o, sc, 5, **kw),
                      [g.astype(mx.bfloat16) for g in grads])

@@ -2,6 +2,7 @@
 vs mx.vjp of the reference; forward vs mx.fast.rms_norm and mlx-lm's norm modules."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx_lm.models import gemma3_text
 
@@ -59,8 +60,17 @@ def test_rmsnorm_effective_weight(kind, shape, dtype):
     assert_close("dx", rmsnorm_backward(dy, x, w, 1e-6), dx_ref)
 
 
-def test_gemma_norm_matches_mlx_lm():
-    n = gemma3_text.RMSNorm(16, eps=1e-6)
-    n.weight = Rng(1).normal((16,), mx.bfloat16, std=0.5)
-    x = Rng(2).normal((3, 16), mx.bfloat16)
-    assert mx.array_equal(n(x), rmsnorm(x, effective_weight(n.weight, "1+w"), 1e-6)).item()
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 16), (2, 3, 5, 16)])       # full width, per head
+def test_norms_match_mlx_lm(shape, dtype):
+    """Bit-equal to nn.RMSNorm (w) and gemma3_text.RMSNorm (1 + w, q/k norms too)."""
+    rng = Rng(1)
+    x = rng.normal(shape, dtype)
+    for kind, n in (("w", nn.RMSNorm(16, eps=1e-6)), ("1+w", gemma3_text.RMSNorm(16, eps=1e-6))):
+        n.weight = rng.normal((16,), dtype, std=0.5)
+        y = rmsnorm(x, effective_weight(n.weight, kind), 1e-6)
+        assert mx.array_equal(n(x), y).item(), kind
+    assert mx.array_equal(rmsnorm(x, effective_weight(n.weight, "none"), 1e-6),
+                          mx.fast.rms_norm(x, None, 1e-6)).item()
+    with pytest.raises(ValueError, match="kind"):
+        effective_weight(n.weight, "1-w")

@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm.models.rope_utils import SuScaledRoPE, initialize_rope
+from mlx_lm.models.smollm3 import NoPE
 
 from gradcheck import Rng, assert_close, ref_vjp
 from mesp_mlx.ops.rope import (Rope, rope, rope_apply, rope_apply_backward, rope_apply_ref,
@@ -80,9 +81,12 @@ def _rope_modules():
         "traditional": nn.RoPE(16, traditional=True, base=500.0),
         "linear": initialize_rope(16, 10000.0, False, dict(rope_type="linear", factor=8.0)),
         "llama3": initialize_rope(16, 500000.0, False, llama3, 131072),
+        "llama3-traditional": initialize_rope(16, 500000.0, True, llama3, 131072),
         "yarn": initialize_rope(16, 10000.0, False, yarn, 256),
         "longrope-partial": SuScaledRoPE(8, 10000.0, 1024, 64, [1.0, 1.2, 1.4, 1.6],
                                          [1.0, 2.0, 3.0, 4.0]),
+        "dynamic": initialize_rope(16, 10000.0, False, dict(rope_type="dynamic", factor=2.0),
+                                   32),
     }
 
 
@@ -93,7 +97,7 @@ def test_rope_variants(name, dtype):
     spec = rope_from_module(mod)
     rng = Rng(5)
     x, dy = rng.normal((2, 3, 11, 16), dtype), rng.normal((2, 3, 11, 16), dtype)
-    assert_close("vs mlx-lm module", rope_apply(x, spec), mod(x))
+    assert mx.array_equal(rope_apply(x, spec), mod(x)).item(), "differs from the module"
     y, (dx,) = ref_vjp(lambda x: rope_apply_ref(x, spec), (x,), dy)
     assert_close("y", rope_apply(x, spec), y)
     assert_close("dx", rope_apply_backward(dy, spec), dx)
@@ -104,6 +108,11 @@ def test_rope_spec_fields():
     assert rope_from_module(m["longrope-partial"]).mscale > 1.0      # _scale != 1
     assert rope_from_module(m["yarn"]).mscale != 1.0
     assert rope_from_module(m["linear"]).scale == 1 / 8
+    assert rope_from_module(m["dynamic"]).max_positions == 32
+    assert rope_from_module(NoPE()) is None
+    assert rope_from_module(m["llama3"]) == rope_from_module(m["llama3"])
+    assert rope_from_module(m["llama3"]) != rope_from_module(m["yarn"])
+    assert len({rope_from_module(m["plain"]), Rope(16, base=10000.0)}) == 1
 
     class Odd(nn.Module):
         pass
