@@ -173,10 +173,10 @@ def sweep_section(sweep, rows):
     ref = {(r["model"], r["T"], r["r"]): r for r in rows if r["method"] == "autodiff"}
     body = []
     for r in rows:
-        lead = [r["model"]] if sweep["kind"] == "size" else []
+        lead = [r["model"]] if sweep["kind"] in ("size", "family") else []
         body.append(lead + [r["method"], r["T"], r["r"]]
                     + _cells(r, ref.get((r["model"], r["T"], r["r"]))))
-    head = (["model"] if sweep["kind"] == "size" else []) + ["method", "T", "r"] + HEAD
+    head = (["model"] if sweep["kind"] in ("size", "family") else []) + ["method", "T", "r"] + HEAD
     lines += _table(head, body)
     if sweep["kind"] == "seq":
         lines += slope_lines(rows)
