@@ -9,9 +9,16 @@ Backward with G = dL/dout (each step the chain rule of one line above):
     dr2 = N_mo'(α G);  dm = down'(dr2);  dg, du = act'(dm);  dh = G + N_mi'(proj'(dg, du))
     dr1 = N_ao'(α dh); do = o_proj'(dr1); dq, dk, dv = attn'(do)
     dq, dk = N_q'(RoPE'(dq)), N_k'(RoPE'(dk));  dx = dh + N_ai'(proj'(dq, dk, dv))
-Stored across the mid-block barrier: a, q, k, v (after RoPE), o, r1 if N_ao, the
-pre-norm q/k if N_q. Freed there: the MLP's T×F tensors. Recomputed: all of it from
-the block input x; down_proj's output only where a post-MLP norm needs it.
+Everything but attn is position-wise, so it runs over token chunks (`token_spans`:
+the widest chunk tensor, T_c × F, holds about opt.token_chunk_bytes), one
+evaluation per chunk, LoRA gradients summed over chunks. Four phases:
+  1. q, k, v for all T, chunk by chunk (kept: pre-norm q/k too if N_q);
+  2. attention → o; per chunk: h, the MLP forward and backward, dh, do and δ
+     (dh written over G, do over o);
+  3. attention backward in query blocks (ops/attention.py) → dq, dk, dv;
+  4. per chunk: RoPE'/N_q' and the q/k/v backward; dx written over dh.
+Kept for all T: x, q, k, v, o → do, G → dh → dx, dq, dk, dv (T × (D, H·hd, K·hd)):
+the MLP's T × F tensors exist for one chunk only.
 """
 
 from typing import Optional
@@ -20,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .layers import LoRALinear
-from .ops.attention import attention_backward_chunked, attention_chunked
+from .ops.attention import attention_backward_rows, attention_chunked, attention_delta
 from .ops.frozen import FrozenWeight
 from .ops.geglu import geglu, geglu_backward
 from .ops.lora_linear import lora_linear, lora_linear_backward
@@ -37,40 +44,51 @@ ACTS = {"silu": (swiglu, swiglu_backward),
 
 
 # ------------------------------------------------------------ projections
-def lin(mod, x):
-    """Forward of a frozen or LoRA projection."""
+def _frozen(mod) -> FrozenWeight:
+    return FrozenWeight.of(mod.linear if isinstance(mod, LoRALinear) else mod)
+
+
+def lin(mod, x, at=None):
+    """Forward of a frozen or LoRA projection; at = (t0, T) when x is a token chunk
+    (the chunk's rows of the dropout mask)."""
     if isinstance(mod, LoRALinear):
         return lora_linear(x, FrozenWeight.of(mod.linear), mod.lora_a, mod.lora_b,
-                           mod.scale, mod.linear.get("bias"), mod.drop_multiplier(x))
+                           mod.scale, mod.linear.get("bias"), mod.drop_multiplier(x, at))
     return lora_linear(x, FrozenWeight.of(mod), bias=mod.get("bias"))
 
 
-def lin_bwd(paths, mod, g, x, flat, need_dx=True):
-    """dx of a projection; LoRA grads go to `flat` under mlx-lm's names."""
+def lin_bwd(paths, mod, g, x, flat, need_dx=True, at=None):
+    """dx of a projection; LoRA grads are added into `flat` under mlx-lm's names."""
     if not isinstance(mod, LoRALinear):
         return FrozenWeight.of(mod).gW(g) if need_dx else None
     dx, dA, dB = lora_linear_backward(g, x, FrozenWeight.of(mod.linear), mod.lora_a,
-                                      mod.lora_b, mod.scale, mod.drop_multiplier(x),
+                                      mod.lora_b, mod.scale, mod.drop_multiplier(x, at),
                                       need_dx)
     p = paths[id(mod)]
-    flat[p + ".lora_a"], flat[p + ".lora_b"] = dA, dB
+    _acc(flat, p + ".lora_a", dA)
+    _acc(flat, p + ".lora_b", dB)
     return dx
 
 
-def proj(p, x):
+def _acc(flat, key, d):
+    flat[key] = d if key not in flat else flat[key] + d
+
+
+def proj(p, x, at=None):
     """Outputs of separate projections, or the parts of one fused projection."""
     if isinstance(p, Fused):
-        y = lin(p.module, x)
+        y = lin(p.module, x, at)
         cuts = [sum(p.sizes[:i + 1]) for i in range(len(p.sizes) - 1)]
         return mx.split(y, cuts, axis=-1)
-    return [lin(m, x) for m in p]
+    return [lin(m, x, at) for m in p]
 
 
-def proj_bwd(paths, p, grads, x, flat, need_dx=True):
+def proj_bwd(paths, p, grads, x, flat, need_dx=True, at=None):
     """Σ dx over the projections (a fused one: one backward of [g1 | g2 | …])."""
     if isinstance(p, Fused):
-        return lin_bwd(paths, p.module, mx.concatenate(grads, axis=-1), x, flat, need_dx)
-    dxs = [lin_bwd(paths, m, g, x, flat, need_dx) for m, g in zip(p, grads)]
+        return lin_bwd(paths, p.module, mx.concatenate(grads, axis=-1), x, flat, need_dx,
+                       at)
+    dxs = [lin_bwd(paths, m, g, x, flat, need_dx, at) for m, g in zip(p, grads)]
     return sum(dxs[1:], dxs[0]) if need_dx else None
 
 
@@ -94,6 +112,38 @@ def _heads(t, n):          # [B,T,n·hd] -> [B,n,T,hd]
 def _tokens(t):            # [B,n,T,hd] -> [B,T,n·hd]
     B, n, T, hd = t.shape
     return t.transpose(0, 2, 1, 3).reshape(B, T, n * hd)
+
+
+# ------------------------------------------------------------ token chunks
+def token_spans(b: BlockSpec, opt, B: int, T: int):
+    """[(t0, t1)]: token chunks whose widest tensor, [B, T_c, F] in fp32, holds about
+    opt.token_chunk_bytes (one chunk when T is short)."""
+    F = _frozen(b.down).shape[1]
+    n = max(1, opt.token_chunk_bytes // (4 * B * F))
+    return [(t, min(t + n, T)) for t in range(0, T, n)]
+
+
+def _rows(a, t0, t1, axis):
+    return a[(slice(None),) * axis + (slice(t0, t1),)]
+
+
+def _take(a, t0, t1, axis):
+    """A copy of rows t0…t1 (a token-axis slice), so that writing the chunk's result
+    into `a` afterwards (`_put`) reuses a's buffer instead of copying all of it."""
+    return mx.contiguous(_rows(a, t0, t1, axis))
+
+
+def _put(buf, part, t0, t1, T, axis):
+    """Rows t0…t1 of an all-T result: `part` itself if it spans T, else written into
+    buf (allocated on first use; MLX updates a sole-owner buffer in place)."""
+    if t1 - t0 == T:
+        return part
+    if buf is None:
+        shape = list(part.shape)
+        shape[axis] = T
+        buf = mx.zeros(shape, part.dtype)
+    buf[(slice(None),) * axis + (slice(t0, t1),)] = part
+    return buf
 
 
 # ------------------------------------------------------------ attention
@@ -134,8 +184,9 @@ def _attend(b: BlockSpec, q, k, v, opt):
                              softcap=b.softcap)
 
 
-def _qk(b: BlockSpec, q, k):
-    """Pre-RoPE q/k norms (full width or per head) and RoPE; q, k in token layout."""
+def _qk(b: BlockSpec, q, k, t0=0):
+    """Pre-RoPE q/k norms (full width or per head) and RoPE at positions t0…;
+    q, k in token layout."""
     qf, kf = q, k
     if b.q_norm is not None and b.qk_norm_full:
         q, k = b.q_norm(q), b.k_norm(k)
@@ -144,14 +195,14 @@ def _qk(b: BlockSpec, q, k):
     if b.q_norm is not None and not b.qk_norm_full:
         q, k = b.q_norm(q), b.k_norm(k)
     if b.rope is not None:
-        q, k = rope_apply(q, b.rope), rope_apply(k, b.rope)
+        q, k = rope_apply(q, b.rope, t0), rope_apply(k, b.rope, t0)
     return q, k, (qf, kf) if b.qk_norm_full else (qh, kh)
 
 
-def _qk_bwd(b: BlockSpec, dq, dk, pre):
+def _qk_bwd(b: BlockSpec, dq, dk, pre, t0=0):
     """dq, dk (head layout, after RoPE) -> token layout before the norms."""
     if b.rope is not None:
-        dq, dk = rope_apply_backward(dq, b.rope), rope_apply_backward(dk, b.rope)
+        dq, dk = rope_apply_backward(dq, b.rope, t0), rope_apply_backward(dk, b.rope, t0)
     if b.q_norm is not None and not b.qk_norm_full:
         dq = _norm_bwd(b.q_norm, dq, pre[0])
         dk = _norm_bwd(b.k_norm, dk, pre[1])
@@ -163,61 +214,130 @@ def _qk_bwd(b: BlockSpec, dq, dk, pre):
 
 
 # ------------------------------------------------------------ the block
-def attention_half(b: BlockSpec, x, opt):
-    """a, (q, k, v, o) after RoPE in head layout, pre-norm q/k, r1, h = x + α N_ao(r1)."""
-    a = _norm(b.attn_in, x)
-    q, k, v = proj(b.qkv, a)
-    q, k, pre = _qk(b, q, k)
-    v = _heads(v, b.K)
-    o = _attend(b, q, k, v, opt)
-    r1 = lin(b.o, _tokens(o))
-    return a, (q, k, v, o), pre, r1, x + _scaled(_norm(b.attn_out, r1), b.residual)
+def _has_lora(p) -> bool:
+    return any(isinstance(m, LoRALinear) for m in ((p.module,) if isinstance(p, Fused) else p))
 
 
-def mlp_half(b: BlockSpec, h):
+def _pre_axis(b: BlockSpec):
+    return 1 if b.qk_norm_full else 2      # token layout [B,T,·] or heads [B,n,T,hd]
+
+
+def attention_inputs(b: BlockSpec, x, spans):
+    """Phase 1: q, k (after RoPE), v in head layout for all T, and the pre-norm q/k
+    (if the block has q/k norms), one token chunk at a time."""
+    T = x.shape[1]
+    q = k = v = pq = pk = None
+    for t0, t1 in spans:
+        at = (t0, T)
+        qc, kc, vc = proj(b.qkv, _norm(b.attn_in, x[:, t0:t1]), at)
+        qc, kc, (pqc, pkc) = _qk(b, qc, kc, t0)
+        q, k, v = (_put(buf, c, t0, t1, T, 2)
+                   for buf, c in ((q, qc), (k, kc), (v, _heads(vc, b.K))))
+        if b.q_norm is not None:
+            ax = _pre_axis(b)
+            pq, pk = _put(pq, pqc, t0, t1, T, ax), _put(pk, pkc, t0, t1, T, ax)
+        mx.eval(q, k, v, *([pq, pk] if b.q_norm is not None else []))
+    return q, k, v, (pq, pk)
+
+
+def mlp_half(b: BlockSpec, h, at=None):
     """m_in, gate, up, m = act(gate) ⊙ up: the MLP up to (not through) down_proj."""
     m_in = _norm(b.mlp_in, h)
-    gate, up = proj(b.gate_up, m_in)
+    gate, up = proj(b.gate_up, m_in, at)
     return m_in, gate, up, ACTS[b.act][0](gate, up)
+
+
+def _residual_in(b: BlockSpec, x, o, at):
+    """r1 = o_proj(o), h = x + α N_ao(r1) for a token chunk (o in head layout)."""
+    r1 = lin(b.o, _tokens(o), at)
+    return r1, x + _scaled(_norm(b.attn_out, r1), b.residual)
 
 
 def block_forward(b: BlockSpec, x, opt):
     """The block's output through the same ops as its recompute."""
-    h = attention_half(b, x, opt)[-1]
-    m = mlp_half(b, h)[-1]
-    return h + _scaled(_norm(b.mlp_out, lin(b.down, m)), b.residual)
+    B, T, _ = x.shape
+    spans = token_spans(b, opt, B, T)
+    q, k, v, _ = attention_inputs(b, x, spans)
+    o = _attend(b, q, k, v, opt)
+    del q, k, v
+    out = None
+    for t0, t1 in spans:
+        at = (t0, T)
+        _, h = _residual_in(b, x[:, t0:t1], o[:, :, t0:t1], at)
+        m = mlp_half(b, h, at)[-1]
+        out = _put(out, h + _scaled(_norm(b.mlp_out, lin(b.down, m, at)), b.residual),
+                   t0, t1, T, 1)
+        if len(spans) > 1:
+            mx.eval(out)
+    return out
+
+
+def _mlp_chunk_backward(paths, b: BlockSpec, x, o, g, flat, at):
+    """Phase 2 for one chunk: recompute h and the MLP, backprop G; returns
+    (dh, do, δ) of the chunk (o, do in head layout)."""
+    r1, h = _residual_in(b, x, o, at)
+    m_in, gate, up, m = mlp_half(b, h, at)
+    dr2 = _scaled(g, b.residual)
+    if b.mlp_out is not None:
+        dr2 = _norm_bwd(b.mlp_out, dr2, lin(b.down, m, at))
+    dm = lin_bwd(paths, b.down, dr2, m, flat, at=at)
+    dgate, dup = ACTS[b.act][1](dm, gate, up)
+    del m, dm, dr2, gate, up
+    dh = g + _norm_bwd(b.mlp_in, proj_bwd(paths, b.gate_up, [dgate, dup], m_in, flat,
+                                          at=at), h)
+    del dgate, dup, m_in, h
+    dr1 = _norm_bwd(b.attn_out, _scaled(dh, b.residual), r1)
+    do = _heads(lin_bwd(paths, b.o, dr1, _tokens(o), flat, at=at), b.H)
+    return dh, do, attention_delta(do, o)
 
 
 def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True):
     """Recompute the block from its input x and backprop G = dL/dout; returns dL/dx
-    (LoRA gradients into `flat`). Evaluates once mid-block to free the MLP tensors."""
-    a, (q, k, v, o), pre, r1, h = attention_half(b, x, opt)
-    if b.attn_out is None:
-        r1 = None
-    m_in, gate, up, m = mlp_half(b, h)
+    (LoRA gradients added into `flat`). Over several token chunks G's buffer is
+    reused for dL/dh and then dL/dx (the caller must not read g afterwards)."""
+    B, T, _ = x.shape
+    spans = token_spans(b, opt, B, T)
+    q, k, v, pre = attention_inputs(b, x, spans)
+    o = _attend(b, q, k, v, opt)
+    mx.eval(o)
 
-    # MLP: out = h + α N_mo(down(m))
-    dr2 = _scaled(g, b.residual)
-    if b.mlp_out is not None:
-        dr2 = _norm_bwd(b.mlp_out, dr2, lin(b.down, m))
-    dm = lin_bwd(paths, b.down, dr2, m, flat)
-    dgate, dup = ACTS[b.act][1](dm, gate, up)
-    del m, dm, dr2, gate, up
-    dh = g + _norm_bwd(b.mlp_in, proj_bwd(paths, b.gate_up, [dgate, dup], m_in, flat), h)
-    del dgate, dup, m_in, h
-    mx.eval(dh, a, q, k, v, o, *pre, *([r1] if r1 is not None else []),
-            *flat.values())                               # barrier: MLP tensors freed
+    # phase 2: dh over G's buffer, do over o's, δ = rowsum(do ⊙ o)
+    take = _take if len(spans) > 1 else _rows
+    dh, delta = g, None
+    for t0, t1 in spans:
+        xc, oc, gc = _rows(x, t0, t1, 1), take(o, t0, t1, 2), take(dh, t0, t1, 1)
+        mx.eval(oc, gc)
+        dhc, doc, dc = _mlp_chunk_backward(paths, b, xc, oc, gc, flat, (t0, T))
+        del oc, gc
+        dh = _put(dh, dhc, t0, t1, T, 1)
+        o = _put(o, doc, t0, t1, T, 2)
+        delta = _put(delta, dc, t0, t1, T, 2)
+        mx.eval(dh, o, delta, *flat.values())
+    do = o
+    del o, dhc, doc, dc
 
-    # attention: h = x + α N_ao(o_proj(o))
-    dr1 = _norm_bwd(b.attn_out, _scaled(dh, b.residual), r1)
-    do = _heads(lin_bwd(paths, b.o, dr1, _tokens(o), flat), b.H)
-    del dr1, r1
-    dq, dk, dv = attention_backward_chunked(do, q, k, v, o, b.scale,
-                                            _chunk(opt, b.H, q.shape[2]),
-                                            window=b.window, softcap=b.softcap)
-    del do, q, k, v, o
-    dq, dk = _qk_bwd(b, dq, dk, pre)
-    da = proj_bwd(paths, b.qkv, [dq, dk, _tokens(dv)], a, flat, need_dx)
-    if not need_dx:
+    # phase 3: attention backward in query blocks
+    dq, dk, dv = attention_backward_rows(
+        lambda t0, t1: (do[:, :, t0:t1], delta[:, :, t0:t1]), q, k, v, b.scale,
+        _chunk(opt, b.H, T), window=b.window, softcap=b.softcap)
+    del do, delta, q, k, v
+    if not need_dx and not _has_lora(b.qkv):
         return dh                                           # unused by the caller
-    return dh + _norm_bwd(b.attn_in, da, x)
+
+    # phase 4: q/k/v backward per chunk; dx over dh's buffer
+    for t0, t1 in spans:
+        at = (t0, T)
+        xc = _rows(x, t0, t1, 1)
+        dqc, dkc = _qk_bwd(b, dq[:, :, t0:t1], dk[:, :, t0:t1],
+                           [None if p is None else _rows(p, t0, t1, _pre_axis(b))
+                            for p in pre], t0)
+        da = proj_bwd(paths, b.qkv, [dqc, dkc, _tokens(dv[:, :, t0:t1])],
+                      _norm(b.attn_in, xc), flat, need_dx, at)
+        if need_dx:
+            dhc = take(dh, t0, t1, 1)
+            mx.eval(dhc)
+            dh = _put(dh, dhc + _norm_bwd(b.attn_in, da, xc), t0, t1, T, 1)
+            del dhc
+        del da, dqc, dkc
+        mx.eval(*([dh] if need_dx else []), *flat.values())
+    return dh

@@ -42,13 +42,18 @@ class LoRALinear(nn.Module):
     def rank(self) -> int:
         return self.lora_a.shape[1]
 
-    def drop_multiplier(self, x: mx.array) -> Optional[mx.array]:
-        """m = mask / (1 - p) for this step, or None (no dropout / eval mode)."""
+    def drop_multiplier(self, x: mx.array, at=None) -> Optional[mx.array]:
+        """m = mask / (1 - p) for this step, or None (no dropout / eval mode).
+        at = (t0, T): x holds token rows t0… of a [B, T, d_in] input, so m is those
+        rows of the full input's mask (drawn whole: T·d_in bytes for a moment)."""
         if not self.training or self.dropout <= 0:
             return None
         keep = 1.0 - self.dropout
         key = self._drop_key if self._drop_key is not None else mx.random.key(0)
-        mask = mx.random.bernoulli(keep, x.shape, key=key)
+        full = x.shape if at is None else (x.shape[0], at[1], *x.shape[2:])
+        mask = mx.random.bernoulli(keep, full, key=key)
+        if tuple(full) != tuple(x.shape):
+            mask = mask[:, at[0]:at[0] + x.shape[1]]
         return mask.astype(x.dtype) / keep
 
     def __call__(self, x):

@@ -37,6 +37,7 @@ class EngineOptions:
     head_chunk_bytes: int = 8 << 20   # fp32 logits per loss-head tile [rows, vocab slice]
     head_rows: int = 512              # token rows per loss-head tile
     attn_chunk_bytes: int = 8 << 20   # attention probs per query block (rows = this / 4HT)
+    token_chunk_bytes: int = 8 << 20  # widest per-chunk tensor of a block (rows = this / 4BF)
     clear_cache: str = "step"         # allocator cache: "none", "step" or "block" (mx.clear_cache)
     fused_attention: Optional[bool] = None  # None: fused SDPA where it is memory-efficient
     verify: bool = True               # check the spec against the model once (verify.py)

@@ -276,3 +276,42 @@ def test_options_do_not_change_gradients(opts, family):
                                       options=EngineOptions(**opts))
     assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
     compare(g, g_ref, mx.float32)
+
+
+def _chunk_opts(model, B, rows, **kw):
+    """EngineOptions whose token chunks are `rows` tokens (the bytes of [B, rows, F])."""
+    F = mesp_mlx.schedule.model_spec(model, "mesp", 8).blocks[-1].down
+    F = mesp_mlx.block._frozen(F).shape[1]
+    return EngineOptions(token_chunk_bytes=4 * B * F * rows, **kw)
+
+
+@pytest.mark.parametrize("rows", [5, 4])                  # 13 = 5+5+3 = 4+4+4+1
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_chunks_are_exact(family, rows):
+    """Token-chunked recompute/backward = unchunked mesp (fp32 rounding) = autodiff,
+    for chunk sizes that do not divide T, on every family."""
+    from mesp_mlx.block import token_spans
+
+    model = make({}, family=family)
+    x, y, mask = batch(13)
+    opt = _chunk_opts(model, 2, rows)
+    spec = mesp_mlx.schedule.model_spec(model, "mesp", 13)
+    assert len(token_spans(spec.blocks[0], opt, 2, 13)) == -(-13 // rows)
+    loss_ref, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
+    loss_one, g_one = mesp_mlx.value_and_grad(model, x, y, mask, method="mesp")
+    loss, g = mesp_mlx.value_and_grad(model, x, y, mask, method="mesp", options=opt)
+    assert abs(loss.item() - loss_one.item()) <= 1e-6 * abs(loss_one.item())
+    compare(g, g_one, mx.float32)
+    compare(g, g_ref, mx.float32)
+
+
+def test_token_chunks_keep_dropout_masks():
+    """A chunk's dropout mask is its rows of the whole input's mask (same as autodiff)."""
+    model = make({}, dropout=0.3)
+    x, y, mask = batch(11)
+    mx.random.seed(3)
+    _, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
+    mx.random.seed(3)
+    _, g = mesp_mlx.value_and_grad(model, x, y, mask, method="mesp",
+                                   options=_chunk_opts(model, 2, 4))
+    compare(g, g_ref, mx.float32)

@@ -103,6 +103,25 @@ def test_rope_variants(name, dtype):
     assert_close("dx", rope_apply_backward(dy, spec), dx)
 
 
+@pytest.mark.parametrize("name", ["plain", "traditional", "llama3", "yarn", "longrope-partial"])
+def test_rope_offset_is_a_token_chunk(name):
+    """Rows t0…t1 of the full rotation (and of its backward) = the chunk at offset t0."""
+    spec = rope_from_module(_rope_modules()[name])
+    rng = Rng(6)
+    x, dy = rng.normal((1, 2, 13, 16)), rng.normal((1, 2, 13, 16))
+    t0, t1 = 5, 11
+    full, back = rope_apply(x, spec), rope_apply_backward(dy, spec)
+    assert_close("y chunk", rope_apply(x[:, :, t0:t1], spec, t0), full[:, :, t0:t1])
+    assert_close("dx chunk", rope_apply_backward(dy[:, :, t0:t1], spec, t0),
+                 back[:, :, t0:t1])
+    y, (dx,) = ref_vjp(lambda x: rope_apply_ref(x, spec, t0), (x[:, :, t0:t1],),
+                       dy[:, :, t0:t1])
+    assert_close("y ref", rope_apply(x[:, :, t0:t1], spec, t0), y)
+    assert_close("dx ref", rope_apply_backward(dy[:, :, t0:t1], spec, t0), dx)
+    with pytest.raises(AssertionError):          # the offset matters
+        assert_close("no offset", rope_apply(x[:, :, t0:t1], spec), full[:, :, t0:t1])
+
+
 def test_rope_spec_fields():
     m = _rope_modules()
     assert rope_from_module(m["longrope-partial"]).mscale > 1.0      # _scale != 1
@@ -120,3 +139,5 @@ def test_rope_spec_fields():
         rope_from_module(Odd())
     with pytest.raises(ValueError, match="positions"):
         rope_apply(mx.zeros((1, 1, 9, 4)), Rope(4, base=10.0, max_positions=8))
+    with pytest.raises(ValueError, match="positions"):
+        rope_apply(mx.zeros((1, 1, 4, 4)), Rope(4, base=10.0, max_positions=8), offset=5)

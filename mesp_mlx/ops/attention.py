@@ -15,8 +15,8 @@ keys [max(0, t0 − W + 1), t1) only (O(T·W) work).
 Stored: `attention_backward` keeps P ([B,K,G·T,T] = H·T² values, quadratic in T).
 `attention_backward_chunked` keeps only O and recomputes P for one block of
 query rows at a time (rows are independent under softmax), with an evaluation
-barrier per block: memory O(H·chunk·T) instead of O(H·T²). A later tiled
-version could keep a per-row log-sum-exp instead of O.
+barrier per block: memory O(H·chunk·T) instead of O(H·T²). O enters only through
+δ, so `attention_backward_rows` takes dO and δ per query block from a callback.
 """
 
 import mlx.core as mx
@@ -67,10 +67,14 @@ def attention(q, k, v, scale, *, window=None, softcap=None):
     return _heads(p @ v, H), p
 
 
-def _backward_rows(do, q, k, v, o, p, scale, capped=None, softcap=None):
+def attention_delta(do, o):
+    """δ = rowsum(dO ⊙ O) in fp32, [..., rows, 1]."""
+    return mx.sum(do.astype(mx.float32) * o.astype(mx.float32), axis=-1, keepdims=True)
+
+
+def _backward_rows(do, q, k, v, delta, p, scale, capped=None, softcap=None):
     """Gradients for a block of query rows (all arrays in [B,K,rows,·] layout)."""
     dp = do @ v.swapaxes(-1, -2)                                  # [B,K,R,Tk]
-    delta = mx.sum(do.astype(mx.float32) * o.astype(mx.float32), axis=-1, keepdims=True)
     ds = p * (dp - delta.astype(dp.dtype))
     if softcap is not None:
         r = capped / softcap
@@ -88,8 +92,9 @@ def attention_backward(do, q, k, v, o, p, scale, *, window=None, softcap=None):
     capped = None
     if softcap is not None:     # the capped scores, recomputed (P alone cannot give them)
         _, capped = _scores(_rows(q, K), k, scale, H // K, 0, 0, window, softcap)
-    dq, dk, dv = _backward_rows(_rows(do, K), _rows(q, K), k, v, _rows(o, K), p, scale,
-                                capped, softcap)
+    dq, dk, dv = _backward_rows(_rows(do, K), _rows(q, K), k, v,
+                                _rows(attention_delta(do, o), K),
+                                p, scale, capped, softcap)
     return _heads(dq, H), dk, dv
 
 
@@ -104,25 +109,43 @@ def attention_backward_chunked(do, q, k, v, o, scale, chunk, *, window=None,
     Query block [t0, t1) only attends to keys [k0, t1) (k0 = 0, or the window's
     start), so the masked work is skipped. Evaluates after each block (memory barrier).
     """
+    def rows(t0, t1):
+        doc = do[:, :, t0:t1]
+        return doc, attention_delta(doc, o[:, :, t0:t1])
+
+    return attention_backward_rows(rows, q, k, v, scale, chunk, window=window,
+                                   softcap=softcap)
+
+
+def attention_backward_rows(do_rows, q, k, v, scale, chunk, *, window=None, softcap=None):
+    """attention_backward_chunked with dO made per query block: do_rows(t0, t1) ->
+    (dO [B,H,t1−t0,hd], δ [B,H,t1−t0,1]). The block driver builds dO there from
+    the output projection's backward, so neither dO nor O is kept for all T."""
     B, H, T, hd = q.shape
     K = k.shape[1]
     G = H // K
-    dq_blocks = []
+    dq = None
     dk = mx.zeros(k.shape, k.dtype)
     dv = mx.zeros(v.shape, v.dtype)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         k0 = _key_start(t0, window)
-        qc, doc, oc = (_rows(a[:, :, t0:t1], K) for a in (q, do, o))
+        doc, delta = do_rows(t0, t1)
+        qc, doc, delta = (_rows(a, K) for a in (q[:, :, t0:t1], doc, delta))
         kc, vc = k[:, :, k0:t1], v[:, :, k0:t1]
         s, capped = _scores(qc, kc, scale, G, t0, k0, window, softcap)
         p = mx.softmax(s, axis=-1, precise=True)
-        dqc, dkc, dvc = _backward_rows(doc, qc, kc, vc, oc, p, scale, capped, softcap)
-        dq_blocks.append(_heads(dqc, H))
+        dqc, dkc, dvc = _backward_rows(doc, qc, kc, vc, delta, p, scale, capped, softcap)
+        if t1 - t0 == T:
+            dq = _heads(dqc, H)
+        else:
+            if dq is None:
+                dq = mx.zeros(q.shape, q.dtype)
+            dq[:, :, t0:t1] = _heads(dqc, H)
         dk[:, :, k0:t1] += dkc
         dv[:, :, k0:t1] += dvc
-        mx.eval(dq_blocks[-1], dk, dv)
-    return mx.concatenate(dq_blocks, axis=2), dk, dv
+        mx.eval(dq, dk, dv)
+    return dq, dk, dv
 
 
 def attention_chunked(q, k, v, scale, chunk, *, window=None, softcap=None):
@@ -134,15 +157,15 @@ def attention_chunked(q, k, v, scale, chunk, *, window=None, softcap=None):
     H, K, T = q.shape[1], k.shape[1], q.shape[2]
     if chunk >= T:
         return attention(q, k, v, scale, window=window, softcap=softcap)[0]
-    blocks = []
+    o = mx.zeros(q.shape, q.dtype)              # filled in place, block by block
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         k0 = _key_start(t0, window)
         s, _ = _scores(_rows(q[:, :, t0:t1], K), k[:, :, k0:t1], scale, H // K, t0, k0,
                        window, softcap)
-        blocks.append(_heads(mx.softmax(s, axis=-1, precise=True) @ v[:, :, k0:t1], H))
-        mx.eval(blocks[-1])
-    return mx.concatenate(blocks, axis=2)
+        o[:, :, t0:t1] = _heads(mx.softmax(s, axis=-1, precise=True) @ v[:, :, k0:t1], H)
+        mx.eval(o)
+    return o
 
 
 def attention_ref(q, k, v, scale, *, window=None, softcap=None):

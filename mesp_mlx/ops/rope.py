@@ -53,23 +53,25 @@ def _premul(x, spec):
     return x if spec.mscale == 1.0 else x.at[..., :spec.dims].multiply(spec.mscale)
 
 
-def rope_apply(x, spec: Rope):
-    _check_T(x, spec)
+def rope_apply(x, spec: Rope, offset: int = 0):
+    """x: [B, H, T, hd] at positions offset … offset + T − 1 (a token chunk)."""
+    _check_T(x, spec, offset)
     return mx.fast.rope(_premul(x, spec), spec.dims, traditional=spec.traditional,
                         base=spec.base if spec.freqs is None else None, scale=spec.scale,
-                        offset=0, freqs=spec.freqs)
+                        offset=offset, freqs=spec.freqs)
 
 
-def rope_apply_backward(dy, spec: Rope):
+def rope_apply_backward(dy, spec: Rope, offset: int = 0):
     dx = mx.fast.rope(dy, spec.dims, traditional=spec.traditional, base=None,
-                      scale=spec.scale, offset=0, freqs=-spec.periods())
+                      scale=spec.scale, offset=offset, freqs=-spec.periods())
     return _premul(dx, spec)
 
 
-def rope_apply_ref(x, spec: Rope):
+def rope_apply_ref(x, spec: Rope, offset: int = 0):
     """Written out with cos/sin (half-split or interleaved pairs, partial dims)."""
     T, d = x.shape[-2], spec.dims
-    theta = spec.scale * mx.arange(T, dtype=mx.float32)[:, None] / spec.periods()
+    pos = mx.arange(offset, offset + T, dtype=mx.float32)[:, None]
+    theta = spec.scale * pos / spec.periods()
     cos, sin = mx.cos(theta).astype(x.dtype), mx.sin(theta).astype(x.dtype)
     xr, rest = x[..., :d] * spec.mscale, x[..., d:]
     if spec.traditional:
@@ -82,10 +84,11 @@ def rope_apply_ref(x, spec: Rope):
     return mx.concatenate([y, rest], axis=-1)
 
 
-def _check_T(x, spec):
-    if spec.max_positions is not None and x.shape[-2] > spec.max_positions:
+def _check_T(x, spec, offset=0):
+    T = offset + x.shape[-2]
+    if spec.max_positions is not None and T > spec.max_positions:
         raise ValueError(f"dynamic NTK RoPE rescales beyond {spec.max_positions} "
-                         f"positions (got {x.shape[-2]}): use method='autodiff'")
+                         f"positions (got {T}): use method='autodiff'")
 
 
 def rope_from_module(m) -> Optional[Rope]:
