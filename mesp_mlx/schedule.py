@@ -37,7 +37,7 @@ class EngineOptions:
     head_chunk_bytes: int = 8 << 20   # fp32 logits per loss-head tile [rows, vocab slice]
     head_rows: int = 512              # token rows per loss-head tile
     attn_chunk_bytes: int = 8 << 20   # attention probs per query block (rows = this / 4HT)
-    token_chunk_bytes: int = 8 << 20  # widest per-chunk tensor of a block (rows = this / 4BF)
+    token_chunk_bytes: int = 4 << 20  # widest per-chunk tensor of a block (rows = this / 4BF)
     clear_cache: str = "step"         # allocator cache: "none", "step" or "block" (mx.clear_cache)
     fused_attention: Optional[bool] = None  # None: fused SDPA where it is memory-efficient
     verify: bool = True               # check the spec against the model once (verify.py)
@@ -116,17 +116,30 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
 
 
 def _chunked_head(spec, h, targets, mask, opt):
-    """Final norm + tiled head/loss (never the [N, V] logits); (loss, dL/dh)."""
-    V, D = spec.head.shape
-    rows, vocab = head_tiles(opt, h.shape[0] * h.shape[1], V)
-    hf = h.reshape(-1, D)
-    hn = spec.norm(hf)
-    loss, dhn = loss_head_value_and_grad(hn, spec.head, targets.reshape(-1),
-                                         mask.reshape(-1), rows, vocab,
-                                         softcap=spec.final_softcap,
-                                         logit_scale=spec.logit_scale)
-    del hn
-    return loss, rmsnorm_backward(dhn, hf, spec.norm.w, spec.norm.eps).reshape(h.shape)
+    """Final norm + tiled head/loss, one row tile at a time (never the [N, V] logits,
+    nor more than a tile of normed rows); (loss, dL/dh)."""
+    B, T, D = h.shape
+    N, V = B * T, spec.head.shape[0]
+    rows, vocab = head_tiles(opt, N, V)
+    hf, y, m = h.reshape(N, D), targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
+    denom = mx.maximum(m.sum(), 1.0)
+    loss, dh = mx.array(0.0, mx.float32), None
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        hc = hf[n0:n1]
+        lc, dhn = loss_head_value_and_grad(spec.norm(hc), spec.head, y[n0:n1], m[n0:n1],
+                                           rows, vocab, softcap=spec.final_softcap,
+                                           logit_scale=spec.logit_scale, denom=denom)
+        dhc = rmsnorm_backward(dhn, hc, spec.norm.w, spec.norm.eps)
+        loss = loss + lc
+        if n1 - n0 == N:
+            dh = dhc
+        else:
+            dh = mx.zeros(hf.shape, hf.dtype) if dh is None else dh
+            dh[n0:n1] = dhc
+        del dhn, dhc
+        mx.eval(loss, dh)
+    return loss, dh.reshape(h.shape)
 
 
 class _Clock:

@@ -24,20 +24,22 @@ from .frozen import FrozenWeight
 
 
 def loss_head_value_and_grad(hn, W0: FrozenWeight, targets, mask, chunk,
-                             vocab_chunk=None, *, softcap=None, logit_scale=None):
+                             vocab_chunk=None, *, softcap=None, logit_scale=None,
+                             denom=None):
     """hn [N, D], targets [N] int, mask [N] → (loss scalar fp32, dhn [N, D]).
 
     chunk: rows per tile; vocab_chunk: vocabulary entries per tile (None: all);
-    softcap: final-logit cap c; logit_scale: logits are divided by it.
+    softcap: final-logit cap c; logit_scale: logits are divided by it;
+    denom: Σ m of the whole batch when hn is some of its rows (default: these rows').
     """
     N, D = hn.shape
     V = W0.shape[0]
     vc = V if vocab_chunk is None else max(1, min(V, vocab_chunk))
     inv = None if logit_scale is None else 1.0 / logit_scale
     mask = mask.astype(mx.float32)
-    denom = mx.maximum(mask.sum(), 1.0)
+    denom = mx.maximum(mask.sum(), 1.0) if denom is None else denom
     loss = mx.array(0.0, mx.float32)
-    dh_chunks = []
+    dh = None
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         x = hn[n0:n1] if inv is None else hn[n0:n1] * inv          # [c, D]
@@ -52,9 +54,15 @@ def loss_head_value_and_grad(hn, W0: FrozenWeight, targets, mask, chunk,
         if inv is not None:
             w = w * inv
         loss = loss + mx.sum((mu + mx.log(s) - zy) * mask[n0:n1, None] / denom)
-        dh_chunks.append(((acc / s - Wy) * w).astype(hn.dtype))
-        mx.eval(loss, dh_chunks[-1])
-    return loss, mx.concatenate(dh_chunks, axis=0)
+        dhc = ((acc / s - Wy) * w).astype(hn.dtype)
+        if n1 - n0 == N:
+            dh = dhc
+        else:                                    # filled in place, tile by tile
+            dh = mx.zeros(hn.shape, hn.dtype) if dh is None else dh
+            dh[n0:n1] = dhc
+        del dhc
+        mx.eval(loss, dh)
+    return loss, dh
 
 
 def loss_head_value(hn, W0: FrozenWeight, targets, mask, chunk, vocab_chunk=None, *,
