@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, TrainConfig, UserError, add_arguments, resolve
+from .config import ConfigError, Parser, TrainConfig, UserError, add_arguments, resolve
 
 from .memory import MemoryBudgetError
 
@@ -32,7 +32,7 @@ mlx-lm LoRA YAML file works as is. Adapters are mlx-lm's files: use them with
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m mesp_mlx.lora",
         description="Fine-tune an LLM with LoRA at minimal peak memory, exact gradients.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,6 +11,8 @@ import time
 
 import mlx.core as mx
 
+from ..config import Parser
+
 from .estimate import (MB, MemoryBudgetError, arch_from_config, arch_from_model,
                        estimate, preflight)
 from .footprint import device_facts, process_footprint
@@ -20,7 +22,7 @@ _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m mesp_mlx.memory", description=__doc__,
+    p = Parser(prog="python -m mesp_mlx.memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Qwen2.5-0.5B",
                    help="bundled architecture name (Qwen2.5-0.5B/1.5B/3B, suffixes ok)")
