@@ -57,7 +57,7 @@ def test_monitor_records_and_logs(tmp_path):
         table = mon.summary()
         assert "| mlx_peak |" in table and "(2 records)" in table
         png = tmp_path / "mem.png"
-        assert mon.plot(str(png)) == png.exists()
+        assert (mon.plot(str(png)) is None) == png.exists()
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2] and lines[1]["loss"] == 0.5
 
@@ -180,3 +180,26 @@ def test_mezo_estimate_has_no_gradients():
     assert mezo.lora_grads == mezo.optimizer_state == 0 < mesp.lora_grads
     with pytest.raises(ValueError, match="supported: autodiff, mebp, mesp, mezo"):
         estimate(arch, "sgd", 256, 1)
+
+
+def test_plot_has_title_loss_axis_and_budget(tmp_path, monkeypatch):
+    """Issue 15, item 11."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    seen = {}
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (seen.setdefault("fig", fig),
+                                                                 real(fig, *a, **k)))
+    mon = MemoryMonitor(budget_bytes=8 << 30)
+    for step in (1, 2, 3):
+        mon.record(step, loss=3.0 / step)
+    mon.close()
+    assert mon.plot(str(tmp_path / "m.png")) is None and (tmp_path / "m.png").is_file()
+    ax, ax2 = seen["fig"].axes
+    assert "memory" in ax.get_title() and "budget" in ax.get_title()
+    assert ax2.get_ylabel() == "training loss"
+    assert list(ax2.lines[0].get_ydata()) == [3.0, 1.5, 1.0]
+    assert any(list(line.get_ydata()) == [(8 << 30) / 1e6] * 2 for line in ax.lines)
+    assert "budget" in [t.get_text() for t in ax.get_legend().get_texts()]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert 'pip install "mesp-mlx[plot]"' in mon.plot(str(tmp_path / "n.png"))
