@@ -196,6 +196,8 @@ def test_short_name_offline_error_names_the_repo(tiny_model_dir, text_data):
                        "--train")
     assert rc == 1 and "Model Qwen2.5-0.5B-Instruct-4bit -> mlx-community/" in out
     assert "mlx-community/Qwen2.5-0.5B-Instruct-4bit" in err and "--model <dir>" in err
+    assert "`hf download mlx-community/Qwen2.5-0.5B-Instruct-4bit --local-dir <dir>`" in err
+    assert "huggingface-cli" not in err              # huggingface_hub 2.x has no such command
 
 
 # ---------------------------------------------------------------- issue 15
