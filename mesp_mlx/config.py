@@ -189,9 +189,17 @@ def load_yaml(path) -> dict:
     if "save_every" in raw:
         raw.setdefault("steps_per_save", raw.pop("save_every"))
     lora = raw.pop("lora_parameters", None) or {}
+    if not isinstance(lora, dict):
+        raise ConfigError(f"{path}: lora_parameters must be a mapping like {{rank: 8, "
+                          f"scale: 20.0}}, got {lora!r}")
     if "alpha" in lora and "scale" not in lora:
         raise ConfigError(f"{path}: lora_parameters has 'alpha'; mesp_mlx (like "
                           "mlx-lm) uses 'scale' (y = xW0ᵀ + scale·(xA)B)")
+    extra = sorted(str(k) for k in lora if k not in ("rank", "scale", "dropout", "keys",
+                                                      "alpha"))
+    if extra:
+        raise ConfigError(f"{path}: unknown lora_parameters key(s) {', '.join(extra)}; "
+                          "known: rank, scale, dropout, keys")
     for k, dst in (("rank", "rank"), ("scale", "scale"), ("dropout", "dropout"),
                    ("keys", "lora_keys")):
         if k in lora:
@@ -203,7 +211,7 @@ def load_yaml(path) -> dict:
                               "mesp_mlx (LoRA only; memory is handled by --method)")
         raw.pop(k, None)
     known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(k) for k in set(raw) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; known: "
                           f"{', '.join(sorted(known))}")

@@ -112,6 +112,9 @@ def read_jsonl(path) -> tuple:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column "
                                 f"{e.colno}); expected {EXPECTED}") from None
+            except RecursionError:
+                raise DataError(f"{path}:{n}: JSON nested too deeply; expected "
+                                f"{EXPECTED}") from None
             fmt = _check_record(rec, f"{path}:{n}", fmt)
             records.append(rec)
             lines.append(n)
