@@ -120,11 +120,32 @@ def find_adapter_file(path) -> Path:
     return p
 
 
-def load_weights(model: nn.Module, adapter_file) -> None:
-    """Load lora_a/lora_b into the model's LoRA layers, checking names and shapes."""
+def read_safetensors(path, return_metadata=False):
+    """mx.load of a safetensors file; AdapterError if it is truncated or not one."""
+    try:
+        return mx.load(str(path), return_metadata=return_metadata)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise AdapterError(f"{path} is not a readable safetensors file ({e}). It may be "
+                           "truncated or corrupt (an interrupted copy?): pass an intact "
+                           "file, e.g. an earlier numbered snapshot") from None
+
+
+def _read_json(path) -> dict:
+    try:
+        out = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path} is not a readable JSON file ({e})") from None
+    if not isinstance(out, dict):
+        raise AdapterError(f"{path}: expected a JSON object, got {type(out).__name__}")
+    return out
+
+
+def check_weights(model: nn.Module, adapter_file) -> dict:
+    """The file's lora_a/lora_b arrays, checked against the model's LoRA layers
+    (names, shapes, finite values); nothing is loaded into the model."""
     p = find_adapter_file(adapter_file)
     have = adapter_weights(model)
-    got = mx.load(str(p))
+    got = read_safetensors(p)
     bad = [f"{k}: not in the model" for k in got if k not in have]
     bad += [f"{k}: shape {tuple(got[k].shape)} != model {tuple(have[k].shape)}"
             for k in got if k in have and got[k].shape != have[k].shape]
@@ -132,21 +153,67 @@ def load_weights(model: nn.Module, adapter_file) -> None:
     if bad:
         raise AdapterError(f"{p} does not match the model's LoRA layers (check --rank, "
                            f"--num-layers and the model):\n  " + "\n  ".join(bad[:8]))
+    nonfinite = [k for k, v in got.items() if not mx.isfinite(v).all().item()]
+    if nonfinite:
+        raise AdapterError(f"{p} holds non-finite values ({nonfinite[0]}, ...): it comes "
+                           "from a diverged run; pass an earlier snapshot")
+    return got
+
+
+def load_weights(model: nn.Module, adapter_file) -> None:
+    """Load lora_a/lora_b into the model's LoRA layers, checking names and shapes."""
+    got = check_weights(model, adapter_file)
     model.load_weights(list(got.items()), strict=False)
     mx.eval(model.parameters())
+
+
+def read_state(adapter_file):
+    """(info, tensors) saved by save_state next to adapter_file, checked for
+    readability; None when absent or from another save (weights-only resume)."""
+    f = find_adapter_file(adapter_file)
+    tensors, meta = _state_paths(f)
+    if not (tensors.is_file() and meta.is_file()):
+        return None
+    info = _read_json(meta)
+    if not isinstance(info.get("step"), int) or info["step"] < 0:
+        raise AdapterError(f"{meta}: 'step' must be an iteration number, got "
+                           f"{info.get('step')!r}")
+    _, file_meta = read_safetensors(f, return_metadata=True)
+    if file_meta.get("step") != str(info["step"]):
+        return None         # state from another save (interrupted between files)
+    return info, read_safetensors(tensors)
+
+
+def check_resume(model: nn.Module, adapter_file) -> None:
+    """Everything a resume from adapter_file reads (weights, optimizer state,
+    accumulator), checked against the model's LoRA layers; writes nothing."""
+    check_weights(model, adapter_file)
+    state = read_state(adapter_file)
+    if state is None:
+        return
+    have, bad = adapter_weights(model), []
+    for k, v in state[1].items():
+        kind, _, rest = k.partition(".")
+        path = rest if kind == "accum" else rest.rpartition(".")[0]
+        if kind not in ("optimizer", "accum") or path not in have:
+            if kind == "accum":
+                bad.append(f"{k}: not in the model")
+            continue
+        if v.shape != have[path].shape:
+            bad.append(f"{k}: shape {tuple(v.shape)} != model {tuple(have[path].shape)}")
+    if bad:
+        tensors, _ = _state_paths(find_adapter_file(adapter_file))
+        raise AdapterError(f"{tensors} does not match the model's LoRA layers:\n  "
+                           + "\n  ".join(bad[:8]))
 
 
 def load_state(adapter_file, optimizer):
     """Restore optimizer state saved by save_state; returns (meta, accum), or
     None when no state was saved next to the file (weights-only resume)."""
-    tensors, meta = _state_paths(find_adapter_file(adapter_file))
-    if not (tensors.is_file() and meta.is_file()):
+    state = read_state(adapter_file)
+    if state is None:
         return None
-    info = json.loads(meta.read_text())
-    _, file_meta = mx.load(str(find_adapter_file(adapter_file)), return_metadata=True)
-    if file_meta.get("step") != str(info.get("step")):
-        return None         # state from another save (interrupted between files)
-    flat = mx.load(str(tensors))
+    info, flat = state
     opt = tree_unflatten([(k[len("optimizer."):], v) for k, v in flat.items()
                           if k.startswith("optimizer.")])
     accum = tree_unflatten([(k[len("accum."):], v) for k, v in flat.items()
@@ -163,11 +230,14 @@ def load_adapter_dir(model: nn.Module, adapter_dir) -> nn.Module:
     if not (d / CONFIG).is_file():
         raise AdapterError(f"{d / CONFIG} not found: --adapter-path must be a "
                            "directory written by training")
-    cfg = json.loads((d / CONFIG).read_text())
+    cfg = _read_json(d / CONFIG)
     lp = cfg.get("lora_parameters", {})
-    apply_lora(model, rank=lp.get("rank", 8), scale=lp.get("scale", 20.0),
-               dropout=lp.get("dropout", 0.0), keys=lp.get("keys"),
-               num_layers=cfg.get("num_layers"))
+    try:
+        apply_lora(model, rank=lp.get("rank", 8), scale=lp.get("scale", 20.0),
+                   dropout=lp.get("dropout", 0.0), keys=lp.get("keys"),
+                   num_layers=cfg.get("num_layers"))
+    except (ValueError, TypeError) as e:
+        raise AdapterError(f"{d / CONFIG} does not fit this model: {e}") from None
     load_weights(model, d / ADAPTERS)
     return model
 

@@ -7,6 +7,8 @@ field names (mlx-lm's `lora_parameters: {rank, scale, dropout, keys}` and
 
 import argparse
 import dataclasses
+import math
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -93,6 +95,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError on the first inconsistent option; return self."""
+        check_types(self)
+
         def need(ok, msg):
             if not ok:
                 raise ConfigError(msg)
@@ -112,9 +116,17 @@ class TrainConfig:
              f"--num-layers must be -1 (all) or >= 1, got {self.num_layers}")
         need(self.val_batches == -1 or self.val_batches >= 0, "--val-batches must be >= 0 or -1")
         need(self.test_batches == -1 or self.test_batches >= 1, "--test-batches must be >= 1 or -1")
-        need(self.learning_rate > 0, "--learning-rate must be > 0")
-        need(0 < self.mezo_eps < float("inf"), f"--mezo-eps must be > 0, got {self.mezo_eps}")
-        need(self.mezo_weight_decay >= 0, "--mezo-weight-decay must be >= 0")
+        for name in ("learning_rate", "scale", "mezo_eps"):
+            v = getattr(self, name)
+            need(math.isfinite(v) and v > 0,
+                 f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
+        need(math.isfinite(self.mezo_weight_decay) and self.mezo_weight_decay >= 0,
+             f"--mezo-weight-decay must be a finite number >= 0, got "
+             f"{self.mezo_weight_decay}")
+        for opt, kw in (self.optimizer_config or {}).items():
+            for k, v in kw.items():
+                need(not isinstance(v, float) or math.isfinite(v),
+                     f"optimizer_config.{opt}.{k} must be finite, got {v}")
         need(self.method != "mezo" or self.grad_accumulation_steps == 1,
              "--method mezo does not accumulate gradients: use --batch-size instead "
              "of --grad-accumulation-steps")
@@ -177,9 +189,17 @@ def load_yaml(path) -> dict:
     if "save_every" in raw:
         raw.setdefault("steps_per_save", raw.pop("save_every"))
     lora = raw.pop("lora_parameters", None) or {}
+    if not isinstance(lora, dict):
+        raise ConfigError(f"{path}: lora_parameters must be a mapping like {{rank: 8, "
+                          f"scale: 20.0}}, got {lora!r}")
     if "alpha" in lora and "scale" not in lora:
         raise ConfigError(f"{path}: lora_parameters has 'alpha'; mesp_mlx (like "
                           "mlx-lm) uses 'scale' (y = xW0ᵀ + scale·(xA)B)")
+    extra = sorted(str(k) for k in lora if k not in ("rank", "scale", "dropout", "keys",
+                                                      "alpha"))
+    if extra:
+        raise ConfigError(f"{path}: unknown lora_parameters key(s) {', '.join(extra)}; "
+                          "known: rank, scale, dropout, keys")
     for k, dst in (("rank", "rank"), ("scale", "scale"), ("dropout", "dropout"),
                    ("keys", "lora_keys")):
         if k in lora:
@@ -191,7 +211,7 @@ def load_yaml(path) -> dict:
                               "mesp_mlx (LoRA only; memory is handled by --method)")
         raw.pop(k, None)
     known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(k) for k in set(raw) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; known: "
                           f"{', '.join(sorted(known))}")
@@ -202,12 +222,64 @@ def resolve(cli: dict, yaml_path: Optional[str] = None) -> TrainConfig:
     """CLI values (None = not given) over YAML over dataclass defaults."""
     merged = load_yaml(yaml_path) if yaml_path else {}
     merged.update({k: v for k, v in cli.items() if v is not None and k != "config"})
-    cfg = TrainConfig(**merged, config=yaml_path)
-    for f in fields(TrainConfig):      # YAML may give "1e-5" or 10.0: coerce numbers
-        v = getattr(cfg, f.name)
-        if v is not None and f.type in (int, float):
-            try:
-                setattr(cfg, f.name, f.type(v))
-            except (TypeError, ValueError):
-                raise ConfigError(f"{f.name} must be a number, got {v!r}") from None
+    return check_types(TrainConfig(**merged, config=yaml_path))
+
+
+def _kind(v) -> str:
+    return "null" if v is None else {"bool": "a boolean", "int": "an integer",
+                                     "float": "a float", "str": "a string",
+                                     "list": "a list", "dict": "a mapping"}.get(
+        type(v).__name__, f"a {type(v).__name__}")
+
+
+def _typed(name: str, typ, v):
+    """v as the field's declared type, or ConfigError naming key and type."""
+    optional = getattr(typ, "__origin__", None) is not None and type(None) in typ.__args__
+    base = typ.__args__[0] if optional else typ
+    if v is None and (optional or name == "optimizer_config"):
+        return v
+
+    def bad(expected):
+        return ConfigError(f"{name} must be {expected}, got {v!r} ({_kind(v)})")
+    if base is bool:
+        if not isinstance(v, bool):
+            raise bad("true or false (a boolean; YAML: true/false without quotes)")
+    elif base is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad("an integer")
+    elif base is float:      # YAML 1.1 reads 1e-5 (no dot) as a string: accept it
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise bad("a number")
+        try:
+            v = float(v)
+        except ValueError:
+            raise bad("a number") from None
+    elif base is str:
+        if name == "memory_budget" and isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)                     # a plain byte count
+        if not isinstance(v, str):
+            raise bad("a string")
+    elif base is list:
+        if not isinstance(v, list) or not all(isinstance(k, str) for k in v):
+            raise bad("a list of strings")
+    elif base is dict:
+        if not isinstance(v, dict) or not all(isinstance(o, dict) for o in v.values()):
+            raise bad("a mapping of optimizer name to its options, e.g. "
+                      "{adamw: {weight_decay: 0.01}}")
+    return v
+
+
+def check_types(cfg: TrainConfig) -> TrainConfig:
+    """Every field has its declared type (booleans only booleans, integers
+    only integers; numbers for floats); raises ConfigError naming the key."""
+    for f in fields(TrainConfig):
+        setattr(cfg, f.name, _typed(f.name, f.type, getattr(cfg, f.name)))
     return cfg
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with exit status 1 (a user error) instead of 2 for bad flags."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")

@@ -21,6 +21,7 @@ from .config import UserError
 SPLITS = ("train", "valid", "test")
 FORMATS = {"completions": ("prompt", "completion"), "chat": ("messages",),
            "text": ("text",)}
+ROLES = ("system", "user", "assistant", "tool", "developer")   # chat templates' roles
 EXPECTED = ('one JSON object per line: {"text": ...}, {"prompt": ..., '
             '"completion": ...} or {"messages": [{"role": ..., "content": ...}]}')
 
@@ -78,6 +79,13 @@ def _check_record(rec, where: str, want: Optional[str]) -> str:
                 isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
             raise DataError(f"{where}: 'messages' must be a non-empty list of "
                             '{"role": ..., "content": ...} objects')
+        for i, m in enumerate(msgs):
+            if not isinstance(m["role"], str) or m["role"] not in ROLES:
+                raise DataError(f"{where}: message {i + 1} has role {m['role']!r}; "
+                                f"roles are {', '.join(ROLES)}")
+            if not isinstance(m["content"], str):
+                raise DataError(f"{where}: message {i + 1}'s content must be a string, "
+                                f"got {type(m['content']).__name__}")
     else:
         for k in FORMATS[fmt]:
             if not isinstance(rec[k], str):
@@ -89,8 +97,14 @@ def _check_record(rec, where: str, want: Optional[str]) -> str:
 def read_jsonl(path) -> tuple:
     """(records, format, line numbers); DataError names file:line on bad input."""
     records, lines, fmt = [], [], None
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} "
+                                f"at byte {e.start + 1} of the line); save the file as "
+                                "UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -98,6 +112,9 @@ def read_jsonl(path) -> tuple:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column "
                                 f"{e.colno}); expected {EXPECTED}") from None
+            except RecursionError:
+                raise DataError(f"{path}:{n}: JSON nested too deeply; expected "
+                                f"{EXPECTED}") from None
             fmt = _check_record(rec, f"{path}:{n}", fmt)
             records.append(rec)
             lines.append(n)
@@ -109,8 +126,9 @@ def read_jsonl(path) -> tuple:
 # ---------------------------------------------------------------- tokenizing
 
 def tokenize(records, fmt, tokenizer, mask_prompt=False, name="data",
-             lines=None) -> Dataset:
-    """Token ids (+ prompt offset when mask_prompt) for each record."""
+             lines=None, vocab_size: Optional[int] = None) -> Dataset:
+    """Token ids (+ prompt offset when mask_prompt) for each record; with
+    vocab_size, every id must be below it (DataError with file:line)."""
     from mlx_lm.tuner import datasets as mld
 
     if mask_prompt and fmt == "text":
@@ -133,9 +151,21 @@ def tokenize(records, fmt, tokenizer, mask_prompt=False, name="data",
                     "template: use an -Instruct model or 'text' records)"
                     if "chat_template" in str(e) or "chat template" in str(e) else "")
             raise DataError(f"{where}: could not tokenize: {e}{hint}") from None
+        _check_ids(toks, vocab_size, where)
         tokens.append(list(toks))
         offsets.append(int(off))
     return Dataset(name, tokens, offsets)
+
+
+def _check_ids(toks, vocab_size, where):
+    if vocab_size is None or not len(toks):
+        return
+    hi, lo = max(toks), min(toks)
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise DataError(f"{where}: token id {bad} is outside the model's vocabulary "
+                        f"(size {vocab_size}, ids 0..{vocab_size - 1}): the tokenizer does "
+                        "not match the model")
 
 
 def truncate(ds: Dataset, max_seq_length: int) -> Dataset:
@@ -164,17 +194,29 @@ def truncate(ds: Dataset, max_seq_length: int) -> Dataset:
 # ---------------------------------------------------------------- loading
 
 def load_splits(data: str, tokenizer, max_seq_length: int, mask_prompt=False,
-                need=("train",)) -> dict:
+                need=("train",), vocab_size: Optional[int] = None) -> dict:
     """{split: Dataset or None} from a directory, 'demo' or a HF dataset id.
     Splits in `need` must exist; others are loaded when present."""
-    raw = _raw_splits(data, need)
+    return tokenize_splits(read_splits(data, need), tokenizer, max_seq_length,
+                           mask_prompt, vocab_size)
+
+
+def read_splits(data: str, need=("train",)) -> dict:
+    """The records of each split present ({split: (records, fmt, lines, name)}),
+    checked line by line; no tokenizer needed, so it can run before the model loads."""
+    return _raw_splits(data, need)
+
+
+def tokenize_splits(raw: dict, tokenizer, max_seq_length: int, mask_prompt=False,
+                    vocab_size: Optional[int] = None) -> dict:
+    """read_splits' records -> {split: truncated Dataset or None}."""
     out = {}
     for split in SPLITS:
         if split not in raw:
             out[split] = None
             continue
         records, fmt, lines, name = raw[split]
-        ds = tokenize(records, fmt, tokenizer, mask_prompt, name, lines)
+        ds = tokenize(records, fmt, tokenizer, mask_prompt, name, lines, vocab_size)
         out[split] = truncate(ds, max_seq_length)
     return out
 

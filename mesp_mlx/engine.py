@@ -16,6 +16,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from .inputs import check_batch, vocab_sizes
 from .layers import lora_layers, set_dropout_keys
 from .schedule import EngineOptions, run
 
@@ -32,19 +33,7 @@ def masked_ce(logits, targets, mask):
 def _check(model, inputs, targets, mask, method):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; supported: {', '.join(METHODS)}")
-    return check_batch(inputs, targets, mask)
-
-
-def check_batch(inputs, targets, mask):
-    """Validate [B, T] inputs/targets/mask; returns the mask (ones if None)."""
-    if inputs.ndim != 2 or inputs.shape != targets.shape:
-        raise ValueError(f"inputs and targets must both be [B, T] int arrays, got "
-                         f"{inputs.shape} and {targets.shape}")
-    if mask is None:
-        mask = mx.ones(inputs.shape, mx.float32)
-    elif mask.shape != inputs.shape:
-        raise ValueError(f"mask shape {mask.shape} != inputs shape {inputs.shape}")
-    return mask
+    return check_batch(inputs, targets, mask, vocab_sizes(model))
 
 
 def step_dropout(model):

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, TrainConfig, UserError, add_arguments, resolve
+from .config import ConfigError, Parser, TrainConfig, UserError, add_arguments, resolve
 
 from .memory import MemoryBudgetError
 
@@ -32,7 +32,7 @@ mlx-lm LoRA YAML file works as is. Adapters are mlx-lm's files: use them with
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m mesp_mlx.lora",
         description="Fine-tune an LLM with LoRA at minimal peak memory, exact gradients.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,43 +44,43 @@ def run(cfg: TrainConfig, log=print) -> dict:
     {"train": TrainResult or None, "test_loss": float or None, "model": model}."""
     import mlx.core as mx
 
-    from . import adapters, data, models, trainer
-    from .layers import apply_lora
+    from . import adapters, checks, data, models, trainer
+    from .inputs import vocab_sizes
 
     cfg.validate()
     if cfg.train:
         trainer.check_method(cfg.method)
+    early = checks.before_loading(cfg)              # before any download or write
     log("Options:\n" + cfg.describe())
     model, tokenizer, resolved = models.load_model(cfg.model, log=log)
-    need = (("train",) if cfg.train else ()) + (("test",) if cfg.test else ())
     with warnings.catch_warnings():
         warnings.simplefilter("always", data.TruncationWarning)
         warnings.showwarning = lambda msg, *a, **k: log(f"Warning: {msg}")
-        splits = data.load_splits(cfg.data, tokenizer, cfg.max_seq_length,
-                                  cfg.mask_prompt, need)
+        splits = data.tokenize_splits(early.raw, tokenizer, cfg.max_seq_length,
+                                      cfg.mask_prompt, _vocab(vocab_sizes(model)))
     _check_positions(model, splits, cfg.max_seq_length)
     out = {"train": None, "test_loss": None, "model": model}
     if cfg.train:
         mx.random.seed(cfg.seed)
-        apply_lora(model, cfg.rank, cfg.scale, cfg.dropout, keys=cfg.lora_keys,
-                   num_layers=None if cfg.num_layers == -1 else cfg.num_layers)
+        _apply_lora(model, cfg)
+        if early.resume is not None:                # fully, before touching the folder
+            adapters.check_resume(model, early.resume)
         n = sum(v.size for v in adapters.adapter_weights(model).values())
         log(f"Trainable LoRA parameters: {n / 1e6:.3f} M "
             f"(rank {cfg.rank}, scale {cfg.scale})")
         if splits["valid"] is None:
             log("Warning: no valid.jsonl: training without validation")
         longest = max((len(t) - 1 for t in splits["train"].tokens), default=1)
-        monitor = _memory(model, cfg, log, min(cfg.max_seq_length, max(longest, 1)))
+        monitor = _memory(model, cfg, early.budget, log,
+                          min(cfg.max_seq_length, max(longest, 1)))
         config_file = adapters.save_config(model, cfg.adapter_path, cfg.to_dict())
         log(f"Resolved options saved to {config_file}")
         with monitor:
             out["train"] = trainer.train(model, splits["train"], splits["valid"], cfg,
                                          monitor=monitor, log=log)
-        log(f"Saved adapters to {out['train'].adapter_file}")
         log(monitor.summary())
-        png = Path(cfg.memory_log).with_suffix(".png") if cfg.memory_log else None
-        if png and monitor.plot(str(png)):
-            log(f"Memory plot: {png}")
+        if cfg.memory_log:
+            _plot(monitor, cfg.memory_log, log)
     elif cfg.adapter_path:
         adapters.load_adapter_dir(model, cfg.adapter_path)
         log(f"Loaded adapters from {cfg.adapter_path}")
@@ -103,21 +103,44 @@ def _check_positions(model, splits, max_seq_length):
                           f"--max-seq-length {limit} or less")
 
 
-def _memory(model, cfg, log, T):
-    """Budget, pre-flight estimate at the longest batch T (raises MemoryBudgetError)
+def _vocab(sizes):
+    known = [v for v in sizes if v]
+    return min(known) if known else None
+
+
+def _apply_lora(model, cfg):
+    """apply_lora with the CLI's names in its errors."""
+    from .checks import check_num_layers
+    from .layers import apply_lora
+
+    check_num_layers(model, cfg.num_layers)
+    try:
+        apply_lora(model, cfg.rank, cfg.scale, cfg.dropout, keys=cfg.lora_keys,
+                   num_layers=None if cfg.num_layers == -1 else cfg.num_layers)
+    except ValueError as e:
+        raise ConfigError(f"cannot apply LoRA: {e}") from None
+
+
+def _memory(model, cfg, budget, log, T):
+    """Pre-flight estimate at the longest batch T (raises MemoryBudgetError)
     and the monitor."""
-    from .memory import MemoryMonitor, preflight, resolve_budget
+    from .memory import MemoryMonitor, preflight
 
     try:
-        budget = resolve_budget(cfg.memory_budget, cfg.device_profile)
-    except ValueError as e:
+        est = preflight(model, cfg.method, T, cfg.batch_size, budget,
+                        optimizer=cfg.optimizer, rank=cfg.rank)
+    except ValueError as e:          # a family the estimate does not model
         raise ConfigError(str(e)) from None
-    est = preflight(model, cfg.method, T, cfg.batch_size, budget,
-                    optimizer=cfg.optimizer, rank=cfg.rank)
     log(f"Memory estimate (longest batch T={T}, B={cfg.batch_size}):\n{est}")
     if budget:
         log(f"Memory budget {budget / 1e6:.0f} MB, enforced with mx.set_memory_limit")
     return MemoryMonitor(log_path=cfg.memory_log, budget_bytes=budget)
+
+
+def _plot(monitor, memory_log, log):
+    png = Path(memory_log).with_suffix(".png")
+    why = monitor.plot(str(png))
+    log(f"Memory plot: {png}" if why is None else f"No memory plot: {why}")
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -27,7 +27,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from .engine import check_batch, step_dropout
+from .engine import step_dropout
+from .inputs import check_batch, vocab_sizes
 from .block import block_forward
 from .ops.loss_head import loss_head_value
 from .schedule import EngineOptions, head_tiles, model_spec
@@ -165,7 +166,7 @@ def fresh_seed() -> int:
 
 
 def _spsa_lm(model, inputs, targets, mask, eps, seed, options, stats):
-    mask = check_batch(inputs, targets, mask)
+    mask = check_batch(inputs, targets, mask, vocab_sizes(model))
     step_dropout(model)                 # one dropout mask for both forward passes
     pert = Perturbation(model, seed)
     res = spsa(lm_loss_at(model, inputs, targets, mask, pert, options, stats), eps, seed)

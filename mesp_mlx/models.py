@@ -87,14 +87,14 @@ def _load(resolved: str, where: str):
     import mlx_lm
     from huggingface_hub import errors as hf
 
-    hint = (f"On a connected machine run `huggingface-cli download {resolved} "
-            f"--local-dir <dir>` (or copy the model directory here) and pass "
-            "--model <dir>.")
+    hint = (f"On a connected machine run `hf download {resolved} --local-dir <dir>` "
+            "(huggingface_hub's `hf` command; or copy the model directory here) and "
+            "pass --model <dir>.")
     try:
         model, tokenizer = mlx_lm.load(where)
     except hf.GatedRepoError:
         raise ModelLoadError(f"{resolved} is gated on the Hugging Face Hub: accept its "
-                             f"licence and log in (`huggingface-cli login`). {hint}") from None
+                             f"licence and log in (`hf auth login`). {hint}") from None
     except (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.HFValidationError):
         raise ModelLoadError(f"no model {resolved!r} on the Hugging Face Hub. Pass a "
                              f"repo id, a local directory, or a short name "

@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 from . import adapters, engine, mezo
 from .config import ConfigError, TrainConfig
 from .data import Batch, Dataset, fixed_batches, iterate_batches
+from .divergence import all_finite, divergence_error, first_nonfinite
 
 HEAD_CHUNK = 512      # positions per logits chunk in evaluation ([1, 512, V] at a time)
 
@@ -138,6 +139,8 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
     opt = optimizer or build_optimizer(cfg.optimizer, cfg.learning_rate,
                                        (cfg.optimizer_config or {}).get(cfg.optimizer))
     start, accum, accum_n = _resume(model, opt, cfg, log)
+    last_good = (str(adapters.find_adapter_file(cfg.resume_adapter_file)), start) \
+        if cfg.resume_adapter_file else None       # (adapter file, iteration)
     result = TrainResult(step=start)
     val = fixed_batches(val_set, cfg.batch_size, cfg.val_batches) if val_set and \
         cfg.val_batches != 0 else []
@@ -165,18 +168,27 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
         if cfg.method == "mezo":                       # in-place MeZO-SGD, no optimizer
             loss = mezo.mezo_step(model, batch.inputs, batch.targets, batch.mask,
                                   _lr(opt), cfg.mezo_eps, cfg.mezo_weight_decay).loss
+            bad = first_nonfinite(loss)
         else:
             loss, grads = engine.value_and_grad(model, batch.inputs, batch.targets,
                                                 batch.mask, method=cfg.method)
-            accum, accum_n = _accumulate(accum, accum_n, grads, batch, cfg)
+            loss = loss.item()
+            bad = first_nonfinite(loss, grads)
+            if bad is None:
+                accum, accum_n = _accumulate(accum, accum_n, grads, batch, cfg)
             del grads
-            if it % cfg.grad_accumulation_steps == 0:
+            if bad is None and it % cfg.grad_accumulation_steps == 0:
                 g = accum if cfg.grad_accumulation_steps == 1 else \
                     tree_map(lambda x: x / accum_n, accum)
                 opt.update(model, g)
                 mx.eval(model.parameters(), opt.state)
                 accum, accum_n = None, 0
-            loss = loss.item()
+        if bad is None and not all_finite(model.trainable_parameters()):
+            bad = "the LoRA parameters (after the update)"
+        if bad is not None:                            # stop before anything is saved
+            if bar is not None:
+                bar.close()
+            raise divergence_error(bad, it, last_good, _lr(opt))
         result.step_seconds.append(time.perf_counter() - tic)
         result.step_losses.append(loss)
         rec = monitor.record(it, loss=loss) if monitor is not None else None
@@ -191,11 +203,12 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
             validate(it)
             win.t0 = time.perf_counter()          # validation time is not training time
         if cfg.adapter_path and (it % cfg.steps_per_save == 0 or it == cfg.iters):
-            result.adapter_file = str(_save(model, opt, cfg, it, accum, accum_n,
-                                            snapshot=it % cfg.steps_per_save == 0))
-            if it % cfg.steps_per_save == 0:
-                say(f"Iter {it}: saved adapters to {result.adapter_file} "
-                    f"and {it:07d}_adapters.safetensors")
+            snap = it % cfg.steps_per_save == 0
+            result.adapter_file = str(_save(model, opt, cfg, it, accum, accum_n, snap))
+            last_good = (result.adapter_file, it)
+            say(("Saved adapters" if it == cfg.iters else f"Iter {it}: saved adapters")
+                + f" to {result.adapter_file}"
+                + (f" and {it:07d}_adapters.safetensors" if snap else ""))
         result.step = it
     if bar is not None:
         bar.close()

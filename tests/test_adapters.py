@@ -113,3 +113,55 @@ def test_state_from_another_save_is_ignored(tiny_model_dir, tmp_path):
     assert adapters.load_state(f, optim.Adam(1e-3))[0]["step"] == 5
     adapters.save_adapters(model, tmp_path, step=6)          # crash before its state
     assert adapters.load_state(f, optim.Adam(1e-3)) is None
+
+
+# ---------------------------------------------------------------- issue 15, item 3
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_unreadable_safetensors_is_a_clear_error(tiny_model_dir, tmp_path, damage):
+    model = _trained_lora_model(tiny_model_dir)
+    f = adapters.save_adapters(model, tmp_path)
+    good = f.read_bytes()
+    f.write_bytes({"truncated": good[:len(good) // 2], "garbage": b"not a tensor" * 9,
+                   "empty": b""}[damage])
+    with pytest.raises(AdapterError, match=r"is not a readable safetensors file .*truncated"):
+        adapters.load_weights(model, f)
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        adapters.load_adapter_dir(_fresh(tiny_model_dir), tmp_path)
+
+
+def _fresh(model_dir):
+    import mlx_lm
+    return mlx_lm.load(str(model_dir))[0]
+
+
+def test_non_finite_adapters_are_refused(tiny_model_dir, tmp_path):
+    model = _trained_lora_model(tiny_model_dir)
+    f = adapters.save_adapters(model, tmp_path)
+    w = mx.load(str(f))
+    k = next(iter(w))
+    w[k] = w[k] * float("nan")
+    mx.save_safetensors(str(f), w)
+    with pytest.raises(AdapterError, match="non-finite values .*diverged"):
+        adapters.check_weights(model, f)
+
+
+def test_check_resume_checks_state_shapes(tiny_model_dir, tmp_path):
+    import mlx.optimizers as optim
+    model = _trained_lora_model(tiny_model_dir, rank=4)
+    f = adapters.save_adapters(model, tmp_path, step=3)
+    opt = optim.Adam(learning_rate=1e-3)
+    opt.init(model.trainable_parameters())
+    adapters.save_state(f, opt, {"step": 3, "seed": 0})
+    adapters.check_resume(model, f)                       # consistent: fine
+    state = tmp_path / "state.safetensors"
+    flat = mx.load(str(state))
+    k = next(k for k in flat if k.endswith(".lora_a.m"))
+    flat[k] = mx.zeros((1, 1))
+    mx.save_safetensors(str(state), flat)
+    with pytest.raises(AdapterError,
+                       match=r"(?s)state.safetensors does not match .*lora_a.m: shape \(1, 1\)"):
+        adapters.check_resume(model, f)
+    (tmp_path / "state.json").write_text("{broken")
+    with pytest.raises(AdapterError, match="state.json is not a readable JSON file"):
+        adapters.check_resume(model, f)

@@ -196,3 +196,47 @@ def test_short_name_offline_error_names_the_repo(tiny_model_dir, text_data):
                        "--train")
     assert rc == 1 and "Model Qwen2.5-0.5B-Instruct-4bit -> mlx-community/" in out
     assert "mlx-community/Qwen2.5-0.5B-Instruct-4bit" in err and "--model <dir>" in err
+    assert "`hf download mlx-community/Qwen2.5-0.5B-Instruct-4bit --local-dir <dir>`" in err
+    assert "huggingface-cli" not in err              # huggingface_hub 2.x has no such command
+
+
+# ---------------------------------------------------------------- issue 15
+
+def test_failed_resume_leaves_the_adapter_folder_intact(trained, tiny_model_dir, text_data):
+    """Item 3: a rank mismatch used to rewrite adapter_config.json (rank 8 over
+    rank-4 weights) before the resume file was checked."""
+    d, _ = trained
+    folder = d / "ad"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    rc, out, err = cli(*base(tiny_model_dir, text_data, folder, "--train", "--iters", 6,
+                             "--rank", 8, "--resume-adapter-file", folder))
+    assert rc == 1 and "does not match the model's LoRA layers" in err, err
+    assert "Traceback" not in out + err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_truncated_resume_file_is_reported_before_loading(tmp_path, text_data):
+    f = tmp_path / "adapters.safetensors"
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"x\":")
+    rc, out, err = cli("--model", "nobody/no-such-model", "--data", text_data, "--train",
+                       "--adapter-path", tmp_path / "out", "--resume-adapter-file", f)
+    assert rc == 1 and "not a readable safetensors file" in err and "Traceback" not in err
+    assert "no-such-model" not in err and not (tmp_path / "out").exists()
+
+
+def test_final_save_is_logged_once(trained):
+    """Item 14."""
+    _, out = trained
+    assert len(re.findall(r"[Ss]aved adapters to", out)) == 2      # iteration 2 and the end
+    assert len(re.findall(r"^Saved adapters to \S+ and 0000004_adapters", out, re.M)) == 1
+
+
+def test_memory_log_without_matplotlib_says_how(monkeypatch, tiny_model_dir, text_data,
+                                                tmp_path):
+    """Item 11."""
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rc, out, err = cli(*base(tiny_model_dir, text_data, tmp_path / "ad", "--train",
+                             "--iters", 1, "--memory-log", tmp_path / "mem.jsonl"))
+    assert rc == 0, err
+    assert 'No memory plot: matplotlib is not installed: pip install "mesp-mlx[plot]"' in out

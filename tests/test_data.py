@@ -129,3 +129,42 @@ def test_demo_data_resolves(tokenizer):
         pytest.skip("demo data not generated in this tree")
     splits = data.load_splits("demo", tokenizer, 256)
     assert len(splits["train"]) == len(data.read_jsonl(f"{path}/train.jsonl")[0])
+
+
+# ---------------------------------------------------------------- issue 15
+
+def test_non_utf8_byte_names_file_and_line(tmp_path):
+    f = tmp_path / "train.jsonl"
+    f.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"{f}:2: not valid UTF-8 \(byte 0xe9"):
+        data.read_jsonl(f)
+
+
+@pytest.mark.parametrize("msg,expect", [
+    ({"role": "robot", "content": "beep"}, r":1: message 2 has role 'robot'; roles are system"),
+    ({"role": 3, "content": "x"}, r":1: message 2 has role 3"),
+    ({"role": "assistant", "content": {"a": 1}}, r":1: message 2's content must be a string"),
+])
+def test_chat_roles_and_contents_are_checked(tmp_path, msg, expect):
+    f = write_jsonl(tmp_path / "train.jsonl",
+                    [{"messages": [{"role": "user", "content": "hi"}, msg]}])
+    with pytest.raises(DataError, match=str(f) + expect):
+        data.read_jsonl(f)
+
+
+def test_ids_beyond_the_model_vocabulary_name_file_and_line(tokenizer, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}, {"text": sentence(3)}])
+    ds = data.load_splits(str(tmp_path), tokenizer, 64)["train"]
+    hi = max(ds.tokens[1])
+    assert max(ds.tokens[0]) < hi                   # line 1 fits, line 2 does not
+    with pytest.raises(DataError, match=rf"train.jsonl:2: token id {hi} is outside the "
+                                        rf"model's vocabulary \(size {hi}"):
+        data.load_splits(str(tmp_path), tokenizer, 64, vocab_size=hi)
+    assert data.load_splits(str(tmp_path), tokenizer, 64, vocab_size=hi + 1)["train"]
+
+
+def test_read_splits_needs_no_tokenizer(text_data, tmp_path):
+    raw = data.read_splits(str(text_data), need=("train", "test"))
+    assert set(raw) == {"train", "valid", "test"} and raw["train"][1] == "text"
+    with pytest.raises(DataError, match="not found"):
+        data.read_splits(str(tmp_path / "missing"))

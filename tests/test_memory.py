@@ -2,6 +2,7 @@
 
 import gc
 import json
+import re
 import sys
 
 import mlx.core as mx
@@ -57,7 +58,7 @@ def test_monitor_records_and_logs(tmp_path):
         table = mon.summary()
         assert "| mlx_peak |" in table and "(2 records)" in table
         png = tmp_path / "mem.png"
-        assert mon.plot(str(png)) == png.exists()
+        assert (mon.plot(str(png)) is None) == png.exists()
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2] and lines[1]["loss"] == 0.5
 
@@ -151,7 +152,7 @@ def test_estimate_vs_measured(method, family):
     if method in ("mebp", "mesp", "mezo"):        # the one-time spec check, not the step
         _measured_peak(model, cfg, 8, method)
     peak = _measured_peak(model, cfg, 256, method)
-    est = estimate(arch_from_model(model), method, 256, 1)
+    est = estimate(arch_from_model(model), method, 256, 1, "sgd")   # no optimizer state
     ratio = est.mlx_bytes / peak
     print(f"{family} {method}: estimate {est.mlx_bytes / 1e6:.2f} MB, "
           f"measured {peak / 1e6:.2f} MB")
@@ -165,8 +166,10 @@ def test_cli_tiny_config(tmp_path, capsys):
                "--device-profile", "iphone-8gb"])
     out = capsys.readouterr().out
     assert rc == 0 and "| MLX peak |" in out and "verdict: fits" in out
+    est = estimate(arch_from_config(tiny_config()), "autodiff", 64, 1)
+    half = est.runtime + est.mlx_bytes // 2      # the runtime fits, half the step does not
     rc = main(["--config-json", str(cfg), "--max-seq-length", "64", "--method", "autodiff",
-               "--memory-budget", "100.5MB", "--no-measure"])
+               "--memory-budget", str(half), "--no-measure"])
     out = capsys.readouterr().out
     assert rc == 2 and "DOES NOT FIT" in out and "not run" in out
     assert main(["--model", "Qwen9", "--no-measure"]) == 1
@@ -180,3 +183,117 @@ def test_mezo_estimate_has_no_gradients():
     assert mezo.lora_grads == mezo.optimizer_state == 0 < mesp.lora_grads
     with pytest.raises(ValueError, match="supported: autodiff, mebp, mesp, mezo"):
         estimate(arch, "sgd", 256, 1)
+
+
+def test_plot_has_title_loss_axis_and_budget(tmp_path, monkeypatch):
+    """Issue 15, item 11."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    seen = {}
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (seen.setdefault("fig", fig),
+                                                                 real(fig, *a, **k)))
+    mon = MemoryMonitor(budget_bytes=8 << 30)
+    for step in (1, 2, 3):
+        mon.record(step, loss=3.0 / step)
+    mon.close()
+    assert mon.plot(str(tmp_path / "m.png")) is None and (tmp_path / "m.png").is_file()
+    ax, ax2 = seen["fig"].axes
+    assert "memory" in ax.get_title() and "budget" in ax.get_title()
+    assert ax2.get_ylabel() == "training loss"
+    assert list(ax2.lines[0].get_ydata()) == [3.0, 1.5, 1.0]
+    assert any(list(line.get_ydata()) == [(8 << 30) / 1e6] * 2 for line in ax.lines)
+    assert "budget" in [t.get_text() for t in ax.get_legend().get_texts()]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert 'pip install "mesp-mlx[plot]"' in mon.plot(str(tmp_path / "n.png"))
+
+
+# ---------------------------------------------------------------- issue 15, items 7-10
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().out
+
+
+def _advice(out):
+    """The flag lines under 'What would fit (add to this command):'."""
+    import shlex
+    lines = out.split("What would fit (add to this command):\n")[-1].splitlines() \
+        if "What would fit" in out else []
+    return [shlex.split(x.split("    #")[0]) for x in lines if x.startswith("  ")]
+
+
+ADVISED = [
+    ["--model", "Qwen2.5-3B-Instruct-4bit", "--method", "autodiff", "--max-seq-length", 2048,
+     "--batch-size", 2, "--device-profile", "iphone-6gb"],
+    ["--model", "Qwen2.5-1.5B", "--method", "autodiff", "--max-seq-length", 512,
+     "--batch-size", 2, "--memory-budget", "2GB"],
+    ["--model", "Qwen2.5-0.5B-Instruct-bf16", "--method", "mebp", "--max-seq-length", 4096,
+     "--batch-size", 2, "--memory-budget", "1.2GB"],
+    ["--model", "Qwen2.5-0.5B", "--method", "mebp", "--max-seq-length", 2048,
+     "--batch-size", 4, "--memory-budget", "2.6GB", "--optimizer", "adamw"],
+    ["--model", "Qwen3-0.6B-bf16", "--method", "autodiff", "--max-seq-length", 1024,
+     "--memory-budget", "1.4GB"],
+]
+
+
+@pytest.mark.parametrize("argv", ADVISED, ids=lambda a: f"{a[1]}-{a[3]}")
+def test_every_advice_fits_when_rerun(capsys, argv):
+    rc, out = _run(capsys, *argv, "--no-measure")
+    assert rc == 2 and "DOES NOT FIT" in out, out
+    advice = _advice(out)
+    assert advice, out
+    for flags in advice:
+        rc2, out2 = _run(capsys, *argv, "--no-measure", *flags)
+        assert rc2 == 0 and "verdict: fits" in out2, (flags, out2)
+
+
+def test_model_suffix_sets_dtype_and_quantization(capsys):
+    from mesp_mlx.memory.__main__ import variant
+    assert variant("Qwen2.5-3B-Instruct-4bit") == ("bfloat16", 4)
+    assert variant("mlx-community/gemma-3-1b-it-8bit") == ("bfloat16", 8)
+    assert variant("Qwen3-0.6B-bf16") == ("bfloat16", None)
+    assert variant("Qwen2.5-0.5B") == (None, None)
+    rc, q4 = _run(capsys, "--model", "Qwen2.5-3B-Instruct-4bit", "--no-measure")
+    rc, dense = _run(capsys, "--model", "Qwen2.5-3B-Instruct", "--no-measure")
+    assert "(bfloat16, 4-bit)" in q4 and "(float32)" in dense
+
+    def weights(out):
+        return float(re.search(r"\| weights \| ([\d.]+) \|", out).group(1))
+    assert weights(q4) < weights(dense) / 6
+    rc, out = _run(capsys, "--model", "Qwen2.5-3B-Instruct-4bit", "--no-measure",
+                   "--max-seq-length", 4096, "--method", "autodiff", "--memory-budget", "2GB")
+    assert rc == 2 and "4-bit model" not in out and "--quantize" not in out
+    rc, out = _run(capsys, "--model", "Qwen2.5-3B-Instruct-4bit", "--dtype", "float32",
+                   "--quantize", 8, "--no-measure")
+    assert "(float32, 8-bit)" in out                     # explicit flags win
+
+
+def test_memory_cli_defaults_to_the_training_optimizer(capsys):
+    from mesp_mlx.config import TrainConfig
+    from mesp_mlx.memory.__main__ import _parser
+    assert _parser().parse_args([]).optimizer == TrainConfig().optimizer == "adam"
+    rc, out = _run(capsys, "--model", "Qwen2.5-0.5B", "--no-measure")
+    assert ", adam;" in out and not re.search(r"\| optimizer state \| 0\.0 \|", out)
+
+
+def test_runtime_is_measured_and_shown_apart(capsys, tmp_path):
+    from mesp_mlx.memory import runtime_bytes
+    arch = arch_from_config(SMALL, mx.float32)
+    est = estimate(arch, "mesp", 64, 1)
+    assert est.runtime == runtime_bytes() and est.runtime != 100 * 10**6
+    if process_footprint().current:
+        assert 0 < est.runtime < process_footprint().current
+    assert est.mlx_bytes == est.total_bytes - est.runtime
+    assert estimate(arch, "mesp", 64, 1, runtime=0).total_bytes == est.mlx_bytes
+    text = str(est)
+    assert f"| MLX peak (estimate) | {est.mlx_bytes / 1e6:.1f} |" in text
+    assert "| runtime (measured" in text
+
+
+def test_estimate_table_is_printed_once(capsys, tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(tiny_config()))
+    rc, out = _run(capsys, "--config-json", cfg, "--max-seq-length", 64, "--method",
+                   "autodiff", "--memory-budget", "1MB", "--no-measure")
+    assert rc == 2 and out.count("| **total** |") == 1 and out.count("| weights |") == 1

@@ -241,3 +241,28 @@ def test_readme_commands_run(tmp_path):
             assert "Saved adapters to" in out and "peak" in out, out[-2000:]
         if c.kind == "generate":
             assert proc.stdout.strip(), f"{c.line}: no generated text\n{out}"
+
+
+def python_blocks(text: str) -> list:
+    return re.findall(r"^```python[ \t]*\n(.*?)^```", text, re.M | re.S)
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(),
+                    reason=f"demo model not built ({DEMO_MODEL}/config.json missing)")
+def test_readme_python_snippets_run_as_written(tmp_path):
+    """Issue 15, item 13: every ```python block runs unchanged (its inputs defined)."""
+    blocks = python_blocks(README.read_text())
+    assert blocks, "README.md has no ```python block"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                       os.environ.get("PYTHONPATH")])))
+    for code in blocks:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, f"README python block failed:\n{code}\n{proc.stderr[-3000:]}"
+        for want in re.findall(r"#\s*(loss \d+\.\d+)", code):     # printed values it shows
+            assert want in proc.stdout, (want, proc.stdout)
+
+
+def test_readme_mentions_the_plot_extra():
+    assert 'pip install "mesp-mlx[plot]"' in README.read_text()

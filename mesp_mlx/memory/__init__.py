@@ -5,10 +5,10 @@
 """
 
 from .estimate import Estimate, MemoryBudgetError, estimate, preflight
-from .footprint import Footprint, device_facts, process_footprint
+from .footprint import Footprint, device_facts, process_footprint, runtime_bytes
 from .monitor import MemoryMonitor
 from .profiles import DEVICE_PROFILES, DeviceProfile, parse_size, resolve_budget
 
 __all__ = ["MemoryMonitor", "resolve_budget", "preflight", "MemoryBudgetError",
            "DEVICE_PROFILES", "DeviceProfile", "process_footprint", "Footprint",
-           "device_facts", "estimate", "Estimate", "parse_size"]
+           "device_facts", "estimate", "Estimate", "parse_size", "runtime_bytes"]

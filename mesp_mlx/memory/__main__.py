@@ -1,43 +1,71 @@
 """Will it fit? `python -m mesp_mlx.memory --model Qwen2.5-3B --max-seq-length 512
 --method mesp --device-profile iphone-8gb` builds the real architecture with random
 weights (no download), runs the estimate and one measured step, prints both.
+A -4bit / -8bit / -bf16 suffix of --model sets --quantize and --dtype (bfloat16,
+as mlx-community converts); explicit flags win. Every "what would fit" line is a
+set of flags that fits when added to this command.
 Exit status: 0 fits (or no budget), 2 over budget, 1 bad input.
 """
 
 import argparse
 import json
+import re
+import shlex
 import sys
 import time
 
 import mlx.core as mx
 
+from ..config import Parser
 from .estimate import (MB, MemoryBudgetError, arch_from_config, arch_from_model,
                        estimate, preflight)
 from .footprint import device_facts, process_footprint
 from .profiles import DEVICE_PROFILES, resolve_budget
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_SUFFIX = re.compile(r"-(?:(\d)bit|(bf16|fp16))$", re.I)
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m mesp_mlx.memory", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m mesp_mlx.memory", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Qwen2.5-0.5B",
-                   help="bundled architecture name (Qwen2.5-0.5B/1.5B/3B, suffixes ok)")
-    p.add_argument("--config-json", help="a qwen2 config.json to use instead of --model")
+                   help="bundled architecture name (Qwen2.5-0.5B/1.5B/3B, ...; a -4bit, "
+                        "-8bit or -bf16 suffix sets --quantize/--dtype)")
+    p.add_argument("--config-json", help="a config.json to use instead of --model")
     p.add_argument("--max-seq-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--method", default="mesp", choices=("autodiff", "mebp", "mesp"))
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adam", "adamw"))
-    p.add_argument("--dtype", default="float32", choices=tuple(_DTYPES))
+    p.add_argument("--optimizer", default="adam", choices=("sgd", "adam", "adamw"),
+                   help="as training (default: adam)")
+    p.add_argument("--dtype", choices=tuple(_DTYPES),
+                   help="weights dtype (default: from the --model suffix, else float32)")
     p.add_argument("--quantize", type=int, choices=(2, 3, 4, 6, 8),
-                   help="quantize the frozen weights to this many bits (group 64)")
+                   help="quantize the frozen weights to this many bits (group 64; "
+                        "default: from a -Nbit --model suffix)")
     p.add_argument("--device-profile", help=f"one of {', '.join(DEVICE_PROFILES)}, auto")
     p.add_argument("--memory-budget", help="e.g. 6GB, 512MB, 1.5GiB (overrides the profile)")
     p.add_argument("--no-measure", action="store_true",
                    help="estimate only: do not build the model or run a step")
     return p
+
+
+def variant(name: str) -> tuple:
+    """(dtype name or None, bits or None) that a model name's suffix implies."""
+    m = _SUFFIX.search(name.split("/")[-1])
+    if m is None:
+        return None, None
+    if m.group(1):
+        return "bfloat16", int(m.group(1))
+    return ("bfloat16" if m.group(2).lower() == "bf16" else "float16"), None
+
+
+def _resolve_variant(args):
+    dtype, bits = variant(args.model) if not args.config_json else (None, None)
+    args.dtype = args.dtype or dtype or "float32"
+    args.quantize = args.quantize if args.quantize is not None else bits
+    return args
 
 
 def _config(args) -> dict:
@@ -49,26 +77,38 @@ def _config(args) -> dict:
 
 
 def _measure(cfg, args):
-    """Build with random weights, apply LoRA, run one step; (model, peak, seconds)."""
+    """Build with random weights, apply LoRA and the optimizer state, run one
+    step; (model, peak, seconds)."""
+    import mlx.optimizers as optim
+
     from .. import apply_lora, value_and_grad
     from ..arch import build_model
     q = {"group_size": 64, "bits": args.quantize} if args.quantize else None
     model = build_model(cfg, dtype=_DTYPES[args.dtype], quantize=q)
     apply_lora(model, rank=args.rank)
+    opt = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}[args.optimizer](
+        learning_rate=1e-5)
+    opt.init(model.trainable_parameters())           # resident during the step, as in training
     shape = (args.batch_size, args.max_seq_length)
-    x = mx.random.randint(0, cfg["vocab_size"], shape)
-    y = mx.random.randint(0, cfg["vocab_size"], shape)
-    mx.eval(x, y)
+    x = mx.random.randint(0, cfg.get("vocab_size") or cfg["text_config"]["vocab_size"], shape)
+    mx.eval(x, opt.state)
     mx.clear_cache()
     mx.reset_peak_memory()
     t = time.perf_counter()
-    loss, grads = value_and_grad(model, x, y, method=args.method)
+    loss, grads = value_and_grad(model, x, x, method=args.method)
     mx.eval(loss, grads)
     return model, mx.get_peak_memory(), time.perf_counter() - t
 
 
+def _header(args, dev) -> str:
+    quant = f", {args.quantize}-bit" if args.quantize else ""
+    return (f"model {args.config_json or args.model} ({args.dtype}{quant}), {args.method}, "
+            f"T={args.max_seq_length}, B={args.batch_size}, r={args.rank}, "
+            f"{args.optimizer}; device {dev['device_name']}")
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = _resolve_variant(_parser().parse_args(argv))
     try:
         budget = resolve_budget(args.memory_budget, args.device_profile)
         cfg = _config(args)
@@ -78,17 +118,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     measured = None
+    dtype = _DTYPES[args.dtype]
     if args.no_measure:
-        arch = arch_from_config(cfg, _DTYPES[args.dtype], args.quantize, args.rank)
+        arch = arch_from_config(cfg, dtype, args.quantize, args.rank)
     else:
         model, peak, secs = _measure(cfg, args)
         arch, measured = arch_from_model(model, args.rank), (peak, secs)
     est = estimate(arch, args.method, args.max_seq_length, args.batch_size, args.optimizer)
-    dev = device_facts()
-    print(f"model {args.config_json or args.model} ({args.dtype}"
-          f"{f', {args.quantize}-bit' if args.quantize else ''}), {args.method}, "
-          f"T={args.max_seq_length}, B={args.batch_size}, r={args.rank}; "
-          f"device {dev['device_name']}")
+    print(_header(args, device_facts()))
     print(est)
     print(f"\n| | estimate MB | measured MB |\n|---|---:|---:|\n"
           f"| MLX peak | {est.mlx_bytes / MB:.1f} | "
@@ -100,11 +137,22 @@ def main(argv=None) -> int:
     if budget is None:
         print("no budget given (--device-profile or --memory-budget): no verdict")
         return 0
+    q4 = None if args.quantize else arch_from_config(cfg, dtype, 4, args.rank)
     try:
         preflight(arch, args.method, args.max_seq_length, args.batch_size, budget,
-                  args.optimizer)
-    except MemoryBudgetError as e:
-        print(f"\nverdict: DOES NOT FIT. {e}")
+                  args.optimizer, arch_4bit=q4)
+    except MemoryBudgetError as e:            # the table is above: summary and advice only
+        print(f"\nverdict: DOES NOT FIT. {e.summary}")
+        if arch.weight_bytes + est.runtime > budget:
+            print(f"The weights alone ({arch.weight_bytes / MB:.0f} MB) do not fit.")
+        if e.advice:
+            print("What would fit (add to this command):")
+            for a in e.advice:
+                flags = shlex.join(a.flags)
+                print(f"  {flags}" + ("" if a.text.startswith(flags) else f"    # {a.text}"))
+        else:
+            print("Nothing smaller in T, method or 4-bit fits: use a smaller model or a "
+                  "larger budget.")
         return 2
     print(f"\nverdict: fits: estimate {est.total_bytes / MB:.0f} MB of a "
           f"{budget / MB:.0f} MB budget ({(budget - est.total_bytes) / MB:.0f} MB headroom)")

@@ -14,9 +14,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..schedule import EngineOptions, head_tiles
+from .footprint import runtime_bytes
 
 MB = 1e6
-RUNTIME_BYTES = 100 * 10**6   # interpreter + MLX/mlx-lm libraries (Linux VmRSS after import: ~85 MB)
 OPT_STATE = {"sgd": 0, "adam": 2, "adamw": 2}   # fp32 state tensors per LoRA parameter (others: 2)
 
 
@@ -98,7 +98,8 @@ def arch_from_model(model, rank: int = 8) -> Arch:
 
 @dataclass
 class Estimate:
-    """Bytes per component of one step's peak; total_bytes adds the runtime."""
+    """Bytes per component of one step's MLX peak, plus the measured runtime
+    (this process's footprint outside MLX buffers: interpreter, libraries)."""
     method: str
     seq_len: int
     batch_size: int
@@ -108,7 +109,7 @@ class Estimate:
     optimizer_state: int
     checkpoints: int          # mebp/mesp: stored block inputs
     activations: int          # the method's working set at its peak (see _working_set)
-    runtime: int = RUNTIME_BYTES
+    runtime: int = 0          # measured, not estimated (footprint.runtime_bytes)
 
     @property
     def mlx_bytes(self) -> int:
@@ -123,9 +124,11 @@ class Estimate:
     def __str__(self):
         rows = [f"| component ({self.method}, T={self.seq_len}, B={self.batch_size}) | MB |",
                 "|---|---:|"]
-        for f in fields(self)[3:]:
+        for f in fields(self)[3:-1]:
             rows.append(f"| {f.name.replace('_', ' ')} | {getattr(self, f.name) / MB:.1f} |")
-        rows.append(f"| **total** | **{self.total_bytes / MB:.1f}** |")
+        rows += [f"| MLX peak (estimate) | {self.mlx_bytes / MB:.1f} |",
+                 f"| runtime (measured: process outside MLX buffers) | {self.runtime / MB:.1f} |",
+                 f"| **total** | **{self.total_bytes / MB:.1f}** |"]
         return "\n".join(rows)
 
 
@@ -174,9 +177,11 @@ def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool) -> tupl
 
 
 def estimate(arch: Arch, method: str, seq_len: int, batch_size: int = 1,
-             optimizer: str = "sgd", fused_sdpa: Optional[bool] = None) -> Estimate:
+             optimizer: str = "adam", fused_sdpa: Optional[bool] = None,
+             runtime: Optional[int] = None) -> Estimate:
     """Estimate one step's peak for `arch`; fused_sdpa: Metal's fused attention
-    (no T×T scores in the forward), default: whether Metal is available."""
+    (no T×T scores in the forward), default: whether Metal is available;
+    runtime: bytes outside MLX (default: measured once, footprint.runtime_bytes)."""
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
     if fused_sdpa is None:
@@ -185,20 +190,37 @@ def estimate(arch: Arch, method: str, seq_len: int, batch_size: int = 1,
     grads = 0 if method == "mezo" else arch.lora_bytes   # MeZO: no gradients, no state
     states = 0 if method == "mezo" else OPT_STATE.get(optimizer.lower(), 2)  # unknown: 2
     return Estimate(method, seq_len, batch_size, arch.weight_bytes, arch.lora_bytes,
-                    grads, states * arch.lora_bytes, ckpt, act)
+                    grads, states * arch.lora_bytes, ckpt, act,
+                    runtime_bytes() if runtime is None else runtime)
 
 
 class MemoryBudgetError(RuntimeError):
-    """The pre-flight estimate exceeds the memory budget."""
+    """The pre-flight estimate exceeds the memory budget; .estimate, .advice
+    (what would fit) and .summary (one line) for callers that format it."""
+
+    def __init__(self, msg, estimate=None, advice=(), summary=""):
+        super().__init__(msg)
+        self.estimate, self.advice, self.summary = estimate, list(advice), summary
 
 
-def _fits(arch, method, T, B, optimizer, budget, fused_sdpa):
-    return estimate(arch, method, T, B, optimizer, fused_sdpa).total_bytes <= budget
+@dataclass(frozen=True)
+class Advice:
+    """One way to fit: the memory CLI's flags that re-run it, and its text."""
+    flags: tuple              # e.g. ("--max-seq-length", "496")
+    text: str
+
+
+SPARE = 0.01     # advice must fit with 1% of the budget to spare (the runtime is measured)
+
+
+def _fits(arch, method, T, B, optimizer, budget, fused_sdpa, spare=SPARE):
+    return estimate(arch, method, T, B, optimizer, fused_sdpa).total_bytes <= \
+        budget * (1 - spare)
 
 
 def _max_T(arch, method, T, B, optimizer, budget, fused_sdpa) -> int:
-    """Largest multiple of 16 up to T that fits (0 if none)."""
-    lo, hi = 0, T // 16 * 16 + 16
+    """Largest multiple of 16 below T that fits (0 if none)."""
+    lo, hi = 0, (T - 1) // 16 * 16 + 16
     while hi - lo > 16:
         mid = (lo + hi) // 32 * 16
         lo, hi = (mid, hi) if _fits(arch, method, mid, B, optimizer, budget, fused_sdpa) \
@@ -210,50 +232,64 @@ def _suggestions(arch, arch_4bit, method, T, B, optimizer, budget, fused_sdpa) -
     out = []
     t = _max_T(arch, method, T, B, optimizer, budget, fused_sdpa)
     if t:
-        out.append(f"--max-seq-length {t} (fits with {method})")
+        out.append(Advice(("--max-seq-length", str(t)), f"--max-seq-length {t} "
+                          f"(fits with {method})"))
     if B > 1 and _fits(arch, method, T, 1, optimizer, budget, fused_sdpa):
-        out.append("--batch-size 1")
+        out.append(Advice(("--batch-size", "1"), "--batch-size 1"))
     if method not in ("mesp", "mezo") and _fits(arch, "mesp", T, B, optimizer, budget,
                                                 fused_sdpa):
-        out.append(f"--method mesp instead of {method}")
+        out.append(Advice(("--method", "mesp"), f"--method mesp instead of {method}"))
     if optimizer != "sgd" and _fits(arch, method, T, B, "sgd", budget, fused_sdpa):
-        out.append("--optimizer sgd (no optimizer state)")
-    if arch_4bit is not None and _fits(arch_4bit, method, T, B, optimizer, budget, fused_sdpa):
-        out.append("a 4-bit model (e.g. the -4bit repository)")
+        out.append(Advice(("--optimizer", "sgd"), "--optimizer sgd (no optimizer state)"))
+    q4 = ("--quantize", "4") if arch_4bit is not None else ()
+    if q4 and _fits(arch_4bit, method, T, B, optimizer, budget, fused_sdpa):
+        out.append(Advice(q4, "a 4-bit model (e.g. the -4bit repository)"))
     if not out:                  # combine: 4-bit, mesp, sgd, batch 1, shorter T
         a = arch_4bit or arch
-        t = _max_T(a, "mesp", T, 1, "sgd", budget, fused_sdpa)
-        if t:
-            out.append(f"together: {'a 4-bit model, ' if arch_4bit else ''}--method mesp, "
-                       f"--optimizer sgd, --batch-size 1"
-                       + (f", --max-seq-length {t}" if t < T else ""))
+        for t in (T, _max_T(a, "mesp", T, 1, "sgd", budget, fused_sdpa)):
+            if t and _fits(a, "mesp", t, 1, "sgd", budget, fused_sdpa):
+                out.append(Advice(q4 + ("--method", "mesp", "--optimizer", "sgd",
+                                        "--batch-size", "1", "--max-seq-length", str(t)),
+                                  f"together: {'a 4-bit model, ' if q4 else ''}--method "
+                                  f"mesp, --optimizer sgd, --batch-size 1"
+                                  + (f", --max-seq-length {t}" if t < T else "")))
+                break
     return out
 
 
+def quantized_4bit(arch: Arch) -> Arch:
+    """Same shapes with 4-bit weights (group 64, scales and biases in the model
+    dtype): an approximation where no config is at hand (norms stay dense)."""
+    s = arch.s
+    return Arch(**{**arch.__dict__, "quant_bits": 4,
+                   "weight_bytes": int(arch.weight_bytes * (0.5 + 2 * s / 64) / s)})
+
+
 def preflight(model, method: str, seq_len: int, batch_size: int,
-              budget_bytes: Optional[int], optimizer: str = "sgd", rank: int = 8,
-              fused_sdpa: Optional[bool] = None) -> Estimate:
+              budget_bytes: Optional[int], optimizer: str = "adam", rank: int = 8,
+              fused_sdpa: Optional[bool] = None, arch_4bit: Optional[Arch] = None) -> Estimate:
     """Estimate one step; raise MemoryBudgetError (with what would fit) if over budget.
 
-    model: a built qwen2 model (LoRA applied or not), or an Arch.
+    model: a built mlx-lm model (LoRA applied or not), or an Arch. arch_4bit:
+    the 4-bit variant to advise (default: quantized_4bit(arch) if not quantized).
     """
     arch = model if isinstance(model, Arch) else arch_from_model(model, rank)
     est = estimate(arch, method, seq_len, batch_size, optimizer, fused_sdpa)
     if budget_bytes is None or est.total_bytes <= budget_bytes:
         return est
     over = est.total_bytes - budget_bytes
-    q4 = None
-    if arch.quant_bits is None:     # same shapes, 4-bit weights (group 64, fp scales)
-        dense_s = arch.s
-        q4 = Arch(**{**arch.__dict__, "quant_bits": 4, "weight_bytes": int(
-            arch.weight_bytes * (0.5 + 2 * dense_s / 64) / dense_s)})
-    tips = _suggestions(arch, q4, method, seq_len, batch_size, optimizer, budget_bytes,
-                        fused_sdpa)
-    msg = (f"estimated peak {est.total_bytes / MB:.0f} MB for {method} at T={seq_len}, "
-           f"B={batch_size} exceeds the budget of {budget_bytes / MB:.0f} MB by "
-           f"{over / MB:.0f} MB.\n{est}\n")
-    if arch.weight_bytes + RUNTIME_BYTES > budget_bytes:
+    if arch.quant_bits is not None:
+        arch_4bit = None             # already quantized: no 4-bit advice
+    elif arch_4bit is None:
+        arch_4bit = quantized_4bit(arch)
+    tips = _suggestions(arch, arch_4bit, method, seq_len, batch_size, optimizer,
+                        budget_bytes, fused_sdpa)
+    summary = (f"estimated peak {est.total_bytes / MB:.0f} MB for {method} at T={seq_len}, "
+               f"B={batch_size} exceeds the budget of {budget_bytes / MB:.0f} MB by "
+               f"{over / MB:.0f} MB.")
+    msg = f"{summary}\n{est}\n"
+    if arch.weight_bytes + est.runtime > budget_bytes:
         msg += (f"The weights alone ({arch.weight_bytes / MB:.0f} MB) do not fit. ")
-    msg += ("What would fit: " + "; ".join(tips) + "." if tips else
+    msg += ("What would fit: " + "; ".join(a.text for a in tips) + "." if tips else
             "Nothing smaller in T, method or 4-bit fits: use a smaller model or a larger budget.")
-    raise MemoryBudgetError(msg)
+    raise MemoryBudgetError(msg, est, tips, summary)

@@ -3,7 +3,8 @@
     mon = MemoryMonitor(log_path, budget_bytes)   # budget -> mx.set_memory_limit
     mon.start_window()                            # before each report window
     rec = mon.record(step, loss=...)              # dict, one JSON line if log_path
-    print(mon.format(rec)); ...; print(mon.summary()); mon.plot("mem.png"); mon.close()
+    print(mon.format(rec)); ...; print(mon.summary())
+    why_not = mon.plot("mem.png"); mon.close()    # None when the PNG was written
 headroom = budget - max(MLX peak, footprint peak): the stricter of what MLX's
 limit governs and what the OS (jetsam on iOS) acts on.
 """
@@ -75,16 +76,17 @@ class MemoryMonitor:
             rows.append(f"| budget | {self.budget / MB:.1f} | |")
         return "\n".join(rows)
 
-    def plot(self, path: str) -> bool:
-        """PNG of memory over steps; False if matplotlib is missing or no records."""
+    def plot(self, path: str) -> Optional[str]:
+        """PNG of memory (MB) and loss over steps, with the budget line; None
+        when written, else why not (matplotlib missing, no records)."""
         try:
             import matplotlib
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            return False
+            return 'matplotlib is not installed: pip install "mesp-mlx[plot]"'
         if not self.records:
-            return False
+            return "no memory records"
         steps = [r["step"] for r in self.records]
         fig, ax = plt.subplots(figsize=(7, 4))
         for k in ("mlx_peak", "mlx_active", "footprint_peak"):
@@ -93,11 +95,21 @@ class MemoryMonitor:
         if self.budget:
             ax.axhline(self.budget / MB, color="red", linestyle="--", label="budget")
         ax.set_xlabel("step")
-        ax.set_ylabel("MB")
-        ax.legend()
+        ax.set_ylabel("memory (MB)")
+        lines, labels = ax.get_legend_handles_labels()
+        loss = [(r["step"], r["loss"]) for r in self.records if r.get("loss") is not None]
+        if loss:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*loss), color="black", alpha=0.6, linewidth=1, label="loss")
+            ax2.set_ylabel("training loss")
+            more = ax2.get_legend_handles_labels()
+            lines, labels = lines + more[0], labels + more[1]
+        ax.legend(lines, labels, loc="best", fontsize="small")
+        ax.set_title("mesp_mlx training: memory per step"
+                     + (f" (budget {self.budget / MB:.0f} MB)" if self.budget else ""))
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
-        return True
+        return None
 
     def close(self):
         """Restore MLX's previous memory limit and close the log."""
