@@ -25,7 +25,9 @@ RESULT_PREFIX = "MEMORY_BENCH_RESULT "
 OURS = ("autodiff", "mebp", "mesp", "mezo")     # through mesp_mlx.value_and_grad
 BASELINES = ("mlx-lm", "mlx-lm+ckpt")            # mlx-lm's own LoRA + trainer step
 CACHE_VARIANTS = ("mesp@none", "mesp@block")   # mesp with another allocator-cache policy
-ALL_METHODS = OURS + BASELINES + CACHE_VARIANTS
+VARIANTS = {"none": dict(clear_cache="none"), "block": dict(clear_cache="block"),
+            "disk": dict(checkpoints="disk")}    # method@variant -> EngineOptions fields
+ALL_METHODS = OURS + BASELINES + CACHE_VARIANTS + ("mesp@disk", "mebp@disk")
 B_STD = 0.01                                     # LoRA B ~ N(0, B_STD²): non-zero
 
 
@@ -104,7 +106,7 @@ def _ours(model, spec, batch):
     from mesp_mlx.schedule import EngineOptions
 
     method, _, policy = spec["method"].partition("@")     # e.g. "mesp@block"
-    kw = {"options": EngineOptions(clear_cache=policy)} if policy else {}
+    kw = {"options": EngineOptions(**VARIANTS[policy])} if policy else {}
     phases = spec.setdefault("_phases", {})           # per-phase time and peak (mebp/mesp)
     if method in ("mebp", "mesp"):
         kw["stats"] = phases
@@ -203,6 +205,8 @@ def _measure(spec) -> dict:
         row["mezo_loss"], row["loss"] = row["loss"], row.pop("inference_loss")
     del loss, grads
     gc.collect()
+    if spec["steps"] == 0:                 # long points: the first (cold) step is the row
+        return _cold_row(row, spec)
 
     row["rss_before_step_bytes"] = proc_status().get("VmRSS")
     row["rss_peak_is_step_only"] = reset_rss_peak()
@@ -225,6 +229,18 @@ def _measure(spec) -> dict:
     row["s_per_step"] = sum(times) / len(times)
     row["peak_above_bytes"] = row["peak_bytes"] - row["weights_bytes"]
     if spec.get("_phases"):                           # the measured step's breakdown
+        row["phases"] = {k: (v - row["weights_bytes"] if k.startswith("peak_after_") else v)
+                         for k, v in spec.pop("_phases").items()}
+    return row
+
+
+def _cold_row(row, spec) -> dict:
+    """steps = 0: the first step (it includes the one-time spec check) is measured."""
+    row.update(cold=True, peak_bytes=row["first_peak_bytes"],
+               rss_peak_bytes=proc_status().get("VmHWM"),
+               step_times_s=[row["first_step_s"]], s_per_step=row["first_step_s"],
+               peak_above_bytes=row["first_peak_bytes"] - row["weights_bytes"])
+    if spec.get("_phases"):
         row["phases"] = {k: (v - row["weights_bytes"] if k.startswith("peak_after_") else v)
                          for k, v in spec.pop("_phases").items()}
     return row

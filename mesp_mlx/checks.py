@@ -71,6 +71,8 @@ def before_loading(cfg: TrainConfig) -> Early:
             check_writable_dir(cfg.adapter_path)
         if cfg.memory_log:
             check_writable_file(cfg.memory_log, "--memory-log")
+        if cfg.offload_checkpoints:
+            check_writable_dir(cfg.offload_checkpoints, "--offload-checkpoints")
         if cfg.resume_adapter_file:
             resume = adapters.find_adapter_file(cfg.resume_adapter_file)
             adapters.read_safetensors(resume)          # readable (shapes: after_lora)

@@ -90,6 +90,12 @@ class TrainConfig:
                                        "iPad (see python -m mesp_mlx.memory).")
     memory_log: Optional[str] = _f(None, "Write one JSON line of memory figures per "
                                    "step to this file.")
+    offload_checkpoints: Optional[str] = _f(None, "Keep the block-input checkpoints "
+                                            "in a temporary file in this directory "
+                                            "(removed after each step) instead of "
+                                            "memory (mesp, mebp): memory stops growing "
+                                            "with the number of layers, for one write "
+                                            "and one read of L×B×T×D per step.")
     config: Optional[str] = _f(None, "YAML file with any of these options.",
                                cli=False)
 
@@ -127,6 +133,9 @@ class TrainConfig:
             for k, v in kw.items():
                 need(not isinstance(v, float) or math.isfinite(v),
                      f"optimizer_config.{opt}.{k} must be finite, got {v}")
+        need(self.offload_checkpoints is None or self.method in ("mesp", "mebp"),
+             "--offload-checkpoints needs --method mesp or mebp (the methods that "
+             "keep block-input checkpoints)")
         need(self.method != "mezo" or self.grad_accumulation_steps == 1,
              "--method mezo does not accumulate gradients: use --batch-size instead "
              "of --grad-accumulation-steps")

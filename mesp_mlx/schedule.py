@@ -24,6 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from .block import block_backward, block_forward, layer_mask
+from .checkpoints import open_checkpoints
 from .families import read_spec
 from .ops.loss_head import loss_head_value_and_grad
 from .ops.rmsnorm import rmsnorm_backward
@@ -41,6 +42,8 @@ class EngineOptions:
     clear_cache: str = "step"         # allocator cache: "none", "step" or "block" (mx.clear_cache)
     fused_attention: Optional[bool] = None  # None: fused SDPA where it is memory-efficient
     verify: bool = True               # check the spec against the model once (verify.py)
+    checkpoints: str = "memory"       # block inputs kept in "memory" or on "disk" (a temp file)
+    checkpoint_dir: Optional[str] = None  # directory of the "disk" file (None: the temp dir)
 
 
 def head_tiles(opt: EngineOptions, N: int, V: int):
@@ -66,18 +69,33 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
     spec = model_spec(model, method, T, opt)
     clock = _Clock(stats)
 
-    # 1. forward, keeping block inputs from the lowest LoRA block up
     h = spec.embed_ids(inputs)
     mx.eval(h)
-    ckpts = {}
+    store = open_checkpoints(opt.checkpoints, opt.checkpoint_dir,
+                             (len(spec.blocks) - spec.first) * h.nbytes)
+    hs = [h]                              # handed over, so _run can free h
+    del h
+    try:
+        return _run(model, spec, store, hs, targets, mask, method, opt, stats, clock)
+    finally:
+        store.close()                     # a disk file goes on success, error and Ctrl-C
+
+
+def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock):
+    h = hs.pop()
+    T = h.shape[1]
+    # 1. forward, keeping block inputs from the lowest LoRA block up
+    n_ckpt = 0
     for i, b in enumerate(spec.blocks):
         if i >= spec.first:
-            ckpts[i] = h
+            store.put(i, h)
+            n_ckpt += 1
         h = block_forward(b, h, opt) if method == "mesp" else b.module(h, layer_mask(b, T))
         mx.eval(h)
     if stats is not None:
-        stats["checkpoint_bytes"] = sum(c.nbytes for c in ckpts.values())
-        stats["n_checkpoints"] = len(ckpts)
+        stats["checkpoint_bytes"] = n_ckpt * h.nbytes
+        stats["n_checkpoints"] = n_ckpt
+        stats["checkpoints"] = store.kind
     clock.lap("forward_s")
 
     # 2. loss head
@@ -97,7 +115,7 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
     # 3. backward, block by block in reverse
     flat = {}
     for i in range(len(spec.blocks) - 1, spec.first - 1, -1):
-        x, b = ckpts.pop(i), spec.blocks[i]
+        x, b = store.pop(i), spec.blocks[i]
         if method == "mesp":
             dh = block_backward(spec.paths, b, x, dh, flat, opt, need_dx=i > spec.first)
         else:

@@ -9,6 +9,7 @@ so a resumed run replays the uninterrupted run's losses exactly.
 """
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -116,6 +117,15 @@ def _lr(optimizer) -> float:
     return lr.item() if isinstance(lr, mx.array) else float(lr)
 
 
+def engine_options(cfg: TrainConfig) -> engine.EngineOptions:
+    """The schedule knobs a TrainConfig sets (--offload-checkpoints DIR)."""
+    if not cfg.offload_checkpoints:
+        return engine.EngineOptions()
+    d = os.path.expanduser(cfg.offload_checkpoints)
+    os.makedirs(d, exist_ok=True)
+    return engine.EngineOptions(checkpoints="disk", checkpoint_dir=d)
+
+
 def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = None,
           config: Optional[TrainConfig] = None, optimizer=None, monitor=None,
           log=print, progress: Optional[bool] = None) -> TrainResult:
@@ -155,6 +165,7 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
         say(f"Iter {it}: val loss {loss:.3f}, val ppl {math.exp(min(loss, 50)):.3f}, "
             f"val took {time.perf_counter() - tic:.2f}s")
 
+    options = engine_options(cfg)
     model.train()
     if val and start == 0:
         validate(0)
@@ -171,7 +182,8 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
             bad = first_nonfinite(loss)
         else:
             loss, grads = engine.value_and_grad(model, batch.inputs, batch.targets,
-                                                batch.mask, method=cfg.method)
+                                                batch.mask, method=cfg.method,
+                                                options=options)
             loss = loss.item()
             bad = first_nonfinite(loss, grads)
             if bad is None:

@@ -240,3 +240,20 @@ def test_memory_log_without_matplotlib_says_how(monkeypatch, tiny_model_dir, tex
                              "--iters", 1, "--memory-log", tmp_path / "mem.jsonl"))
     assert rc == 0, err
     assert 'No memory plot: matplotlib is not installed: pip install "mesp-mlx[plot]"' in out
+
+
+def test_offload_checkpoints_same_losses_and_no_leftovers(tiny_model_dir, text_data,
+                                                          tmp_path):
+    runs = {}
+    for name, extra in (("memory", ()), ("disk", ("--offload-checkpoints",
+                                                  tmp_path / "ck"))):
+        rc, out, err = cli(*base(tiny_model_dir, text_data, tmp_path / name, "--train",
+                                 "--iters", 2, "--method", "mesp", *extra))
+        assert rc == 0, err
+        runs[name] = losses(out)
+    assert runs["disk"] == runs["memory"] and runs["disk"]
+    assert list((tmp_path / "ck").iterdir()) == []           # the file went with each step
+    rc, _, err = cli(*base(tiny_model_dir, text_data, tmp_path / "z", "--train",
+                           "--iters", 1, "--method", "autodiff",
+                           "--offload-checkpoints", tmp_path / "ck"))
+    assert rc == 1 and "mesp or mebp" in err
