@@ -128,7 +128,8 @@ def _memory(model, cfg, budget, log, T):
 
     try:
         est = preflight(model, cfg.method, T, cfg.batch_size, budget,
-                        optimizer=cfg.optimizer, rank=cfg.rank)
+                        optimizer=cfg.optimizer, rank=cfg.rank,
+                        checkpoints="disk" if cfg.offload_checkpoints else "memory")
     except ValueError as e:          # a family the estimate does not model
         raise ConfigError(str(e)) from None
     log(f"Memory estimate (longest batch T={T}, B={cfg.batch_size}):\n{est}")

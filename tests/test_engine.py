@@ -315,3 +315,31 @@ def test_token_chunks_keep_dropout_masks():
     _, g = mesp_mlx.value_and_grad(model, x, y, mask, method="mesp",
                                    options=_chunk_opts(model, 2, 4))
     compare(g, g_ref, mx.float32)
+
+
+def test_token_chunks_flatten_the_growth_in_T():
+    """Same model, T 512 → 1024: with 64-token chunks the peak grows by less than
+    half as much as with one chunk (the unchunked working set holds the T×F MLP
+    tensors of a whole block at once; F = 16 D here)."""
+    cfg = dict(hidden_size=64, intermediate_size=1024, num_hidden_layers=2,
+               vocab_size=512, num_attention_heads=4, num_key_value_heads=2)
+    model = make(cfg)
+    x, y, _ = batch(1024, B=1, V=512)
+    attn = dict(attn_chunk_bytes=1 << 18)          # attention: the same small blocks
+    opts = {"one chunk": EngineOptions(token_chunk_bytes=1 << 40, **attn),
+            "64 tokens": _chunk_opts(model, 1, 64, **attn)}
+    growth = {}
+    for name, opt in opts.items():
+        peaks = []
+        for T in (512, 1024):
+            mesp_mlx.value_and_grad(model, x[:, :8], y[:, :8], options=opt)
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            base = mx.get_active_memory()
+            loss, g = mesp_mlx.value_and_grad(model, x[:, :T], y[:, :T], options=opt)
+            mx.eval(loss, g)
+            peaks.append(mx.get_peak_memory() - base)
+            del loss, g
+        growth[name] = peaks[1] - peaks[0]
+    print({k: f"{v / 1e6:.2f} MB" for k, v in growth.items()})
+    assert 0 < growth["64 tokens"] < 0.5 * growth["one chunk"], growth

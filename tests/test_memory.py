@@ -234,15 +234,19 @@ ADVISED = [
      "--batch-size", 4, "--memory-budget", "2.6GB", "--optimizer", "adamw"],
     ["--model", "Qwen3-0.6B-bf16", "--method", "autodiff", "--max-seq-length", 1024,
      "--memory-budget", "1.4GB"],
+    ["--model", "Qwen2.5-0.5B", "--method", "mesp", "--max-seq-length", 8192,
+     "--memory-budget", "2.6GB"],                     # advises --offload-checkpoints
 ]
 
 
-@pytest.mark.parametrize("argv", ADVISED, ids=lambda a: f"{a[1]}-{a[3]}")
+@pytest.mark.parametrize("argv", ADVISED, ids=lambda a: f"{a[1]}-{a[3]}-{a[5]}")
 def test_every_advice_fits_when_rerun(capsys, argv):
     rc, out = _run(capsys, *argv, "--no-measure")
     assert rc == 2 and "DOES NOT FIT" in out, out
     advice = _advice(out)
     assert advice, out
+    if argv[5] == 8192:
+        assert ["--offload-checkpoints"] in advice, out
     for flags in advice:
         rc2, out2 = _run(capsys, *argv, "--no-measure", *flags)
         assert rc2 == 0 and "verdict: fits" in out2, (flags, out2)

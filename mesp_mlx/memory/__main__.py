@@ -46,6 +46,9 @@ def _parser():
                         "default: from a -Nbit --model suffix)")
     p.add_argument("--device-profile", help=f"one of {', '.join(DEVICE_PROFILES)}, auto")
     p.add_argument("--memory-budget", help="e.g. 6GB, 512MB, 1.5GiB (overrides the profile)")
+    p.add_argument("--offload-checkpoints", action="store_true",
+                   help="block-input checkpoints in a temporary file (training: "
+                        "--offload-checkpoints DIR)")
     p.add_argument("--no-measure", action="store_true",
                    help="estimate only: do not build the model or run a step")
     return p
@@ -95,7 +98,9 @@ def _measure(cfg, args):
     mx.clear_cache()
     mx.reset_peak_memory()
     t = time.perf_counter()
-    loss, grads = value_and_grad(model, x, x, method=args.method)
+    from ..schedule import EngineOptions
+    opts = EngineOptions(checkpoints="disk" if args.offload_checkpoints else "memory")
+    loss, grads = value_and_grad(model, x, x, method=args.method, options=opts)
     mx.eval(loss, grads)
     return model, mx.get_peak_memory(), time.perf_counter() - t
 
@@ -124,7 +129,9 @@ def main(argv=None) -> int:
     else:
         model, peak, secs = _measure(cfg, args)
         arch, measured = arch_from_model(model, args.rank), (peak, secs)
-    est = estimate(arch, args.method, args.max_seq_length, args.batch_size, args.optimizer)
+    ckpt = "disk" if args.offload_checkpoints else "memory"
+    est = estimate(arch, args.method, args.max_seq_length, args.batch_size, args.optimizer,
+                   checkpoints=ckpt)
     print(_header(args, device_facts()))
     print(est)
     print(f"\n| | estimate MB | measured MB |\n|---|---:|---:|\n"
@@ -140,7 +147,7 @@ def main(argv=None) -> int:
     q4 = None if args.quantize else arch_from_config(cfg, dtype, 4, args.rank)
     try:
         preflight(arch, args.method, args.max_seq_length, args.batch_size, budget,
-                  args.optimizer, arch_4bit=q4)
+                  args.optimizer, arch_4bit=q4, checkpoints=ckpt)
     except MemoryBudgetError as e:            # the table is above: summary and advice only
         print(f"\nverdict: DOES NOT FIT. {e.summary}")
         if arch.weight_bytes + est.runtime > budget:

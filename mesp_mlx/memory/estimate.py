@@ -143,29 +143,35 @@ def _full_head(a: Arch, N: int) -> int:
     return N * a.V * (a.s + 3 * 4)
 
 
-def _mesp_block(a: Arch, N: int, B: int, T: int, attn_chunk: int) -> int:
-    # MLP phase: x, n1, q, k, v, o, residual, n2, g, dh (~8D + 2Kd) and
-    # gate, up, product, dm, dgate, dup (~5-6F); attention phase: per query
-    # chunk P, dP, dS (3 × chunk) — mesp never materialises B·H·T·T scores
-    tokens = N * ((8 * a.D + 2 * a.K * a.d + 6 * a.F) * a.s)
-    return tokens + 3 * min(attn_chunk, B * a.H * T * T * 4)
-
-
-def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool) -> tuple:
-    """(checkpoints, activations) bytes for one step of `method`."""
+def _mesp_block(a: Arch, N: int, B: int, T: int, opt) -> int:
+    """One block's recompute + backward (block.py): kept for all T are q, k, v and
+    o (then do), plus dq, dk, dv in the attention backward; the rest lives for one
+    token chunk (MLP: gate, up, product and their gradients, ~9F + 6D per row) or
+    one attention query block (scores, probs, dP, dS: 4 × attn_chunk_bytes)."""
+    qkvo = N * a.s * (2 * a.H * a.d + 2 * a.K * a.d)
+    dqkv = N * a.s * (a.H * a.d + 2 * a.K * a.d) + N * a.H * 4      # + δ (fp32)
+    rows = B * min(T, max(1, opt.token_chunk_bytes // (4 * B * a.F)))
+    mlp = rows * (9 * a.F + 6 * a.D) * 4
+    attn = 4 * min(opt.attn_chunk_bytes, B * a.H * T * T * 4)
+    return qkvo + max(mlp, dqkv + attn)
+def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool,
+                 checkpoints: str = "memory") -> tuple:
+    """(checkpoints, activations) bytes for one step of `method`; checkpoints on
+    "disk" leave one block input (and its read buffer) in memory."""
     N = B * T
     opt = EngineOptions()        # the engine's defaults: the tiles a step really uses
     attn_chunk = opt.attn_chunk_bytes
     if method == "autodiff":     # every block's graph + the full-logits head
         return 0, a.L * _layer_graph(a, N, T) + _full_head(a, N)
-    ckpt = a.L * N * a.D * a.s   # block inputs kept by the forward
+    x = N * a.D * a.s
+    ckpt = a.L * x if checkpoints == "memory" else 2 * x   # block inputs kept by the forward
     dh = N * a.D * 4             # gradient flowing down the residual stream
     if method == "mebp":         # one block's graph + its vjp's transients (~2×) vs the full head
         return ckpt, dh + max(2 * _layer_graph(a, N, T), _full_head(a, N))
     if method == "mesp":         # hand backward of one block vs a [rows, vocab] head tile
         rows, vocab = head_tiles(opt, N, a.V)
-        head = 9 * rows * vocab + 3 * N * a.D * 4     # fp32 z, exp(z − μ) + hn, dhn, acc
-        return ckpt, dh + max(_mesp_block(a, N, B, T, attn_chunk), head)
+        head = 9 * rows * vocab + N * a.D * 4 + 3 * rows * a.D * 4   # + h, a tile's hn, dhn
+        return ckpt, dh + max(_mesp_block(a, N, B, T, opt), head)
     if method == "mezo":         # forward only: h0 + h, then one block's transients
         rows, vocab = head_tiles(opt, N, a.V)         # vs a loss-only head tile:
         head = 9 * rows * vocab + 2 * N * a.D * 4        # fp32 z, exp(z − μ) (~2.25×) + hn
@@ -178,15 +184,16 @@ def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool) -> tupl
 
 def estimate(arch: Arch, method: str, seq_len: int, batch_size: int = 1,
              optimizer: str = "adam", fused_sdpa: Optional[bool] = None,
-             runtime: Optional[int] = None) -> Estimate:
+             runtime: Optional[int] = None, checkpoints: str = "memory") -> Estimate:
     """Estimate one step's peak for `arch`; fused_sdpa: Metal's fused attention
     (no T×T scores in the forward), default: whether Metal is available;
-    runtime: bytes outside MLX (default: measured once, footprint.runtime_bytes)."""
+    runtime: bytes outside MLX (default: measured once, footprint.runtime_bytes);
+    checkpoints: "memory" or "disk" (EngineOptions.checkpoints)."""
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
     if fused_sdpa is None:
         fused_sdpa = mx.metal.is_available()
-    ckpt, act = _working_set(arch, method, batch_size, seq_len, fused_sdpa)
+    ckpt, act = _working_set(arch, method, batch_size, seq_len, fused_sdpa, checkpoints)
     grads = 0 if method == "mezo" else arch.lora_bytes   # MeZO: no gradients, no state
     states = 0 if method == "mezo" else OPT_STATE.get(optimizer.lower(), 2)  # unknown: 2
     return Estimate(method, seq_len, batch_size, arch.weight_bytes, arch.lora_bytes,
@@ -213,41 +220,51 @@ class Advice:
 SPARE = 0.01     # advice must fit with 1% of the budget to spare (the runtime is measured)
 
 
-def _fits(arch, method, T, B, optimizer, budget, fused_sdpa, spare=SPARE):
-    return estimate(arch, method, T, B, optimizer, fused_sdpa).total_bytes <= \
-        budget * (1 - spare)
+def _fits(arch, method, T, B, optimizer, budget, fused_sdpa, spare=SPARE,
+          checkpoints="memory"):
+    return estimate(arch, method, T, B, optimizer, fused_sdpa,
+                    checkpoints=checkpoints).total_bytes <= budget * (1 - spare)
 
 
-def _max_T(arch, method, T, B, optimizer, budget, fused_sdpa) -> int:
+def _max_T(arch, method, T, B, optimizer, budget, fused_sdpa, checkpoints="memory") -> int:
     """Largest multiple of 16 below T that fits (0 if none)."""
     lo, hi = 0, (T - 1) // 16 * 16 + 16
     while hi - lo > 16:
         mid = (lo + hi) // 32 * 16
-        lo, hi = (mid, hi) if _fits(arch, method, mid, B, optimizer, budget, fused_sdpa) \
-            else (lo, mid)
+        lo, hi = (mid, hi) if _fits(arch, method, mid, B, optimizer, budget, fused_sdpa,
+                                    checkpoints=checkpoints) else (lo, mid)
     return lo
 
 
-def _suggestions(arch, arch_4bit, method, T, B, optimizer, budget, fused_sdpa) -> list:
+def _suggestions(arch, arch_4bit, method, T, B, optimizer, budget, fused_sdpa,
+                 checkpoints="memory") -> list:
     out = []
-    t = _max_T(arch, method, T, B, optimizer, budget, fused_sdpa)
+    if checkpoints == "memory" and method in ("mesp", "mebp") and _fits(
+            arch, method, T, B, optimizer, budget, fused_sdpa, checkpoints="disk"):
+        out.append(Advice(("--offload-checkpoints",), "--offload-checkpoints (training: "
+                          "--offload-checkpoints DIR, block inputs in a temporary file)"))
+    t = _max_T(arch, method, T, B, optimizer, budget, fused_sdpa, checkpoints)
     if t:
         out.append(Advice(("--max-seq-length", str(t)), f"--max-seq-length {t} "
                           f"(fits with {method})"))
-    if B > 1 and _fits(arch, method, T, 1, optimizer, budget, fused_sdpa):
+    if B > 1 and _fits(arch, method, T, 1, optimizer, budget, fused_sdpa,
+                       checkpoints=checkpoints):
         out.append(Advice(("--batch-size", "1"), "--batch-size 1"))
     if method not in ("mesp", "mezo") and _fits(arch, "mesp", T, B, optimizer, budget,
-                                                fused_sdpa):
+                                                fused_sdpa, checkpoints=checkpoints):
         out.append(Advice(("--method", "mesp"), f"--method mesp instead of {method}"))
-    if optimizer != "sgd" and _fits(arch, method, T, B, "sgd", budget, fused_sdpa):
+    if optimizer != "sgd" and _fits(arch, method, T, B, "sgd", budget, fused_sdpa,
+                                    checkpoints=checkpoints):
         out.append(Advice(("--optimizer", "sgd"), "--optimizer sgd (no optimizer state)"))
     q4 = ("--quantize", "4") if arch_4bit is not None else ()
-    if q4 and _fits(arch_4bit, method, T, B, optimizer, budget, fused_sdpa):
+    if q4 and _fits(arch_4bit, method, T, B, optimizer, budget, fused_sdpa,
+                    checkpoints=checkpoints):
         out.append(Advice(q4, "a 4-bit model (e.g. the -4bit repository)"))
     if not out:                  # combine: 4-bit, mesp, sgd, batch 1, shorter T
         a = arch_4bit or arch
-        for t in (T, _max_T(a, "mesp", T, 1, "sgd", budget, fused_sdpa)):
-            if t and _fits(a, "mesp", t, 1, "sgd", budget, fused_sdpa):
+        for t in (T, _max_T(a, "mesp", T, 1, "sgd", budget, fused_sdpa, checkpoints)):
+            if t and _fits(a, "mesp", t, 1, "sgd", budget, fused_sdpa,
+                           checkpoints=checkpoints):
                 out.append(Advice(q4 + ("--method", "mesp", "--optimizer", "sgd",
                                         "--batch-size", "1", "--max-seq-length", str(t)),
                                   f"together: {'a 4-bit model, ' if q4 else ''}--method "
@@ -267,14 +284,16 @@ def quantized_4bit(arch: Arch) -> Arch:
 
 def preflight(model, method: str, seq_len: int, batch_size: int,
               budget_bytes: Optional[int], optimizer: str = "adam", rank: int = 8,
-              fused_sdpa: Optional[bool] = None, arch_4bit: Optional[Arch] = None) -> Estimate:
+              fused_sdpa: Optional[bool] = None, arch_4bit: Optional[Arch] = None,
+              checkpoints: str = "memory") -> Estimate:
     """Estimate one step; raise MemoryBudgetError (with what would fit) if over budget.
 
     model: a built mlx-lm model (LoRA applied or not), or an Arch. arch_4bit:
     the 4-bit variant to advise (default: quantized_4bit(arch) if not quantized).
     """
     arch = model if isinstance(model, Arch) else arch_from_model(model, rank)
-    est = estimate(arch, method, seq_len, batch_size, optimizer, fused_sdpa)
+    est = estimate(arch, method, seq_len, batch_size, optimizer, fused_sdpa,
+                   checkpoints=checkpoints)
     if budget_bytes is None or est.total_bytes <= budget_bytes:
         return est
     over = est.total_bytes - budget_bytes
@@ -283,7 +302,7 @@ def preflight(model, method: str, seq_len: int, batch_size: int,
     elif arch_4bit is None:
         arch_4bit = quantized_4bit(arch)
     tips = _suggestions(arch, arch_4bit, method, seq_len, batch_size, optimizer,
-                        budget_bytes, fused_sdpa)
+                        budget_bytes, fused_sdpa, checkpoints)
     summary = (f"estimated peak {est.total_bytes / MB:.0f} MB for {method} at T={seq_len}, "
                f"B={batch_size} exceeds the budget of {budget_bytes / MB:.0f} MB by "
                f"{over / MB:.0f} MB.")
