@@ -21,6 +21,7 @@ Kept for all T: x, q, k, v, o → do, G → dh → dx, dq, dk, dv (T × (D, H·h
 the MLP's T × F tensors exist for one chunk only.
 """
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import mlx.core as mx
@@ -253,36 +254,77 @@ def _residual_in(b: BlockSpec, x, o, at):
     return r1, x + _scaled(_norm(b.attn_out, r1), b.residual)
 
 
-def block_forward(b: BlockSpec, x, opt):
-    """The block's output through the same ops as its recompute."""
+@dataclass
+class Kept:
+    """What a block's forward kept so that its backward skips the recompute
+    (EngineOptions.activation_budget): q, k, v (after RoPE), pre-norm q/k, o, and
+    per token chunk (r1 if N_ao, h, gate, up, r2 if N_mo). m_in = N_mi(h) and
+    m = act(gate) ⊙ up are elementwise, so they are recomputed even then."""
+    q: mx.array
+    k: mx.array
+    v: mx.array
+    pre: tuple
+    o: mx.array
+    rows: list = field(default_factory=list)
+
+    def take(self):
+        """The tensors, handed over: the backward then owns (and frees) them."""
+        out = (self.q, self.k, self.v, self.pre, self.o, self.rows)
+        self.q = self.k = self.v = self.o = self.pre = self.rows = None
+        return out
+
+
+def kept_bytes(b: BlockSpec, B: int, T: int, itemsize: int) -> int:
+    """Bytes of a block's Kept at [B, T] (exactly the arrays block_forward keeps)."""
+    D, F = _frozen(b.o).shape[0], _frozen(b.down).shape[1]
+    per_token = (2 * b.H + 2 * b.K) * b.hd + D + 2 * F
+    per_token += (b.H + b.K) * b.hd if b.q_norm is not None else 0
+    per_token += D if b.attn_out is not None else 0
+    per_token += D if b.mlp_out is not None else 0
+    return B * T * per_token * itemsize
+
+
+def block_forward(b: BlockSpec, x, opt, keep: bool = False):
+    """The block's output through the same ops as its recompute; with keep, also
+    the Kept its backward reads instead of recomputing: (out, Kept)."""
     B, T, _ = x.shape
     spans = token_spans(b, opt, B, T)
-    q, k, v, _ = attention_inputs(b, x, spans)
+    q, k, v, pre = attention_inputs(b, x, spans)
     o = _attend(b, q, k, v, opt)
-    del q, k, v
+    kept = Kept(q, k, v, pre, o) if keep else None
+    del q, k, v, pre
     out = None
     for t0, t1 in spans:
         at = (t0, T)
-        _, h = _residual_in(b, x[:, t0:t1], o[:, :, t0:t1], at)
-        m = mlp_half(b, h, at)[-1]
-        out = _put(out, h + _scaled(_norm(b.mlp_out, lin(b.down, m, at)), b.residual),
-                   t0, t1, T, 1)
-        if len(spans) > 1:
-            mx.eval(out)
-    return out
+        r1, h = _residual_in(b, x[:, t0:t1], o[:, :, t0:t1], at)
+        _, gate, up, m = mlp_half(b, h, at)
+        r2 = lin(b.down, m, at)
+        out = _put(out, h + _scaled(_norm(b.mlp_out, r2), b.residual), t0, t1, T, 1)
+        if keep:
+            kept.rows.append((r1 if b.attn_out is not None else None, h, gate, up,
+                              r2 if b.mlp_out is not None else None))
+        del r1, h, gate, up, m, r2
+        if len(spans) > 1 or keep:
+            mx.eval(out, *([a for a in kept.rows[-1] if a is not None] if keep else []))
+    return (out, kept) if keep else out
 
 
-def _mlp_chunk_backward(paths, b: BlockSpec, x, o, g, flat, at):
-    """Phase 2 for one chunk: recompute h and the MLP, backprop G; returns
-    (dh, do, δ) of the chunk (o, do in head layout)."""
-    r1, h = _residual_in(b, x, o, at)
-    m_in, gate, up, m = mlp_half(b, h, at)
+def _mlp_chunk_backward(paths, b: BlockSpec, x, o, g, flat, at, row=None):
+    """Phase 2 for one chunk: recompute h and the MLP (or take them from `row`, a
+    Kept chunk), backprop G; returns (dh, do, δ) of the chunk (o, do head layout)."""
+    if row is None:
+        r1, h = _residual_in(b, x, o, at)
+        m_in, gate, up, m = mlp_half(b, h, at)
+        r2 = lin(b.down, m, at) if b.mlp_out is not None else None
+    else:
+        r1, h, gate, up, r2 = row
+        m_in, m = _norm(b.mlp_in, h), ACTS[b.act][0](gate, up)
     dr2 = _scaled(g, b.residual)
     if b.mlp_out is not None:
-        dr2 = _norm_bwd(b.mlp_out, dr2, lin(b.down, m, at))
+        dr2 = _norm_bwd(b.mlp_out, dr2, r2)
     dm = lin_bwd(paths, b.down, dr2, m, flat, at=at)
     dgate, dup = ACTS[b.act][1](dm, gate, up)
-    del m, dm, dr2, gate, up
+    del m, dm, dr2, gate, up, r2
     dh = g + _norm_bwd(b.mlp_in, proj_bwd(paths, b.gate_up, [dgate, dup], m_in, flat,
                                           at=at), h)
     del dgate, dup, m_in, h
@@ -291,15 +333,21 @@ def _mlp_chunk_backward(paths, b: BlockSpec, x, o, g, flat, at):
     return dh, do, attention_delta(do, o)
 
 
-def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True):
-    """Recompute the block from its input x and backprop G = dL/dout; returns dL/dx
-    (LoRA gradients added into `flat`). Over several token chunks G's buffer is
-    reused for dL/dh and then dL/dx (the caller must not read g afterwards)."""
+def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
+                   kept: Optional[Kept] = None):
+    """Recompute the block from its input x (or take its forward's `kept` tensors)
+    and backprop G = dL/dout; returns dL/dx (LoRA gradients added into `flat`).
+    Over several token chunks G's buffer is reused for dL/dh and then dL/dx (the
+    caller must not read g afterwards)."""
     B, T, _ = x.shape
     spans = token_spans(b, opt, B, T)
-    q, k, v, pre = attention_inputs(b, x, spans)
-    o = _attend(b, q, k, v, opt)
-    mx.eval(o)
+    rows = None
+    if kept is None:
+        q, k, v, pre = attention_inputs(b, x, spans)
+        o = _attend(b, q, k, v, opt)
+        mx.eval(o)
+    else:
+        q, k, v, pre, o, rows = kept.take()
 
     # phase 2: dh over G's buffer, do over o's, δ = rowsum(do ⊙ o)
     take = _take if len(spans) > 1 else _rows
@@ -307,8 +355,9 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True):
     for t0, t1 in spans:
         xc, oc, gc = _rows(x, t0, t1, 1), take(o, t0, t1, 2), take(dh, t0, t1, 1)
         mx.eval(oc, gc)
-        dhc, doc, dc = _mlp_chunk_backward(paths, b, xc, oc, gc, flat, (t0, T))
-        del oc, gc
+        row = None if rows is None else rows.pop(0)
+        dhc, doc, dc = _mlp_chunk_backward(paths, b, xc, oc, gc, flat, (t0, T), row)
+        del oc, gc, row
         dh = _put(dh, dhc, t0, t1, T, 1)
         o = _put(o, doc, t0, t1, T, 2)
         delta = _put(delta, dc, t0, t1, T, 2)
