@@ -12,6 +12,7 @@ gradients under checkpointing; REFERENCE §4).
 """
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import mlx.core as mx
@@ -37,6 +38,7 @@ class LoRALinear(nn.Module):
                                         (d_in, r))
         self.lora_b = mx.zeros((r, d_out))
         self._drop_key = None
+        self._drop_rows = None          # RowWindow: this shard's rows of the batch's mask
 
     @property
     def rank(self) -> int:
@@ -48,7 +50,11 @@ class LoRALinear(nn.Module):
             return None
         keep = 1.0 - self.dropout
         key = self._drop_key if self._drop_key is not None else mx.random.key(0)
-        mask = mx.random.bernoulli(keep, x.shape, key=key)
+        if self._drop_rows is None:
+            mask = mx.random.bernoulli(keep, x.shape, key=key)
+        else:                           # a data-parallel shard: the global batch's rows
+            B, lo = self._drop_rows.batch, self._drop_rows.lo
+            mask = mx.random.bernoulli(keep, (B, *x.shape[1:]), key=key)[lo:lo + x.shape[0]]
         return mask.astype(x.dtype) / keep
 
     def __call__(self, x):
@@ -75,6 +81,21 @@ def set_dropout_keys(model: nn.Module, key: Optional[mx.array]):
     keys = mx.random.split(key, max(len(layers), 2)) if key is not None else None
     for i, (_, m) in enumerate(layers):
         m._drop_key = None if keys is None else keys[i]
+
+
+@dataclass(frozen=True)
+class RowWindow:
+    """Inputs are rows lo.. of a `batch`-row batch (a data-parallel shard)."""
+    batch: int
+    lo: int
+
+
+def set_dropout_rows(model: nn.Module, rows: Optional[RowWindow]):
+    """Each layer keeps `rows` of the whole batch's dropout mask, so a shard
+    drops exactly what one process would (None: masks of the input's shape).
+    Not a tuple: nn.Module would file a tuple among its parameters."""
+    for _, m in lora_layers(model):
+        m._drop_rows = rows
 
 
 def block_linears(block: nn.Module) -> list:
