@@ -88,6 +88,10 @@ class TrainConfig:
                                        "iPad (see python -m mesp_mlx.memory).")
     memory_log: Optional[str] = _f(None, "Write one JSON line of memory figures per "
                                    "step to this file.")
+    # data parallelism (under mlx.launch; mesp_mlx/distributed.py)
+    dist_timeout: float = _f(600.0, "Seconds a rank waits for the others in one "
+                             "collective of a multi-rank run (mlx.launch) before every "
+                             "rank stops with an error.")
     config: Optional[str] = _f(None, "YAML file with any of these options.",
                                cli=False)
 

@@ -44,12 +44,17 @@ def run(cfg: TrainConfig, log=print) -> dict:
     {"train": TrainResult or None, "test_loss": float or None, "model": model}."""
     import mlx.core as mx
 
-    from . import adapters, data, models, trainer
+    from . import adapters, data, data_parallel, distributed, models, trainer
     from .layers import apply_lora
 
     cfg.validate()
     if cfg.train:
         trainer.check_method(cfg.method)
+    world = distributed.init(cfg.dist_timeout)
+    if world.size > 1:
+        log = log if world.is_main else _quiet
+        log(world.describe())
+        data_parallel.check_batch_size(world, cfg.batch_size)
     log("Options:\n" + cfg.describe())
     model, tokenizer, resolved = models.load_model(cfg.model, log=log)
     need = (("train",) if cfg.train else ()) + (("test",) if cfg.test else ())
@@ -70,14 +75,23 @@ def run(cfg: TrainConfig, log=print) -> dict:
         if splits["valid"] is None:
             log("Warning: no valid.jsonl: training without validation")
         longest = max((len(t) - 1 for t in splits["train"].tokens), default=1)
-        monitor = _memory(model, cfg, log, min(cfg.max_seq_length, max(longest, 1)))
-        config_file = adapters.save_config(model, cfg.adapter_path, cfg.to_dict())
-        log(f"Resolved options saved to {config_file}")
+        mine = data_parallel.rank_options(world, cfg)        # rank 0 alone writes
+        monitor = _memory(model, mine, log, min(cfg.max_seq_length, max(longest, 1)))
+        if world.size > 1:
+            log(f"Data parallel: {cfg.batch_size // world.size} sequences per rank; "
+                f"{data_parallel.all_reduce_bytes(model, cfg.method) / 1e6:.3g} MB "
+                "all-summed per step")
+        if world.is_main:
+            config_file = adapters.save_config(model, cfg.adapter_path, cfg.to_dict())
+            log(f"Resolved options saved to {config_file}")
         with monitor:
-            out["train"] = trainer.train(model, splits["train"], splits["valid"], cfg,
-                                         monitor=monitor, log=log)
+            out["train"] = trainer.train(model, splits["train"], splits["valid"], mine,
+                                         monitor=monitor, log=log, world=world,
+                                         progress=None if world.is_main else False)
         log(f"Saved adapters to {out['train'].adapter_file}")
         log(monitor.summary())
+        if world.size > 1:
+            log(data_parallel.memory_summary(world, monitor))
         png = Path(cfg.memory_log).with_suffix(".png") if cfg.memory_log else None
         if png and monitor.plot(str(png)):
             log(f"Memory plot: {png}")
@@ -86,10 +100,15 @@ def run(cfg: TrainConfig, log=print) -> dict:
         log(f"Loaded adapters from {cfg.adapter_path}")
     if cfg.test:
         batches = data.fixed_batches(splits["test"], cfg.batch_size, cfg.test_batches)
-        loss = trainer.evaluate(model, batches)
+        loss = data_parallel.evaluate(world, lambda b: trainer.evaluate(model, b),
+                                      batches, "the test")
         out["test_loss"] = loss
         log(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 50)):.3f}.")
     return out
+
+
+def _quiet(*_args, **_kw):
+    """The log of ranks other than 0: rank 0 alone reports."""
 
 
 def _check_positions(model, splits, max_seq_length):
@@ -129,7 +148,8 @@ def main(argv: Optional[list] = None) -> int:
         cfg = resolve(vars(args), cfg_path)
         run(cfg)
     except (UserError, MemoryBudgetError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .distributed import where
+        print(f"error{where()}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; resume with --resume-adapter-file "
