@@ -196,8 +196,13 @@ def memory_summary(world: World, monitor) -> str:
     return f"Memory{memory_max(world, worst, 'the memory summary')}"
 
 
-def all_reduce_bytes(model, method: str) -> int:
-    """Bytes all-summed per step: every LoRA gradient in fp32 (MeZO: 3 scalars)."""
-    if method == "mezo":
-        return 3 * 8
+def all_reduce_bytes(model) -> int:
+    """Bytes all-summed per backward: every LoRA gradient in fp32."""
     return 4 * sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def describe(world: World, model, batch_size: int, method: str) -> str:
+    per_step = ("3 scalars (L+, L-, targets) exchanged per step" if method == "mezo" else
+                f"{all_reduce_bytes(model) / 1e6:.3g} MB of LoRA gradients all-summed "
+                "per batch")
+    return f"Data parallel: {batch_size // world.size} sequences per rank; {per_step}"

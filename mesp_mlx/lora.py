@@ -78,9 +78,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
         mine = data_parallel.rank_options(world, cfg)        # rank 0 alone writes
         monitor = _memory(model, mine, log, min(cfg.max_seq_length, max(longest, 1)))
         if world.size > 1:
-            log(f"Data parallel: {cfg.batch_size // world.size} sequences per rank; "
-                f"{data_parallel.all_reduce_bytes(model, cfg.method) / 1e6:.3g} MB "
-                "all-summed per step")
+            log(data_parallel.describe(world, model, cfg.batch_size, cfg.method))
         if world.is_main:
             config_file = adapters.save_config(model, cfg.adapter_path, cfg.to_dict())
             log(f"Resolved options saved to {config_file}")
