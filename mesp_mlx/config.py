@@ -96,6 +96,10 @@ class TrainConfig:
                                             "memory (mesp, mebp): memory stops growing "
                                             "with the number of layers, for one write "
                                             "and one read of L×B×T×D per step.")
+    # data parallelism (under mlx.launch; mesp_mlx/distributed.py)
+    dist_timeout: float = _f(600.0, "Seconds a rank waits for the others in one "
+                             "collective of a multi-rank run (mlx.launch) before every "
+                             "rank stops with an error.")
     config: Optional[str] = _f(None, "YAML file with any of these options.",
                                cli=False)
 

@@ -12,6 +12,7 @@ gradients under checkpointing; REFERENCE §4).
 """
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import mlx.core as mx
@@ -37,6 +38,7 @@ class LoRALinear(nn.Module):
                                         (d_in, r))
         self.lora_b = mx.zeros((r, d_out))
         self._drop_key = None
+        self._drop_rows = None          # RowWindow: this shard's rows of the batch's mask
 
     @property
     def rank(self) -> int:
@@ -50,10 +52,12 @@ class LoRALinear(nn.Module):
             return None
         keep = 1.0 - self.dropout
         key = self._drop_key if self._drop_key is not None else mx.random.key(0)
-        full = x.shape if at is None else (x.shape[0], at[1], *x.shape[2:])
-        mask = mx.random.bernoulli(keep, full, key=key)
-        if tuple(full) != tuple(x.shape):
-            mask = mask[:, at[0]:at[0] + x.shape[1]]
+        B, lo = (x.shape[0], 0) if self._drop_rows is None else \
+            (self._drop_rows.batch, self._drop_rows.lo)   # data parallel: global rows
+        T, t0 = (x.shape[1], 0) if at is None else (at[1], at[0])   # token chunk
+        mask = mx.random.bernoulli(keep, (B, T, *x.shape[2:]), key=key)
+        if (B, T) != tuple(x.shape[:2]):
+            mask = mask[lo:lo + x.shape[0], t0:t0 + x.shape[1]]
         return mask.astype(x.dtype) / keep
 
     def __call__(self, x):
@@ -80,6 +84,21 @@ def set_dropout_keys(model: nn.Module, key: Optional[mx.array]):
     keys = mx.random.split(key, max(len(layers), 2)) if key is not None else None
     for i, (_, m) in enumerate(layers):
         m._drop_key = None if keys is None else keys[i]
+
+
+@dataclass(frozen=True)
+class RowWindow:
+    """Inputs are rows lo.. of a `batch`-row batch (a data-parallel shard)."""
+    batch: int
+    lo: int
+
+
+def set_dropout_rows(model: nn.Module, rows: Optional[RowWindow]):
+    """Each layer keeps `rows` of the whole batch's dropout mask, so a shard
+    drops exactly what one process would (None: masks of the input's shape).
+    Not a tuple: nn.Module would file a tuple among its parameters."""
+    for _, m in lora_layers(model):
+        m._drop_rows = rows
 
 
 def block_linears(block: nn.Module) -> list:

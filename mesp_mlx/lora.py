@@ -44,13 +44,18 @@ def run(cfg: TrainConfig, log=print) -> dict:
     {"train": TrainResult or None, "test_loss": float or None, "model": model}."""
     import mlx.core as mx
 
-    from . import adapters, checks, data, models, trainer
+    from . import adapters, checks, data, data_parallel, distributed, models, trainer
     from .inputs import vocab_sizes
 
     cfg.validate()
     if cfg.train:
         trainer.check_method(cfg.method)
     early = checks.before_loading(cfg)              # before any download or write
+    world = distributed.init(cfg.dist_timeout)
+    if world.size > 1:
+        log = log if world.is_main else _quiet
+        log(world.describe())
+        data_parallel.check_batch_size(world, cfg.batch_size)
     log("Options:\n" + cfg.describe())
     model, tokenizer, resolved = models.load_model(cfg.model, log=log)
     with warnings.catch_warnings():
@@ -71,25 +76,39 @@ def run(cfg: TrainConfig, log=print) -> dict:
         if splits["valid"] is None:
             log("Warning: no valid.jsonl: training without validation")
         longest = max((len(t) - 1 for t in splits["train"].tokens), default=1)
-        monitor = _memory(model, cfg, early.budget, log,
-                          min(cfg.max_seq_length, max(longest, 1)))
-        config_file = adapters.save_config(model, cfg.adapter_path, cfg.to_dict())
-        log(f"Resolved options saved to {config_file}")
+        mine = data_parallel.rank_options(world, cfg)        # rank 0 alone writes
+        T = min(cfg.max_seq_length, max(longest, 1))
+        monitor, est = _memory(model, mine, early.budget, log, T)
+        options = _activation_plan(model, cfg, early.budget, est, T, log)
+        if world.size > 1:
+            log(data_parallel.describe(world, model, cfg.batch_size, cfg.method))
+        if world.is_main:
+            config_file = adapters.save_config(model, cfg.adapter_path, cfg.to_dict())
+            log(f"Resolved options saved to {config_file}")
         with monitor:
-            out["train"] = trainer.train(model, splits["train"], splits["valid"], cfg,
-                                         monitor=monitor, log=log)
+            out["train"] = trainer.train(model, splits["train"], splits["valid"], mine,
+                                         monitor=monitor, log=log, world=world,
+                                         progress=None if world.is_main else False,
+                                         options=options)
         log(monitor.summary())
-        if cfg.memory_log:
-            _plot(monitor, cfg.memory_log, log)
+        if world.size > 1:
+            log(data_parallel.memory_summary(world, monitor))
+        if mine.memory_log:
+            _plot(monitor, mine.memory_log, log)
     elif cfg.adapter_path:
         adapters.load_adapter_dir(model, cfg.adapter_path)
         log(f"Loaded adapters from {cfg.adapter_path}")
     if cfg.test:
         batches = data.fixed_batches(splits["test"], cfg.batch_size, cfg.test_batches)
-        loss = trainer.evaluate(model, batches)
+        loss = data_parallel.evaluate(world, lambda b: trainer.evaluate(model, b),
+                                      batches, "the test")
         out["test_loss"] = loss
         log(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 50)):.3f}.")
     return out
+
+
+def _quiet(*_args, **_kw):
+    """The log of ranks other than 0: rank 0 alone reports."""
 
 
 def _check_positions(model, splits, max_seq_length):
@@ -135,7 +154,33 @@ def _memory(model, cfg, budget, log, T):
     log(f"Memory estimate (longest batch T={T}, B={cfg.batch_size}):\n{est}")
     if budget:
         log(f"Memory budget {budget / 1e6:.0f} MB, enforced with mx.set_memory_limit")
-    return MemoryMonitor(log_path=cfg.memory_log, budget_bytes=budget)
+    return MemoryMonitor(log_path=cfg.memory_log, budget_bytes=budget), est
+
+
+SAFETY = 0.10      # of the budget, left free for what the pre-flight estimate misses
+
+
+def _activation_plan(model, cfg, budget, est, T, log):
+    """EngineOptions for training: with a budget, mesp spends the headroom left
+    after the minimal schedule's estimate (less SAFETY) on blocks that keep their
+    forward tensors and skip the recompute (EngineOptions.activation_budget)."""
+    import mlx.core as mx
+
+    from .schedule import activation_plan, describe_plan, model_spec
+    from .trainer import engine_options
+
+    opts = engine_options(cfg)
+    if not budget or cfg.method != "mesp":
+        return opts
+    spare = int(budget * (1 - SAFETY) - est.total_bytes)
+    opts.activation_budget = max(0, spare)
+    spec = model_spec(model, "mesp", T, opts)
+    itemsize = spec.embed_ids(mx.zeros((1, 1), mx.int32)).dtype.size
+    plan = activation_plan(spec, opts, cfg.batch_size, T, itemsize)
+    log(f"{describe_plan(plan, len(spec.blocks))} at T={T}: budget {budget / 1e6:.0f} MB "
+        f"− estimate {est.total_bytes / 1e6:.0f} MB − {SAFETY:.0%} margin = "
+        f"{max(0, spare) / 1e6:.0f} MB to spend")
+    return opts
 
 
 def _plot(monitor, memory_log, log):
@@ -153,7 +198,8 @@ def main(argv: Optional[list] = None) -> int:
         cfg = resolve(vars(args), cfg_path)
         run(cfg)
     except (UserError, MemoryBudgetError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .distributed import where
+        print(f"error{where()}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; resume with --resume-adapter-file "

@@ -20,9 +20,10 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from . import adapters, engine, mezo
+from . import adapters, data_parallel, engine
 from .config import ConfigError, TrainConfig
 from .data import Batch, Dataset, fixed_batches, iterate_batches
+from .distributed import World
 from .divergence import all_finite, divergence_error, first_nonfinite
 
 HEAD_CHUNK = 512      # positions per logits chunk in evaluation ([1, 512, V] at a time)
@@ -128,15 +129,21 @@ def engine_options(cfg: TrainConfig) -> engine.EngineOptions:
 
 def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = None,
           config: Optional[TrainConfig] = None, optimizer=None, monitor=None,
-          log=print, progress: Optional[bool] = None) -> TrainResult:
+          log=print, progress: Optional[bool] = None,
+          world: Optional[World] = None,
+          options: Optional[engine.EngineOptions] = None) -> TrainResult:
     """Train the LoRA parameters of `model` for config.iters iterations.
 
     Resumes from config.resume_adapter_file; saves to config.adapter_path
     (None: no files). monitor: a mesp_mlx.memory.MemoryMonitor (its peak is
     reset per iteration; reports show the window's maximum) or None.
+    world: a data-parallel group (mesp_mlx.distributed); each rank trains on
+    its rows of every global batch (None: one process).
     """
     cfg = config or TrainConfig(train=True)
     check_method(cfg.method)
+    world = world or World()
+    data_parallel.check_batch_size(world, cfg.batch_size)
     if cfg.grad_accumulation_steps < 1:
         raise ConfigError("--grad-accumulation-steps must be >= 1")
     if cfg.method == "mezo":
@@ -151,6 +158,7 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
     start, accum, accum_n = _resume(model, opt, cfg, log)
     last_good = (str(adapters.find_adapter_file(cfg.resume_adapter_file)), start) \
         if cfg.resume_adapter_file else None       # (adapter file, iteration)
+    data_parallel.check_start(world, model, start, accum_n)
     result = TrainResult(step=start)
     val = fixed_batches(val_set, cfg.batch_size, cfg.val_batches) if val_set and \
         cfg.val_batches != 0 else []
@@ -160,12 +168,13 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
 
     def validate(it):
         tic = time.perf_counter()
-        loss = evaluate(model, val)
+        loss = data_parallel.evaluate(world, lambda b: evaluate(model, b), val,
+                                      f"validation at iteration {it}")
         result.val_losses.append((it, loss))
         say(f"Iter {it}: val loss {loss:.3f}, val ppl {math.exp(min(loss, 50)):.3f}, "
             f"val took {time.perf_counter() - tic:.2f}s")
 
-    options = engine_options(cfg)
+    options = options or engine_options(cfg)
     model.train()
     if val and start == 0:
         validate(0)
@@ -177,13 +186,12 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
         batch = next(batches)
         tic = time.perf_counter()
         if cfg.method == "mezo":                       # in-place MeZO-SGD, no optimizer
-            loss = mezo.mezo_step(model, batch.inputs, batch.targets, batch.mask,
-                                  _lr(opt), cfg.mezo_eps, cfg.mezo_weight_decay).loss
+            loss = data_parallel.mezo_step(world, model, batch, _lr(opt), cfg.mezo_eps,
+                                           cfg.mezo_weight_decay, f"iteration {it}").loss
             bad = first_nonfinite(loss)
         else:
-            loss, grads = engine.value_and_grad(model, batch.inputs, batch.targets,
-                                                batch.mask, method=cfg.method,
-                                                options=options)
+            loss, grads = data_parallel.value_and_grad(world, model, batch, cfg.method,
+                                                       f"iteration {it}", options=options)
             loss = loss.item()
             bad = first_nonfinite(loss, grads)
             if bad is None:
@@ -209,7 +217,8 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
             bar.update(1)
         if it % cfg.steps_per_report == 0 or it == cfg.iters:
             result.train_losses.append((it, win.loss / max(win.targets, 1)))
-            say(_report(it, win, opt, monitor))
+            say(_report(it, win, opt, monitor) +
+                data_parallel.memory_max(world, win.rec, f"the report at iteration {it}"))
             win = _Window()
         if val and (it % cfg.steps_per_eval == 0 or it == cfg.iters):
             validate(it)

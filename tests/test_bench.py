@@ -188,3 +188,24 @@ def test_convergence_smoke(tiny_model_dir, completion_data, tmp_path):
     assert [len(r["losses"]) for r in runs] == [3, 3, 3]
     text = out.read_text()
     assert "| mezo | MeZO-SGD, ε 0.01 |" in text and "the curves coincide" in text
+
+
+def test_data_parallel_all_reduce_size_and_speedup_model():
+    """bench/data_parallel.py: the LoRA gradient count of a real config equals
+    apply_lora's (tiny family) and the 0.5B r 8 figure (17.6 MB); the model's
+    speedup tends to N as the link gets faster."""
+    from mlx.utils import tree_flatten
+
+    import data_parallel
+    from mesp_mlx.arch import CONFIGS, build_model, tiny_config
+    from mesp_mlx.layers import apply_lora
+
+    cfg = tiny_config()
+    model = apply_lora(build_model(cfg, seed=0), rank=3)
+    n = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    assert data_parallel.lora_params(cfg, 3) == n
+    assert data_parallel.lora_params(CONFIGS["Qwen2.5-0.5B"], 8) == 4_399_104
+    assert round(4 * 4_399_104 / 1e6, 1) == 17.6
+    slow, fast = (data_parallel.speedup(10.0, 17.6e6, 4, bw, 1e-4) for bw in (1e8, 1e11))
+    assert slow < fast < 4.0 and fast > 3.99
+    assert data_parallel.allreduce_s(1e6, 1, 1e9) == 0.0
