@@ -1,6 +1,7 @@
 """mesp_mlx: exact-gradient LoRA fine-tuning for MLX at a fraction of the memory."""
 
 from .engine import METHODS, value_and_grad
+from .schedule import EngineOptions
 from .layers import LoRALinear, apply_lora
 from .mezo import mezo_gradient_estimate
 
@@ -11,7 +12,8 @@ from .data import fixed_batches, iterate_batches, load_splits
 from .models import load_model
 from .trainer import TrainResult, evaluate, train
 
-__all__ = ["apply_lora", "value_and_grad", "LoRALinear", "METHODS", "mezo_gradient_estimate",
+__all__ = ["apply_lora", "value_and_grad", "EngineOptions", "LoRALinear", "METHODS",
+           "mezo_gradient_estimate",
            "TrainConfig", "run", "train", "evaluate", "TrainResult", "load_model",
            "load_splits", "iterate_batches", "fixed_batches", "save_adapters",
            "load_adapter_dir"]

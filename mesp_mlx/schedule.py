@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
-from .block import block_backward, block_forward, layer_mask
+from .block import block_backward, block_forward, kept_bytes, layer_mask
 from .checkpoints import open_checkpoints
 from .families import read_spec
 from .ops.loss_head import loss_head_value_and_grad
@@ -42,6 +42,7 @@ class EngineOptions:
     clear_cache: str = "step"         # allocator cache: "none", "step" or "block" (mx.clear_cache)
     fused_attention: Optional[bool] = None  # None: fused SDPA where it is memory-efficient
     verify: bool = True               # check the spec against the model once (verify.py)
+    activation_budget: int = 0        # extra bytes for blocks that skip their recompute (mesp)
     checkpoints: str = "memory"       # block inputs kept in "memory" or on "disk" (a temp file)
     checkpoint_dir: Optional[str] = None  # directory of the "disk" file (None: the temp dir)
 
@@ -50,6 +51,32 @@ def head_tiles(opt: EngineOptions, N: int, V: int):
     """(rows, vocab slice) of a loss-head tile: about opt.head_chunk_bytes of fp32."""
     rows = max(1, min(N, opt.head_rows))
     return rows, max(1, min(V, opt.head_chunk_bytes // (4 * rows)))
+
+
+def activation_plan(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
+    """[(block, bytes)]: the blocks whose forward keeps what their backward reads
+    (block.Kept), head side first (their backward runs first), while the total
+    fits opt.activation_budget. Every kept block skips its recompute; all of them
+    are alive together at the loss head, so the peak grows by at most the total."""
+    out, used = [], 0
+    for i in range(len(spec.blocks) - 1, spec.first - 1, -1):
+        n = kept_bytes(spec.blocks[i], B, T, itemsize)
+        if used + n > opt.activation_budget:
+            break
+        out.append((i, n))
+        used += n
+    return out
+
+
+def describe_plan(plan, n_blocks: int) -> str:
+    """One line: which blocks skip their recompute and what they keep."""
+    if not plan:
+        return f"activation plan: minimal (every one of {n_blocks} blocks recomputed)"
+    idx = sorted(i for i, _ in plan)
+    span = f"{idx[0]}" if len(idx) == 1 else f"{idx[0]}-{idx[-1]}"
+    return (f"activation plan: {len(idx)} of {n_blocks} blocks ({span}) keep their "
+            f"forward tensors ({sum(n for _, n in plan) / 1e6:.1f} MB) and skip "
+            f"their recompute")
 
 
 def model_spec(model, method: str, T: int, opt: Optional[EngineOptions] = None):
@@ -84,18 +111,28 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
 def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock):
     h = hs.pop()
     T = h.shape[1]
-    # 1. forward, keeping block inputs from the lowest LoRA block up
-    n_ckpt = 0
+    # 1. forward, keeping block inputs from the lowest LoRA block up (and, for the
+    #    blocks the activation plan names, what their backward reads)
+    plan = dict(activation_plan(spec, opt, h.shape[0], T, h.dtype.size)) \
+        if method == "mesp" else {}
+    n_ckpt, kept = 0, {}
     for i, b in enumerate(spec.blocks):
         if i >= spec.first:
             store.put(i, h)
             n_ckpt += 1
-        h = block_forward(b, h, opt) if method == "mesp" else b.module(h, layer_mask(b, T))
+        if i in plan:
+            h, kept[i] = block_forward(b, h, opt, keep=True)
+        elif method == "mesp":
+            h = block_forward(b, h, opt)
+        else:
+            h = b.module(h, layer_mask(b, T))
         mx.eval(h)
     if stats is not None:
         stats["checkpoint_bytes"] = n_ckpt * h.nbytes
         stats["n_checkpoints"] = n_ckpt
         stats["checkpoints"] = store.kind
+        stats["kept_blocks"] = sorted(plan)
+        stats["kept_bytes"] = sum(plan.values())
     clock.lap("forward_s")
 
     # 2. loss head
@@ -117,7 +154,8 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock):
     for i in range(len(spec.blocks) - 1, spec.first - 1, -1):
         x, b = store.pop(i), spec.blocks[i]
         if method == "mesp":
-            dh = block_backward(spec.paths, b, x, dh, flat, opt, need_dx=i > spec.first)
+            dh = block_backward(spec.paths, b, x, dh, flat, opt, need_dx=i > spec.first,
+                                kept=kept.pop(i, None))
         else:
             dh = _mebp_block(spec.paths, b, x, dh, flat, layer_mask(b, T))
         del x

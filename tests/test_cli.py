@@ -257,3 +257,25 @@ def test_offload_checkpoints_same_losses_and_no_leftovers(tiny_model_dir, text_d
                            "--iters", 1, "--method", "autodiff",
                            "--offload-checkpoints", tmp_path / "ck"))
     assert rc == 1 and "mesp or mebp" in err
+
+
+def test_memory_budget_picks_an_activation_plan_that_fits(tiny_model_dir, text_data,
+                                                           tmp_path):
+    """With a budget, training spends the headroom on blocks that skip their
+    recompute; the losses stay those of the minimal schedule and the measured MLX
+    peak stays within the budget."""
+    budget = 400e6
+    runs = {}
+    for name, extra in (("minimal", ()), ("planned", ("--memory-budget", "400MB"))):
+        log = tmp_path / f"{name}.jsonl"
+        rc, out, err = cli(*base(tiny_model_dir, text_data, tmp_path / name, "--train",
+                                 "--iters", 3, "--method", "mesp", "--memory-log", log,
+                                 *extra))
+        assert rc == 0, err
+        runs[name] = (losses(out), out, [json.loads(x) for x in log.read_text().split("\n")
+                                         if x.strip()])
+    assert runs["planned"][0] == pytest.approx(runs["minimal"][0], rel=1e-6)
+    plan = re.search(r"activation plan: (\d+) of (\d+) blocks", runs["planned"][1])
+    assert plan and int(plan.group(1)) == int(plan.group(2)) > 0, runs["planned"][1]
+    assert "activation plan" not in runs["minimal"][1]
+    assert max(r["mlx_peak"] for r in runs["planned"][2]) <= budget

@@ -343,3 +343,61 @@ def test_token_chunks_flatten_the_growth_in_T():
         growth[name] = peaks[1] - peaks[0]
     print({k: f"{v / 1e6:.2f} MB" for k, v in growth.items()})
     assert 0 < growth["64 tokens"] < 0.5 * growth["one chunk"], growth
+
+
+def _plan_budgets(model, T, B=2):
+    """Budgets for: nothing kept, the last block only, two blocks, every block."""
+    from mesp_mlx.block import kept_bytes
+    spec = mesp_mlx.schedule.model_spec(model, "mesp", T)
+    sizes = [kept_bytes(b, B, T, 4) for b in spec.blocks][::-1]
+    return {"minimal": 0, "last block": sizes[0], "two blocks": sum(sizes[:2]),
+            "everything": sum(sizes)}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "gemma3_text", "phi3",
+                                    "olmo2"])
+def test_every_activation_plan_is_exact(family):
+    """Budget 0, partial and everything kept: the same gradients as autodiff (and as
+    the minimal schedule), with and without token chunks."""
+    model = make(dict(num_hidden_layers=3), family=family)
+    x, y, mask = batch(13)
+    loss_ref, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
+    for name, budget in _plan_budgets(model, 13).items():
+        for chunks in (None, 5):
+            kw = dict(activation_budget=budget)
+            opt = _chunk_opts(model, 2, chunks, **kw) if chunks else EngineOptions(**kw)
+            st = {}
+            loss, g = mesp_mlx.value_and_grad(model, x, y, mask, options=opt, stats=st)
+            assert len(st["kept_blocks"]) == {"minimal": 0, "last block": 1,
+                                              "two blocks": 2, "everything": 3}[name]
+            assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
+            compare(g, g_ref, mx.float32)
+
+
+def test_activation_plan_peak_within_budget():
+    """Measured: peak(plan) ≤ peak(minimal) + the plan's kept bytes ≤ + budget, and
+    keeping everything costs real memory (the relation can fail both ways)."""
+    cfg = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+               vocab_size=1024, num_attention_heads=8, num_key_value_heads=2)
+    model = make(cfg)
+    x, y, _ = batch(128, B=1, V=1024)
+    budgets = _plan_budgets(model, 128, B=1)
+    peaks = {}
+    for name, budget in budgets.items():
+        opt = EngineOptions(activation_budget=budget)
+        mesp_mlx.value_and_grad(model, x[:, :8], y[:, :8], options=opt)
+        st = {}
+        peaks[name] = _peak_opt(model, x, y, opt, st)
+        assert st["kept_bytes"] <= budget
+    for name, budget in budgets.items():
+        assert peaks[name] <= peaks["minimal"] + budget, (name, peaks)
+    assert peaks["everything"] > peaks["minimal"], peaks
+
+
+def _peak_opt(model, x, y, opt, stats):
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    loss, g = mesp_mlx.value_and_grad(model, x, y, options=opt, stats=stats)
+    mx.eval(loss, g)
+    return mx.get_peak_memory() - base
