@@ -106,7 +106,9 @@ def _ours(model, spec, batch):
     from mesp_mlx.schedule import EngineOptions
 
     method, _, policy = spec["method"].partition("@")     # e.g. "mesp@block"
-    kw = {"options": EngineOptions(**VARIANTS[policy])} if policy else {}
+    fields = dict(VARIANTS[policy]) if policy else {}
+    fields.update(spec.get("options") or {})          # e.g. activation_budget (pareto.py)
+    kw = {"options": EngineOptions(**fields)} if fields else {}
     phases = spec.setdefault("_phases", {})           # per-phase time and peak (mebp/mesp)
     if method in ("mebp", "mesp"):
         kw["stats"] = phases

@@ -84,6 +84,99 @@ def run(points, timeout):
               flush=True)
 
 
+def run_ab(tree, pairs, timeout):
+    """Time at T 1024: this tree's mesp against an older checkout's (`tree`),
+    alternating old, new, old, new, … in this one run; rows tagged ab=old/new."""
+    import subprocess
+    for k in range(pairs):
+        for which in ("old", "new"):
+            spec = spec_of(Q05, 1024, "mesp", None, 2)
+            cmd = [sys.executable, str(Path(tree if which == "old" else HERE.parent) /
+                                       "bench" / "memory_bench.py"), "--worker",
+                   json.dumps(spec)]
+            env = dict(os.environ, PYTHONPATH=str(tree if which == "old" else HERE.parent))
+            t0 = time.time()
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            line = [x for x in p.stdout.splitlines() if x.startswith("MEMORY_BENCH_RESULT ")]
+            row = json.loads(line[-1].split(" ", 1)[1]) if line else \
+                {"status": "error", "error": p.stderr[-300:]}
+            spec.pop("config")
+            row = {**spec, **row, "ab": which, "ab_pair": k, "tree": str(tree)}
+            with (HERE / "long_context_ab.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"A/B {which} #{k}: {row.get('status')} steps {row.get('step_times_s')} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+
+
+def ab_lines():
+    path = HERE / "long_context_ab.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    best = {w: [min(r["step_times_s"]) for r in rows if r.get("ab") == w and
+                r.get("status") == "ok"] for w in ("old", "new")}
+    peak = {w: [r["peak_above_bytes"] for r in rows if r.get("ab") == w and
+                r.get("status") == "ok"] for w in ("old", "new")}
+    if not best["old"] or not best["new"]:
+        return []
+    lo, hi = min(best["new"]) / max(best["old"]), max(best["new"]) / min(best["old"])
+    return ["", f"Time at T 1024 (Qwen2.5-0.5B, full depth), this commit's mesp against "
+            f"the mesp of {rows[0]['tree']} (the checkout before this work), "
+            f"alternated in one run ({len(best['new'])} pairs, fastest of 2 warm steps "
+            f"each): new {min(best['new']):.1f} s, before {min(best['old']):.1f} s, "
+            f"ratio {min(best['new']) / min(best['old']):.2f} (range over pairs "
+            f"{lo:.2f}–{hi:.2f}); peak above weights {max(peak['new']) / MB:.1f} MB vs "
+            f"{max(peak['old']) / MB:.1f} MB."]
+
+
+def fit_lines(rows, env):
+    """Least-squares peak-above-weights(T) = a + b·T over the 0.5B full-depth values
+    (measured or line) at T ≥ 2048, and the longest T the 8 GB profiles allow (SGD:
+    no optimizer state; + fp32 weights, LoRA and the idle-MLX runtime): an
+    extrapolation of the fit, not a measurement."""
+    from mesp_mlx.arch import config_for
+    from mesp_mlx.memory.estimate import arch_from_config
+    from mesp_mlx.memory.footprint import runtime_bytes
+    from mesp_mlx.memory.profiles import DEVICE_PROFILES
+    out = ["", "Fit of the 0.5B peak above weights over T (T 2048-8192, full depth), and "
+           "the longest T it implies for the 8 GB profiles (SGD, fp32 weights + LoRA + "
+           "the measured runtime of this process outside MLX; an extrapolation of the "
+           "fit, not a measurement):", "",
+           "| checkpoints | fit (MB) | macbook-air-8gb | ipad-8gb |", "|---|---|---:|---:|"]
+    a05 = arch_from_config(config_for(Q05))
+    fixed = a05.weight_bytes + a05.lora_bytes + runtime_bytes()
+    for method in ("mesp", "mesp@disk"):
+        pts = []
+        for T in (2048, 4096, 8192):
+            r = rows.get((Q05, T, method, 24))
+            v = r["peak_above_bytes"] if r and r.get("status") == "ok" else None
+            if v is None:
+                lt = line_through(rows, Q05, T, method)
+                v = lt[0] if lt else None
+            if v is not None:
+                pts.append((T, v))
+        if len(pts) < 2:
+            continue
+        n = len(pts)
+        mt, mv = sum(t for t, _ in pts) / n, sum(v for _, v in pts) / n
+        b = sum((t - mt) * (v - mv) for t, v in pts) / sum((t - mt) ** 2 for t, _ in pts)
+        a = mv - b * mt
+        cells, limit = [], config_for(Q05)["max_position_embeddings"]
+        for prof in ("macbook-air-8gb", "ipad-8gb"):
+            room = DEVICE_PROFILES[prof].budget_bytes - fixed - a
+            t = int(room / b) // 256 * 256 if room > 0 else 0
+            cells.append("none" if t == 0 else f"{t:,}" + (
+                f" (the model stops at {limit:,})" if t > limit else ""))
+        out.append(f"| {'on disk' if method.endswith('disk') else 'in memory'} | "
+                   f"{a / MB:.1f} + {b * 1024 / MB:.3f}·T/1024 | {cells[0]} | {cells[1]} |")
+    a3 = arch_from_config(config_for(Q3))
+    out += ["", f"Qwen2.5-3B in fp32 fits neither profile at any T: its weights alone are "
+            f"{a3.weight_bytes / 1e9:.1f} GB (4-bit: see `python -m mesp_mlx.memory "
+            f"--model Qwen2.5-3B-4bit --device-profile ipad-8gb --find max-seq-length`, "
+            f"an estimate)."]
+    return out
+
+
 def line_through(rows, model, T, method):
     """Peak above weights at full depth from the 2- and 4-block points (a, b: a + b·L)."""
     p2, p4 = (rows.get((model, T, method, L)) for L in (2, 4))
@@ -131,6 +224,8 @@ def render(rows, env):
         else:
             out.append(f"| {model} | {T} | {name} | | not run | | OOM: estimated "
                        "over this machine's 24 GB |")
+    out += ab_lines()
+    out += fit_lines(rows, env)
     out += ["", bench_report.environment_line(env), ""]
     return "\n".join(out)
 
@@ -139,10 +234,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["full", "lines"], default=None)
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--ab-tree", type=Path, default=None,
+                   help="an older checkout: time its mesp at T 1024 against this one's")
+    p.add_argument("--ab-pairs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=5400)
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     args = p.parse_args(argv)
-    if not args.render_only:
+    if args.ab_tree is not None:
+        run_ab(args.ab_tree.resolve(), args.ab_pairs, args.timeout)
+    elif not args.render_only:
         pts = (FULL if args.only != "lines" else []) + (LINES if args.only != "full" else [])
         run(pts, args.timeout)
     env = bench_report.collect_env("float32")

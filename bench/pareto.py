@@ -1,0 +1,128 @@
+"""Memory against time for mesp's activation budget (issue 13), one process per point.
+
+    python bench/pareto.py                        # Qwen2.5-0.5B at T 256
+    python bench/pareto.py --models 0.5B 3B --seq-lens 256 1024
+    python bench/pareto.py --render-only
+
+For each (model, T): autodiff, then mesp with EngineOptions(activation_budget =
+f × autodiff's measured extra memory) for f in 0, 1/4, 1/2, 1, then autodiff again
+(so every ratio has an autodiff step on each side). Each point times `--steps` warm
+steps after a warm-up; a row's time is its fastest step, and a ratio's spread is
+fastest/fastest against slowest/slowest of the two autodiff points.
+Rows go to pareto.jsonl, the table to RESULTS.md. MB = 2^20 bytes.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent))
+
+import bench_report  # noqa: E402
+import memory_bench  # noqa: E402
+
+MB = 2**20
+JSON = HERE / "pareto.jsonl"
+FRACTIONS = (0.0, 0.25, 0.5, 1.0)
+EXTRA_BUDGETS = (2e9,)          # the issue's absolute budget at 0.5B T 256
+
+
+def spec_of(model, T, method, budget, steps, tag):
+    s = dict(model=model, T=T, r=8, method=method, steps=steps, dtype="float32",
+             scale=20.0, seed=0, tag=tag)
+    if budget is not None:
+        s["options"] = {"activation_budget": int(budget)}
+    return s
+
+
+def run_one(spec, timeout):
+    t0 = time.time()
+    row = memory_bench.run_point(spec, timeout)
+    with JSON.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"{spec['model']} T={spec['T']} {spec['tag']}: {row.get('status')} "
+          f"{(row.get('peak_above_bytes') or 0) / MB:.1f} MB, "
+          f"fastest {min(row.get('step_times_s') or [0]):.2f} s ({time.time() - t0:.0f} s)",
+          flush=True)
+    return row
+
+
+def run(models, Ts, steps, timeout):
+    for model in models:
+        for T in Ts:
+            a = run_one(spec_of(model, T, "autodiff", None, steps, "autodiff (before)"),
+                        timeout)
+            extra = a.get("peak_above_bytes") if a.get("status") == "ok" else None
+            budgets = [(f"budget {f:g}× autodiff's extra", f * extra)
+                       for f in FRACTIONS] if extra else []
+            budgets += [(f"budget {b / 1e9:g} GB", b) for b in EXTRA_BUDGETS]
+            for tag, b in budgets:
+                run_one(spec_of(model, T, "mesp", b, steps, tag), timeout)
+            run_one(spec_of(model, T, "autodiff", None, steps, "autodiff (after)"),
+                    timeout)
+
+
+def load():
+    rows = []
+    if JSON.exists():
+        rows = [json.loads(x) for x in JSON.read_text().splitlines() if x.strip()]
+    return rows
+
+
+def render(rows, env):
+    out = ["## Speed through a memory budget (issue 13)", "",
+           "fp32, r 8 on all 7 projections, batch 1, random weights. mesp with "
+           "`EngineOptions(activation_budget=B)`: blocks nearest the head keep their "
+           "forward tensors and skip the recompute. Time = fastest warm step; ratio to "
+           "the faster of the two autodiff points run before and after, with the range "
+           "over both in brackets. MB = 2^20 bytes.", "",
+           "| model | T | point | budget MB | blocks kept | peak above weights MB | "
+           "fastest s/step | / autodiff | status |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    groups = {}
+    for r in rows:                              # the last run of each (model, T, tag)
+        groups.setdefault((r["model"], r["T"]), {})[r["tag"]] = r
+    for (model, T), g in groups.items():
+        ads = [g.get(k) for k in ("autodiff (before)", "autodiff (after)")]
+        ads = [min(a["step_times_s"]) for a in ads if a and a.get("status") == "ok"]
+        for tag, r in g.items():
+            ok = r.get("status") == "ok"
+            t = min(r["step_times_s"]) if ok else None
+            ratio = ""
+            if ok and ads:
+                ratio = f"{t / min(ads):.2f} ({t / max(ads):.2f}–{t / min(ads):.2f})"
+            budget = (r.get("options") or {}).get("activation_budget")
+            kept = len((r.get("phases") or {}).get("kept_blocks", [])) if ok and \
+                r["method"] == "mesp" else ""
+            out.append(f"| {model} | {T} | {tag} | "
+                       f"{'' if budget is None else f'{budget / MB:.0f}'} | {kept} | "
+                       f"{r['peak_above_bytes'] / MB:.1f} | {t:.2f} | {ratio} | ok |"
+                       if ok else f"| {model} | {T} | {tag} | | | | | | {r.get('status')} |")
+    out += ["", bench_report.environment_line(env), ""]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="*", default=["0.5B"])
+    p.add_argument("--seq-lens", nargs="*", type=int, default=[256])
+    p.add_argument("--steps", type=int, default=2, help="warm steps per point (>= 2)")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--render-only", action="store_true")
+    p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    args = p.parse_args(argv)
+    models = [memory_bench.SHORT.get(m, m) for m in args.models]
+    if not args.render_only:
+        run(models, args.seq_lens, max(2, args.steps), args.timeout)
+    env = bench_report.collect_env("float32")
+    env["command"] = "python bench/pareto.py " + " ".join(argv or sys.argv[1:])
+    bench_report.write_section(args.out, render(load(), env), "<!-- pareto:start -->",
+                               "<!-- pareto:end -->")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
