@@ -301,3 +301,27 @@ def test_estimate_table_is_printed_once(capsys, tmp_path):
     rc, out = _run(capsys, "--config-json", cfg, "--max-seq-length", 64, "--method",
                    "autodiff", "--memory-budget", "1MB", "--no-measure")
     assert rc == 2 and out.count("| **total** |") == 1 and out.count("| weights |") == 1
+
+
+@pytest.mark.parametrize("checkpoints", ["memory", "disk"])
+def test_estimate_vs_measured_token_chunks(checkpoints, tmp_path):
+    """At T 1024 this model runs 4 token chunks per block (F 4096): the estimate of
+    the chunked schedule, checkpoints in memory or on disk, within 10% of measured."""
+    from mesp_mlx.schedule import EngineOptions
+    model = _lora_model(tiny_config(hidden_size=64, intermediate_size=4096,
+                                    num_hidden_layers=6, vocab_size=4096))
+    opt = EngineOptions(checkpoints=checkpoints, checkpoint_dir=str(tmp_path))
+    x = mx.random.randint(0, 4096, (1, 1024))
+    mesp_mlx.value_and_grad(model, x[:, :8], x[:, :8], options=opt)
+    gc.collect()
+    mx.clear_cache()
+    others = mx.get_active_memory() - sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    mx.reset_peak_memory()
+    loss, grads = mesp_mlx.value_and_grad(model, x, x, options=opt)
+    mx.eval(loss, grads)
+    peak = mx.get_peak_memory() - others
+    est = estimate(arch_from_model(model), "mesp", 1024, 1, "sgd", fused_sdpa=False,
+                   checkpoints=checkpoints)
+    print(f"{checkpoints}: estimate {est.mlx_bytes / 1e6:.2f} MB, measured "
+          f"{peak / 1e6:.2f} MB\n{est}")
+    assert abs(est.mlx_bytes / peak - 1) <= 0.10
