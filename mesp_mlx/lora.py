@@ -15,7 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, Parser, TrainConfig, UserError, add_arguments, resolve
+from .config import (GRAD_CHECKPOINT_NOTE, ConfigError, Parser, TrainConfig, UserError,
+                     add_arguments, resolve)
 
 from .memory import MemoryBudgetError
 
@@ -44,7 +45,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
     {"train": TrainResult or None, "test_loss": float or None, "model": model}."""
     import mlx.core as mx
 
-    from . import adapters, checks, data, models, trainer
+    from . import adapters, checks, data, models, reporting, trainer
     from .inputs import vocab_sizes
 
     cfg.validate()
@@ -52,7 +53,10 @@ def run(cfg: TrainConfig, log=print) -> dict:
         trainer.check_method(cfg.method)
     early = checks.before_loading(cfg)              # before any download or write
     log("Options:\n" + cfg.describe())
-    model, tokenizer, resolved = models.load_model(cfg.model, log=log)
+    if cfg.grad_checkpoint:
+        log(GRAD_CHECKPOINT_NOTE + f" (method: {cfg.method})")
+    model, tokenizer, resolved = models.load_model(cfg.model, log=log,
+                                                   trust_remote_code=cfg.trust_remote_code)
     with warnings.catch_warnings():
         warnings.simplefilter("always", data.TruncationWarning)
         warnings.showwarning = lambda msg, *a, **k: log(f"Warning: {msg}")
@@ -75,9 +79,11 @@ def run(cfg: TrainConfig, log=print) -> dict:
                           min(cfg.max_seq_length, max(longest, 1)))
         config_file = adapters.save_config(model, cfg.adapter_path, cfg.to_dict())
         log(f"Resolved options saved to {config_file}")
+        callback = reporting.callbacks(cfg.report_to, cfg.project_name, cfg.adapter_path,
+                                       cfg.to_dict())
         with monitor:
             out["train"] = trainer.train(model, splits["train"], splits["valid"], cfg,
-                                         monitor=monitor, log=log)
+                                         monitor=monitor, log=log, callback=callback)
         log(monitor.summary())
         if cfg.memory_log:
             _plot(monitor, cfg.memory_log, log)
