@@ -91,10 +91,12 @@ def save_adapters(model: nn.Module, adapter_dir, run_config: Optional[dict] = No
     return d / ADAPTERS
 
 
-def write_weights(model: nn.Module, path, metadata: Optional[dict] = None) -> Path:
-    """The LoRA weights alone to `path`, atomically (e.g. adapters_best.safetensors)."""
+def write_weights(model: nn.Module, path, metadata: Optional[dict] = None,
+                  weights: Optional[dict] = None) -> Path:
+    """The LoRA weights alone (or `weights`) to `path`, atomically (e.g.
+    adapters_best.safetensors)."""
     p = Path(path)
-    weights = adapter_weights(model)
+    weights = adapter_weights(model) if weights is None else weights
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     _atomic(p, lambda t: mx.save_safetensors(t, weights, metadata=meta))
     return p
