@@ -18,7 +18,6 @@ from typing import Optional
 METHOD_CHOICES = ("mesp", "mebp", "autodiff", "mezo")
 OPTIMIZERS = ("sgd", "adam", "adamw", "muon", "adafactor")   # mlx-lm's five
 FINE_TUNE_TYPES = ("lora", "dora", "full")
-FEATURES = ("prompt_feature", "completion_feature", "text_feature", "chat_feature")
 GRAD_CHECKPOINT_NOTE = ("Note: grad_checkpoint selects --method mebp (per-block "
                         "checkpointing, as mlx-lm's grad_checkpoint); the default "
                         "--method mesp needs less memory still, with the same gradients")
