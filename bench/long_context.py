@@ -31,9 +31,9 @@ MB = 2**20
 JSON = HERE / "long_context.jsonl"
 Q05, Q15, Q3 = "Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-3B"
 # (model, T, method, layers or None = all, steps; 0 = the first step alone)
-FULL = [(Q05, 1024, "mesp", None, 2), (Q05, 1024, "mesp@disk", None, 2),
+FULL = [(Q05, 1024, "mesp", None, 1), (Q05, 1024, "mesp@disk", None, 1),
         (Q05, 1024, "autodiff", None, 1),
-        (Q05, 2048, "mesp", None, 1), (Q05, 2048, "mesp@disk", None, 1),
+        (Q05, 2048, "mesp", None, 0), (Q05, 2048, "mesp@disk", None, 0),
         (Q05, 2048, "autodiff", None, 0)]
 LINES = [(m, T, meth, L, 0) for m, T in ((Q05, 2048), (Q05, 4096), (Q05, 8192),
                                           (Q15, 4096), (Q3, 4096))

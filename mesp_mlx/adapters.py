@@ -91,6 +91,17 @@ def save_adapters(model: nn.Module, adapter_dir, run_config: Optional[dict] = No
     return d / ADAPTERS
 
 
+def write_weights(model: nn.Module, path, metadata: Optional[dict] = None,
+                  weights: Optional[dict] = None) -> Path:
+    """The LoRA weights alone (or `weights`) to `path`, atomically (e.g.
+    adapters_best.safetensors)."""
+    p = Path(path)
+    weights = adapter_weights(model) if weights is None else weights
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    _atomic(p, lambda t: mx.save_safetensors(t, weights, metadata=meta))
+    return p
+
+
 def _state_paths(adapter_file: Path):
     prefix = adapter_file.name[: -len(ADAPTERS)]          # "" or "0000100_"
     return (adapter_file.with_name(f"{prefix}state.safetensors"),

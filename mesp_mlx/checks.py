@@ -58,7 +58,7 @@ def check_writable_file(path, flag: str) -> Path:
 
 def before_loading(cfg: TrainConfig) -> Early:
     """Everything that needs neither the model nor the tokenizer."""
-    from . import adapters, data
+    from . import adapters
     from .memory import resolve_budget
 
     try:
@@ -84,7 +84,19 @@ def before_loading(cfg: TrainConfig) -> Early:
                 f"{d / adapters.CONFIG} not found: --test without --train evaluates the "
                 "adapters in --adapter-path (a directory written by training)")
     need = (("train",) if cfg.train else ()) + (("test",) if cfg.test else ())
-    return Early(budget, data.read_splits(cfg.data, need), resume)
+    return Early(budget, read_data(cfg, need), resume)
+
+
+def read_data(cfg: TrainConfig, need) -> dict:
+    """data.read_splits of --data, or of mlx-lm's hf_dataset, with mlx-lm's
+    *_feature record keys renamed to ours."""
+    from . import data, hf_data
+
+    feats = {k: getattr(cfg, k) for k in hf_data.FEATURES if getattr(cfg, k)}
+    if cfg.hf_dataset is not None:
+        return hf_data.read_splits(cfg.hf_dataset, need, feats)
+    rename = data.feature_renames(*(feats.get(k) for k in hf_data.FEATURES))
+    return data.read_splits(cfg.data, need, rename)
 
 
 def check_num_layers(model, num_layers: int) -> None:

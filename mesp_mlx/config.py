@@ -1,8 +1,10 @@
 """TrainConfig: the one source of CLI flags and YAML keys (CLI > YAML > defaults).
 
 Each field's `help` metadata becomes its `--flag` help text; YAML keys are the
-field names (mlx-lm's `lora_parameters: {rank, scale, dropout, keys}` and
-`save_every` are accepted too, so an mlx-lm YAML file works unchanged).
+field names. Every key of mlx-lm's `mlx_lm.lora` YAML and CLI is accepted with
+its meaning (`lora_parameters: {rank, scale, dropout, keys}`, `save_every`,
+`lr_schedule`, `hf_dataset`, `report_to`, ...) or refused with an error that
+names the alternative (`fine_tune_type: dora`), so an mlx-lm YAML file works.
 """
 
 import argparse
@@ -14,7 +16,11 @@ from pathlib import Path
 from typing import Optional
 
 METHOD_CHOICES = ("mesp", "mebp", "autodiff", "mezo")
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon", "adafactor")   # mlx-lm's five
+FINE_TUNE_TYPES = ("lora", "dora", "full")
+GRAD_CHECKPOINT_NOTE = ("Note: grad_checkpoint selects --method mebp (per-block "
+                        "checkpointing, as mlx-lm's grad_checkpoint); the default "
+                        "--method mesp needs less memory still, with the same gradients")
 
 
 class UserError(Exception):
@@ -38,6 +44,18 @@ class TrainConfig:
     data: Optional[str] = _f(None, "Directory with train/valid/test.jsonl (text, "
                              "prompt/completion or chat messages), a Hugging Face "
                              "dataset id, or 'demo'.")
+    hf_dataset: Optional[list] = _f(None, "mlx-lm's Hugging Face dataset mapping (or "
+                                    "list of them): {path, train_split, valid_split, "
+                                    "test_split, config, *_feature}. YAML only.",
+                                    cli=False)
+    prompt_feature: Optional[str] = _f(None, "Record key of the prompt (default "
+                                       "'prompt'). YAML only.", cli=False)
+    completion_feature: Optional[str] = _f(None, "Record key of the completion "
+                                           "(default 'completion'). YAML only.", cli=False)
+    text_feature: Optional[str] = _f(None, "Record key of the text (default 'text'). "
+                                     "YAML only.", cli=False)
+    chat_feature: Optional[str] = _f(None, "Record key of the chat messages (default "
+                                     "'messages'). YAML only.", cli=False)
     train: bool = _f(False, "Train LoRA adapters.")
     test: bool = _f(False, "Evaluate test loss/perplexity (after training, or of "
                     "--adapter-path without --train).")
@@ -47,6 +65,14 @@ class TrainConfig:
                      "(zeroth-order SPSA: 2 forward passes, inference memory, "
                      "gradient estimate only; its own SGD update, --optimizer unused).",
                      choices=METHOD_CHOICES)
+    fine_tune_type: str = _f("lora", "mlx-lm's fine-tuning type: only lora (dora and "
+                             "full are refused: use mlx_lm.lora for those).",
+                             choices=FINE_TUNE_TYPES)
+    grad_checkpoint: bool = _f(False, "mlx-lm's gradient checkpointing: selects "
+                               "--method mebp unless --method is given (mesp, the "
+                               "default, needs less memory).")
+    training_mode: str = _f("normal", "mlx-lm's example key; only 'normal' (DPO/ORPO: "
+                            "use mlx-lm-lora). YAML only.", cli=False)
     rank: int = _f(8, "LoRA rank r.")
     scale: float = _f(20.0, "LoRA scale s in y = xW0ᵀ + s·(xA)B (mlx-lm's `scale`, "
                       "not alpha/r).")
@@ -60,7 +86,19 @@ class TrainConfig:
     max_seq_length: int = _f(2048, "Longer sequences are truncated (with a warning).")
     learning_rate: float = _f(1e-5, "Learning rate. With --method mezo the MeZO "
                               "paper uses 1e-4 or 5e-5 for LoRA (with --mezo-eps 1e-2).")
-    optimizer: str = _f("adam", "Optimizer.", choices=OPTIMIZERS)
+    optimizer: str = _f("adam", "Optimizer (muon and adafactor as in mlx-lm: "
+                        "Adafactor's default relative step ignores --learning-rate).",
+                        choices=OPTIMIZERS)
+    lr_schedule: Optional[dict] = _f(None, "Learning-rate schedule: an mlx.optimizers "
+                                     "schedule name (cosine_decay and linear_schedule "
+                                     "decay from --learning-rate to 0 over the run); "
+                                     "YAML: mlx-lm's {name, arguments, warmup, "
+                                     "warmup_init}.", metavar="NAME")
+    warmup: Optional[int] = _f(None, "Linear warmup over this many optimizer updates "
+                               "(overrides lr_schedule.warmup; without --lr-schedule, "
+                               "warms up to a constant --learning-rate).")
+    warmup_init: Optional[float] = _f(None, "Learning rate of the first warmup update "
+                                      "(default 0).")
     optimizer_config: dict = _f(None, "Extra optimizer kwargs per optimizer, e.g. "
                                 "{adamw: {weight_decay: 0.01}}. YAML only.", cli=False)
     mezo_eps: float = _f(1e-2, "MeZO perturbation size ε (paper, LoRA: 1e-2).")
@@ -75,6 +113,15 @@ class TrainConfig:
     steps_per_eval: int = _f(200, "Iterations between validations.")
     steps_per_save: int = _f(100, "Iterations between adapter snapshots.",
                              aliases=("--save-every",))
+    save_best: bool = _f(False, "Also keep adapters_best.safetensors: the adapters "
+                         "of the lowest validation loss (at --steps-per-eval).")
+    early_stop_patience: int = _f(0, "Stop after this many validations (at "
+                                  "--steps-per-eval) without a new lowest loss; 0 = never.")
+    report_to: Optional[str] = _f(None, "Report losses to wandb, swanlab or "
+                                  "'wandb,swanlab' (mlx-lm's callbacks; needs the "
+                                  "package installed).")
+    project_name: Optional[str] = _f(None, "Project name for --report-to (default: "
+                                     "the adapter directory's name).")
     val_batches: int = _f(25, "Validation batches (a fixed subset); -1 = all.")
     test_batches: int = _f(500, "Test batches; -1 = all.")
     adapter_path: str = _f("adapters", "Directory for adapters.safetensors, "
@@ -100,6 +147,11 @@ class TrainConfig:
     dist_timeout: float = _f(600.0, "Seconds a rank waits for the others in one "
                              "collective of a multi-rank run (mlx.launch) before every "
                              "rank stops with an error.")
+    clear_cache_threshold: Optional[str] = _f(None, "Clear MLX's buffer cache after a "
+                                              "step or validation when it holds more "
+                                              "than this (e.g. 1GB; 0 = never).")
+    trust_remote_code: bool = _f(False, "Let the tokenizer/model run code from its "
+                                 "repository (mlx-lm's flag).")
     config: Optional[str] = _f(None, "YAML file with any of these options.",
                                cli=False)
 
@@ -143,12 +195,52 @@ class TrainConfig:
         need(self.method != "mezo" or self.grad_accumulation_steps == 1,
              "--method mezo does not accumulate gradients: use --batch-size instead "
              "of --grad-accumulation-steps")
+        self._check_mlx_lm_keys(need)
         need(self.train or self.test, "nothing to do: pass --train and/or --test")
         need(self.model is not None, "--model is required (a repo id, a local "
              "directory or a short name such as Qwen2.5-0.5B)")
-        need(self.data is not None, "--data is required (a directory with "
-             "train.jsonl/valid.jsonl/test.jsonl or a dataset id)")
+        need(self.data is not None or self.hf_dataset is not None, "--data is "
+             "required (a directory with train.jsonl/valid.jsonl/test.jsonl or a "
+             "dataset id), or hf_dataset in the YAML file")
         return self
+
+    def _check_mlx_lm_keys(self, need):
+        """mlx-lm's options: the ones we refuse name what to use instead."""
+        from . import schedules
+
+        need(self.fine_tune_type == "lora", f"fine_tune_type {self.fine_tune_type} is "
+             "not supported: mesp_mlx trains LoRA adapters with exact gradients; use "
+             "fine_tune_type lora, or mlx_lm.lora for dora and full fine-tuning")
+        need(self.training_mode == "normal", f"training_mode {self.training_mode!r} is "
+             "not supported: mesp_mlx does supervised fine-tuning (training_mode: "
+             "normal); for DPO/ORPO use mlx-lm-lora")
+        schedules.check(self.lr_schedule, self.warmup, self.warmup_init)
+        need(self.method != "mezo" or (self.lr_schedule is None and not self.warmup),
+             "--method mezo uses a constant --learning-rate: drop lr_schedule/--warmup")
+        need(self.early_stop_patience >= 0, "--early-stop-patience must be >= 0 "
+             f"(0 = never), got {self.early_stop_patience}")
+        if self.train and (self.save_best or self.early_stop_patience):
+            need(self.val_batches != 0, "--save-best and --early-stop-patience judge "
+                 "by validation loss: --val-batches must not be 0")
+        if self.clear_cache_threshold is not None:
+            from .memory import parse_size
+            if self.clear_cache_threshold.strip() not in ("0", ""):
+                try:
+                    parse_size(self.clear_cache_threshold)
+                except ValueError as e:
+                    need(False, f"--clear-cache-threshold: {e}")
+        if self.report_to:
+            from .reporting import check_report_to
+            check_report_to(self.report_to)
+        if self.hf_dataset is not None:
+            from .hf_data import check_spec
+            check_spec(self.hf_dataset)
+
+    def clear_cache_bytes(self) -> int:
+        """clear_cache_threshold in bytes (0: never)."""
+        from .memory import parse_size
+        t = (self.clear_cache_threshold or "0").strip()
+        return 0 if t in ("0", "") else parse_size(t)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -173,12 +265,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             parser.add_argument(*flags, dest=f.name, action="store_true",
                                 default=None, help=meta["help"])
         else:
-            typ = f.type if f.type in (int, float) else str
+            typ = _base(f.type) if _base(f.type) in (int, float) else str
             parser.add_argument(*flags, dest=f.name, type=typ, default=None,
                                 choices=meta.get("choices"), help=help,
                                 metavar=None if meta.get("choices") else
-                                f.name.rsplit("_", 1)[-1].upper())
+                                meta.get("metavar", f.name.rsplit("_", 1)[-1].upper()))
     return parser
+
+
+def _base(typ):
+    """int for Optional[int], etc."""
+    if getattr(typ, "__origin__", None) is not None and type(None) in typ.__args__:
+        return typ.__args__[0]
+    return typ
 
 
 def _meta(name):
@@ -217,12 +316,8 @@ def load_yaml(path) -> dict:
                    ("keys", "lora_keys")):
         if k in lora:
             raw.setdefault(dst, lora[k])
-    for k in ("fine_tune_type", "grad_checkpoint", "lr_schedule", "report_to",
-              "project_name", "trust_remote_code", "clear_cache_threshold"):
-        if raw.get(k) not in (None, False, "lora", 0):
-            raise ConfigError(f"{path}: option {k}={raw[k]!r} is not supported by "
-                              "mesp_mlx (LoRA only; memory is handled by --method)")
-        raw.pop(k, None)
+    for k in [k for k, v in raw.items() if v is None]:      # null: mlx-lm's default
+        raw.pop(k)
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(str(k) for k in set(raw) - known)
     if unknown:
@@ -235,6 +330,8 @@ def resolve(cli: dict, yaml_path: Optional[str] = None) -> TrainConfig:
     """CLI values (None = not given) over YAML over dataclass defaults."""
     merged = load_yaml(yaml_path) if yaml_path else {}
     merged.update({k: v for k, v in cli.items() if v is not None and k != "config"})
+    if merged.get("grad_checkpoint") is True and "method" not in merged:
+        merged["method"] = "mebp"            # mlx-lm's checkpointing (GRAD_CHECKPOINT_NOTE)
     return check_types(TrainConfig(**merged, config=yaml_path))
 
 
@@ -267,8 +364,18 @@ def _typed(name: str, typ, v):
             v = float(v)
         except ValueError:
             raise bad("a number") from None
+    elif name == "lr_schedule":
+        if isinstance(v, str):
+            v = {"name": v}              # --lr-schedule NAME
+        if not isinstance(v, dict):
+            raise bad("a schedule name or a mapping {name, arguments, warmup, warmup_init}")
+    elif name == "hf_dataset":
+        if not isinstance(v, (dict, list)) or (isinstance(v, list) and not all(
+                isinstance(d, dict) for d in v)) or not v:
+            raise bad("a mapping {path, train_split, valid_split, ...} or a list of them")
     elif base is str:
-        if name == "memory_budget" and isinstance(v, int) and not isinstance(v, bool):
+        if name in ("memory_budget", "clear_cache_threshold") and isinstance(v, int) \
+                and not isinstance(v, bool):
             v = str(v)                     # a plain byte count
         if not isinstance(v, str):
             raise bad("a string")

@@ -94,8 +94,24 @@ def _check_record(rec, where: str, want: Optional[str]) -> str:
     return fmt
 
 
-def read_jsonl(path) -> tuple:
-    """(records, format, line numbers); DataError names file:line on bad input."""
+def rename_keys(rec, rename: Optional[dict]):
+    """rec with its keys renamed by `rename` ({"question": "prompt"}: mlx-lm's
+    prompt_feature etc.); non-dict records pass through to the format check."""
+    if not rename or not isinstance(rec, dict):
+        return rec
+    return {rename.get(k, k): v for k, v in rec.items()}
+
+
+def feature_renames(prompt=None, completion=None, text=None, chat=None) -> dict:
+    """mlx-lm's *_feature names -> {their key: our key}, for rename_keys."""
+    pairs = ((prompt, "prompt"), (completion, "completion"), (text, "text"),
+             (chat, "messages"))
+    return {k: ours for k, ours in pairs if k and k != ours}
+
+
+def read_jsonl(path, rename: Optional[dict] = None) -> tuple:
+    """(records, format, line numbers); DataError names file:line on bad input.
+    rename: record keys to rename first (feature_renames)."""
     records, lines, fmt = [], [], None
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -115,6 +131,7 @@ def read_jsonl(path) -> tuple:
             except RecursionError:
                 raise DataError(f"{path}:{n}: JSON nested too deeply; expected "
                                 f"{EXPECTED}") from None
+            rec = rename_keys(rec, rename)
             fmt = _check_record(rec, f"{path}:{n}", fmt)
             records.append(rec)
             lines.append(n)
@@ -201,10 +218,11 @@ def load_splits(data: str, tokenizer, max_seq_length: int, mask_prompt=False,
                            mask_prompt, vocab_size)
 
 
-def read_splits(data: str, need=("train",)) -> dict:
+def read_splits(data: str, need=("train",), rename: Optional[dict] = None) -> dict:
     """The records of each split present ({split: (records, fmt, lines, name)}),
-    checked line by line; no tokenizer needed, so it can run before the model loads."""
-    return _raw_splits(data, need)
+    checked line by line; no tokenizer needed, so it can run before the model loads.
+    rename: record keys to rename first (feature_renames)."""
+    return _raw_splits(data, need, rename)
 
 
 def tokenize_splits(raw: dict, tokenizer, max_seq_length: int, mask_prompt=False,
@@ -221,7 +239,7 @@ def tokenize_splits(raw: dict, tokenizer, max_seq_length: int, mask_prompt=False
     return out
 
 
-def _raw_splits(data: str, need) -> dict:
+def _raw_splits(data: str, need, rename=None) -> dict:
     if data == "demo" or data.startswith("demo:"):
         try:
             from . import demo
@@ -234,7 +252,7 @@ def _raw_splits(data: str, need) -> dict:
         for split in SPLITS:
             f = path / f"{split}.jsonl"
             if f.is_file():
-                out[split] = (*read_jsonl(f), str(f))
+                out[split] = (*read_jsonl(f, rename), str(f))
             elif split in need:
                 raise DataError(f"{f} not found: --{'train' if split != 'test' else 'test'}"
                                 f" needs {split}.jsonl in {path}")
@@ -242,10 +260,10 @@ def _raw_splits(data: str, need) -> dict:
     if path.exists() or data.startswith((".", "/", "~")) or data.count("/") > 1:
         raise DataError(f"data directory {data} not found (expected a directory with "
                         "train.jsonl, valid.jsonl, test.jsonl, or a dataset id)")
-    return _hf_splits(data, need)
+    return _hf_splits(data, need, rename)
 
 
-def _hf_splits(data_id: str, need) -> dict:
+def _hf_splits(data_id: str, need, rename=None) -> dict:
     try:
         import datasets
     except ImportError:
@@ -264,7 +282,7 @@ def _hf_splits(data_id: str, need) -> dict:
                 raise DataError(f"dataset {data_id} has no {split!r} split "
                                 f"(it has {', '.join(dsd)})")
             continue
-        records, fmt = list(dsd[hit]), None
+        records, fmt = [rename_keys(r, rename) for r in dsd[hit]], None
         where = f"{data_id}[{hit}]"
         for i, rec in enumerate(records):
             fmt = _check_record(rec, f"{where}:{i + 1}", fmt)

@@ -15,7 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, Parser, TrainConfig, UserError, add_arguments, resolve
+from .config import (GRAD_CHECKPOINT_NOTE, ConfigError, Parser, TrainConfig, UserError,
+                     add_arguments, resolve)
 
 from .memory import MemoryBudgetError
 
@@ -44,7 +45,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
     {"train": TrainResult or None, "test_loss": float or None, "model": model}."""
     import mlx.core as mx
 
-    from . import adapters, checks, data, data_parallel, distributed, models, trainer
+    from . import adapters, checks, data, data_parallel, distributed, models, reporting, trainer
     from .inputs import vocab_sizes
 
     cfg.validate()
@@ -57,7 +58,10 @@ def run(cfg: TrainConfig, log=print) -> dict:
         log(world.describe())
         data_parallel.check_batch_size(world, cfg.batch_size)
     log("Options:\n" + cfg.describe())
-    model, tokenizer, resolved = models.load_model(cfg.model, log=log)
+    if cfg.grad_checkpoint:
+        log(GRAD_CHECKPOINT_NOTE + f" (method: {cfg.method})")
+    model, tokenizer, resolved = models.load_model(cfg.model, log=log,
+                                                   trust_remote_code=cfg.trust_remote_code)
     with warnings.catch_warnings():
         warnings.simplefilter("always", data.TruncationWarning)
         warnings.showwarning = lambda msg, *a, **k: log(f"Warning: {msg}")
@@ -82,14 +86,17 @@ def run(cfg: TrainConfig, log=print) -> dict:
         options = _activation_plan(model, cfg, early.budget, est, T, log)
         if world.size > 1:
             log(data_parallel.describe(world, model, cfg.batch_size, cfg.method))
+        callback = None
         if world.is_main:
             config_file = adapters.save_config(model, cfg.adapter_path, cfg.to_dict())
             log(f"Resolved options saved to {config_file}")
+            callback = reporting.callbacks(cfg.report_to, cfg.project_name,
+                                           cfg.adapter_path, cfg.to_dict())
         with monitor:
             out["train"] = trainer.train(model, splits["train"], splits["valid"], mine,
                                          monitor=monitor, log=log, world=world,
                                          progress=None if world.is_main else False,
-                                         options=options)
+                                         options=options, callback=callback)
         log(monitor.summary())
         if world.size > 1:
             log(data_parallel.memory_summary(world, monitor))

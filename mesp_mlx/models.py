@@ -66,7 +66,7 @@ def _looks_local(name: str) -> bool:
             or name.endswith("/"))
 
 
-def load_model(name: str, log=print):
+def load_model(name: str, log=print, trust_remote_code: bool = False):
     """(model, tokenizer, resolved) via mlx_lm.load; ModelLoadError if absent."""
     resolved = resolve_model_name(name)
     if resolved != name:
@@ -80,10 +80,11 @@ def load_model(name: str, log=print):
         raise ModelLoadError(f"model directory {resolved} does not exist (and is not "
                              f"a repo id like owner/name); short names: "
                              f"{', '.join(short_names()[:4])}, ...")
-    return (*_load(resolved, str(path) if path.exists() else resolved), resolved)
+    return (*_load(resolved, str(path) if path.exists() else resolved, trust_remote_code),
+            resolved)
 
 
-def _load(resolved: str, where: str):
+def _load(resolved: str, where: str, trust_remote_code: bool = False):
     import mlx_lm
     from huggingface_hub import errors as hf
 
@@ -91,7 +92,9 @@ def _load(resolved: str, where: str):
             "(huggingface_hub's `hf` command; or copy the model directory here) and "
             "pass --model <dir>.")
     try:
-        model, tokenizer = mlx_lm.load(where)
+        model, tokenizer = mlx_lm.load(where, **({"tokenizer_config": {
+            "trust_remote_code": True}, "trust_remote_code": True}
+            if trust_remote_code else {}))
     except hf.GatedRepoError:
         raise ModelLoadError(f"{resolved} is gated on the Hugging Face Hub: accept its "
                              f"licence and log in (`hf auth login`). {hint}") from None

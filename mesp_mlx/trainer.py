@@ -20,7 +20,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from . import adapters, data_parallel, engine
+from . import adapters, best, data_parallel, engine, reporting, schedules
 from .config import ConfigError, TrainConfig
 from .data import Batch, Dataset, fixed_batches, iterate_batches
 from .distributed import World
@@ -37,10 +37,17 @@ class TrainResult:
     step_losses: List[float] = field(default_factory=list)    # every iteration's loss
     step_seconds: List[float] = field(default_factory=list)   # every iteration's wall time
     adapter_file: Optional[str] = None
+    best: Optional[tuple] = None          # (iteration, val loss) of --save-best's pick
+    stopped_early: bool = False           # --early-stop-patience ended the run
 
 
 def build_optimizer(name: str, learning_rate: float, extra: Optional[dict] = None):
-    classes = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}
+    classes = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW,
+               "muon": getattr(optim, "Muon", None),
+               "adafactor": getattr(optim, "Adafactor", None)}
+    if name in classes and classes[name] is None:
+        raise ConfigError(f"--optimizer {name} needs a newer MLX (mlx.optimizers has "
+                          "no such class here); use adam or adamw")
     if name not in classes:
         raise ConfigError(f"unknown optimizer {name!r}; choose from {', '.join(classes)}")
     try:
@@ -131,7 +138,7 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
           config: Optional[TrainConfig] = None, optimizer=None, monitor=None,
           log=print, progress: Optional[bool] = None,
           world: Optional[World] = None,
-          options: Optional[engine.EngineOptions] = None) -> TrainResult:
+          options: Optional[engine.EngineOptions] = None, callback=None) -> TrainResult:
     """Train the LoRA parameters of `model` for config.iters iterations.
 
     Resumes from config.resume_adapter_file; saves to config.adapter_path
@@ -139,6 +146,8 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
     reset per iteration; reports show the window's maximum) or None.
     world: a data-parallel group (mesp_mlx.distributed); each rank trains on
     its rows of every global batch (None: one process).
+    callback: an mlx-lm TrainingCallback (on_train_loss_report /
+    on_val_loss_report, mlx-lm's keys); --report-to builds one.
     """
     cfg = config or TrainConfig(train=True)
     check_method(cfg.method)
@@ -153,9 +162,15 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
         log(f"MeZO: SGD update θ -= lr·(p·z + {cfg.mezo_weight_decay}·θ), eps "
             f"{cfg.mezo_eps}; the optimizer is unused; train loss = (L(θ+εz) + "
             "L(θ-εz))/2, an O(eps²) overestimate of L(θ)")
-    opt = optimizer or build_optimizer(cfg.optimizer, cfg.learning_rate,
+    opt = optimizer or build_optimizer(cfg.optimizer, _learning_rate(cfg),
                                        (cfg.optimizer_config or {}).get(cfg.optimizer))
     start, accum, accum_n = _resume(model, opt, cfg, log)
+    tracker, cache_limit, trained = best.Tracker.of(cfg), cfg.clear_cache_bytes(), 0
+    if tracker.active and not (val_set and cfg.val_batches != 0):
+        raise ConfigError("--save-best and --early-stop-patience need validation "
+                          "data (valid.jsonl) and --val-batches other than 0")
+    if cfg.resume_adapter_file and start:
+        tracker.restore(adapters.read_state(cfg.resume_adapter_file)[0])
     last_good = (str(adapters.find_adapter_file(cfg.resume_adapter_file)), start) \
         if cfg.resume_adapter_file else None       # (adapter file, iteration)
     data_parallel.check_start(world, model, start, accum_n)
@@ -171,11 +186,21 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
         loss = data_parallel.evaluate(world, lambda b: evaluate(model, b), val,
                                       f"validation at iteration {it}")
         result.val_losses.append((it, loss))
+        secs = time.perf_counter() - tic
         say(f"Iter {it}: val loss {loss:.3f}, val ppl {math.exp(min(loss, 50)):.3f}, "
-            f"val took {time.perf_counter() - tic:.2f}s")
+            f"val took {secs:.2f}s")
+        if callback is not None:
+            callback.on_val_loss_report(reporting.val_info(it, loss, secs))
+        if it and it % cfg.steps_per_eval == 0 and tracker.update(it, loss) \
+                and cfg.save_best and cfg.adapter_path:
+            say(f"Iter {it}: new best val loss, saved {best.save(model, cfg.adapter_path, it, loss)}")
 
     options = options or engine_options(cfg)
     model.train()
+    if tracker.stop:
+        say(f"Stopped early before iteration {start + 1}: {tracker.describe_stop()}")
+        return TrainResult(step=start, best=(tracker.best_step, tracker.best),
+                           stopped_early=True)
     if val and start == 0:
         validate(0)
     win = _Window()
@@ -215,25 +240,53 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
         win.add(loss, batch, rec)
         if bar is not None:
             bar.update(1)
+        _clear_cache(cache_limit)
         if it % cfg.steps_per_report == 0 or it == cfg.iters:
             result.train_losses.append((it, win.loss / max(win.targets, 1)))
             say(_report(it, win, opt, monitor) +
                 data_parallel.memory_max(world, win.rec, f"the report at iteration {it}"))
+            trained += win.targets
+            if callback is not None:
+                callback.on_train_loss_report(reporting.train_info(
+                    it, result.train_losses[-1][1], _lr(opt), win.iters, win.targets,
+                    time.perf_counter() - win.t0, trained, mx.get_peak_memory()))
             win = _Window()
         if val and (it % cfg.steps_per_eval == 0 or it == cfg.iters):
             validate(it)
+            _clear_cache(cache_limit)
             win.t0 = time.perf_counter()          # validation time is not training time
-        if cfg.adapter_path and (it % cfg.steps_per_save == 0 or it == cfg.iters):
+        stop = tracker.stop
+        if cfg.adapter_path and (it % cfg.steps_per_save == 0 or it == cfg.iters or stop):
             snap = it % cfg.steps_per_save == 0
-            result.adapter_file = str(_save(model, opt, cfg, it, accum, accum_n, snap))
+            result.adapter_file = str(_save(model, opt, cfg, it, accum, accum_n, snap,
+                                            tracker.meta()))
             last_good = (result.adapter_file, it)
             say(("Saved adapters" if it == cfg.iters else f"Iter {it}: saved adapters")
                 + f" to {result.adapter_file}"
                 + (f" and {it:07d}_adapters.safetensors" if snap else ""))
         result.step = it
+        if stop:
+            say(f"Iter {it}: early stop: {tracker.describe_stop()}")
+            result.stopped_early = True
+            break
     if bar is not None:
         bar.close()
+    if tracker.best is not None:
+        result.best = (tracker.best_step, tracker.best)
     return result
+
+
+def _learning_rate(cfg):
+    """--learning-rate, or the schedule of lr_schedule / --warmup (schedules.py)."""
+    return schedules.build(cfg.lr_schedule, cfg.learning_rate,
+                           cfg.iters // cfg.grad_accumulation_steps, cfg.warmup,
+                           cfg.warmup_init)
+
+
+def _clear_cache(limit: int):
+    """--clear-cache-threshold: free MLX's buffer cache when it holds more."""
+    if limit and mx.get_cache_memory() > limit:
+        mx.clear_cache()
 
 
 def _accumulate(accum, n, grads, batch, cfg):
@@ -260,11 +313,12 @@ def _report(it, win, opt, monitor) -> str:
     return line
 
 
-def _save(model, opt, cfg, it, accum, accum_n, snapshot):
+def _save(model, opt, cfg, it, accum, accum_n, snapshot, extra=None):
     f = adapters.save_adapters(model, cfg.adapter_path, cfg.to_dict(), step=it,
                                snapshot=snapshot)
     pending = accum if accum_n else None
-    meta = {"step": it, "seed": cfg.seed, "accum_targets": accum_n if pending else 0}
+    meta = {"step": it, "seed": cfg.seed, "accum_targets": accum_n if pending else 0,
+            **(extra or {})}
     adapters.save_state(f, opt, meta, pending)
     if snapshot:
         adapters.save_state(f.with_name(f"{it:07d}_{f.name}"), opt, meta, pending)

@@ -4,6 +4,9 @@ weights (no download), runs the estimate and one measured step, prints both.
 A -4bit / -8bit / -bf16 suffix of --model sets --quantize and --dtype (bfloat16,
 as mlx-community converts); explicit flags win. Every "what would fit" line is a
 set of flags that fits when added to this command.
+`--find max-seq-length|batch-size|rank` answers the largest value that fits the
+budget from the estimate (`--measure`: confirmed by one measured step there);
+--model may also be a config.json or a model directory (no weights are read).
 Exit status: 0 fits (or no budget), 2 over budget, 1 bad input.
 """
 
@@ -17,6 +20,7 @@ import time
 import mlx.core as mx
 
 from ..config import Parser
+from . import fit
 from .estimate import (MB, MemoryBudgetError, arch_from_config, arch_from_model,
                        estimate, preflight)
 from .footprint import device_facts, process_footprint
@@ -51,6 +55,11 @@ def _parser():
                         "--offload-checkpoints DIR)")
     p.add_argument("--no-measure", action="store_true",
                    help="estimate only: do not build the model or run a step")
+    p.add_argument("--find", choices=fit.TARGETS,
+                   help="answer the largest value of this flag that fits the budget "
+                        "(from the estimate; the other flags held)")
+    p.add_argument("--measure", action="store_true",
+                   help="with --find: confirm the answer by one measured step at it")
     return p
 
 
@@ -72,9 +81,17 @@ def _resolve_variant(args):
 
 
 def _config(args) -> dict:
+    """--config-json, a config.json / model directory given as --model, or a
+    bundled architecture name: the config alone, never the weights."""
+    from pathlib import Path
+
     from ..arch import config_for
-    if args.config_json:
-        with open(args.config_json) as f:
+    path = args.config_json
+    p = Path(args.model).expanduser()
+    if not path and (p.is_file() or (p / "config.json").is_file()):
+        path = p if p.is_file() else p / "config.json"
+    if path:
+        with open(path) as f:
             return json.load(f)
     return config_for(args.model)
 
@@ -122,6 +139,8 @@ def main(argv=None) -> int:
     except (ValueError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.find:
+        return _find(args, cfg, budget)
     measured = None
     dtype = _DTYPES[args.dtype]
     if args.no_measure:
@@ -164,6 +183,51 @@ def main(argv=None) -> int:
     print(f"\nverdict: fits: estimate {est.total_bytes / MB:.0f} MB of a "
           f"{budget / MB:.0f} MB budget ({(budget - est.total_bytes) / MB:.0f} MB headroom)")
     return 0
+
+
+def _find(args, cfg, budget) -> int:
+    """--find: the largest value that fits (exit 0), or 2 when not even 1 does."""
+    if budget is None:
+        print(f"error: --find {args.find} needs a budget: --device-profile or "
+              "--memory-budget", file=sys.stderr)
+        return 1
+    arch = arch_from_config(cfg, _DTYPES[args.dtype], args.quantize, args.rank)
+    ceiling = fit.limit(args.find, cfg, arch)
+    v = fit.find(args.find, arch, args.rank, args.method, args.max_seq_length,
+                 args.batch_size, args.optimizer, budget, ceiling)
+    name = fit.flag_name(args.find)
+    held = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in
+                     ("max_seq_length", "batch_size", "rank") if k != name)
+    print(f"model {args.config_json or args.model} ({args.dtype}"
+          f"{f', {args.quantize}-bit' if args.quantize else ''}), {args.method}, "
+          f"{held}, {args.optimizer}; budget {budget / MB:.0f} MB")
+    if not v:
+        why = (f"the weights alone ({arch.weight_bytes / MB:.0f} MB) do not fit"
+               if arch.weight_bytes >= budget else "")
+        print(f"verdict: DOES NOT FIT at --{args.find} 1{': ' + why if why else ''}; use "
+              "a smaller model, 4-bit weights (--quantize 4), --method mesp or a larger "
+              "budget")
+        return 2
+    setattr(args, name, v)
+    a = arch if name != "rank" else arch_from_config(cfg, _DTYPES[args.dtype],
+                                                      args.quantize, v)
+    est = estimate(a, args.method, args.max_seq_length, args.batch_size, args.optimizer)
+    print(f"largest --{args.find} that fits: {v}"
+          + (" (the model's limit)" if v == ceiling else "")
+          + f"; estimate {est.total_bytes / MB:.0f} MB of {budget / MB:.0f} MB")
+    print(est)
+    print(f"add to the training command: --{args.find} {v}")
+    if not args.measure:
+        return 0
+    _, peak, secs = _measure(cfg, args)
+    total = peak + est.runtime
+    ok = total <= budget
+    print(f"measured at --{args.find} {v}: MLX peak {peak / MB:.1f} MB (estimate "
+          f"{est.mlx_bytes / MB:.1f}), with the runtime {total / MB:.1f} MB, step "
+          f"{secs:.2f} s: " + ("fits, confirmed" if ok else
+                               "DOES NOT FIT: the estimate is optimistic here; use a "
+                               f"smaller value (e.g. --{args.find} {max(v * 9 // 10, 1)})"))
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":
