@@ -2,7 +2,7 @@
 
     python bench/packing.py            # writes a section of bench/RESULTS.md
 
-Two data sets on the demo model (`--model demo`, random-free: its trained
+Two data sets on the demo model (`--model demo`, its bundled
 weights): the demo task (`--data demo`, short prompt/completion pairs) and a
 length-skewed synthetic set (lognormal lengths: most examples short, a few
 long). For each, one epoch of engine steps (mesp value_and_grad, no optimizer
