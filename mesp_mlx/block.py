@@ -19,6 +19,8 @@ evaluation per chunk, LoRA gradients summed over chunks. Four phases:
   4. per chunk: RoPE'/N_q' and the q/k/v backward; dx written over dh.
 Kept for all T: x, q, k, v, o → do, G → dh → dx, dq, dk, dv (T × (D, H·hd, K·hd)):
 the MLP's T × F tensors exist for one chunk only.
+Packed rows (packing.py, `packing` not None): RoPE at each token's position in its
+example and a block-diagonal causal mask; None is the plain path, unchanged.
 """
 
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from .ops.frozen import FrozenWeight
 from .ops.geglu import geglu, geglu_backward
 from .ops.lora_linear import lora_linear, lora_linear_backward
 from .ops.rmsnorm import rmsnorm_backward
-from .ops.rope import rope_apply, rope_apply_backward
+from .ops.rope import rope_apply, rope_apply_at, rope_apply_at_backward, rope_apply_backward
 from .ops.swiglu import swiglu, swiglu_backward
 from .spec import BlockSpec, Fused, Norm
 
@@ -175,19 +177,37 @@ def _chunk(opt, H, T):
     return max(1, opt.attn_chunk_bytes // (4 * H * T))
 
 
-def _attend(b: BlockSpec, q, k, v, opt):
+def _segments(packing):
+    return None if packing is None else packing.segments
+
+
+def _attend(b: BlockSpec, q, k, v, opt, packing=None):
     T = q.shape[2]
     if b.softcap is None and (fused_attention_ok(opt) or T == 1):
-        mask = None if T == 1 else (causal_mask(T, b.window)
-                                    if b.window is not None and T > b.window else "causal")
+        if T == 1:
+            mask = None
+        elif packing is not None:
+            mask = packing.fused_mask(b.window)
+        else:
+            mask = (causal_mask(T, b.window) if b.window is not None and T > b.window
+                    else "causal")
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=b.scale, mask=mask)
     return attention_chunked(q, k, v, b.scale, _chunk(opt, b.H, T), window=b.window,
-                             softcap=b.softcap)
+                             softcap=b.softcap, segments=_segments(packing))
 
 
-def _qk(b: BlockSpec, q, k, t0=0):
-    """Pre-RoPE q/k norms (full width or per head) and RoPE at positions t0…;
-    q, k in token layout."""
+def _rope(x, spec, t0, packing, backward=False):
+    """RoPE (or its backward) of a token chunk starting at t0: at offset t0, or at
+    the chunk's positions within their packed examples."""
+    if packing is None:
+        return (rope_apply_backward if backward else rope_apply)(x, spec, t0)
+    pos = packing.rows(t0, t0 + x.shape[2])
+    return (rope_apply_at_backward if backward else rope_apply_at)(x, spec, pos)
+
+
+def _qk(b: BlockSpec, q, k, t0=0, packing=None):
+    """Pre-RoPE q/k norms (full width or per head) and RoPE at positions t0… (or
+    the packed positions); q, k in token layout."""
     qf, kf = q, k
     if b.q_norm is not None and b.qk_norm_full:
         q, k = b.q_norm(q), b.k_norm(k)
@@ -196,14 +216,15 @@ def _qk(b: BlockSpec, q, k, t0=0):
     if b.q_norm is not None and not b.qk_norm_full:
         q, k = b.q_norm(q), b.k_norm(k)
     if b.rope is not None:
-        q, k = rope_apply(q, b.rope, t0), rope_apply(k, b.rope, t0)
+        q, k = _rope(q, b.rope, t0, packing), _rope(k, b.rope, t0, packing)
     return q, k, (qf, kf) if b.qk_norm_full else (qh, kh)
 
 
-def _qk_bwd(b: BlockSpec, dq, dk, pre, t0=0):
+def _qk_bwd(b: BlockSpec, dq, dk, pre, t0=0, packing=None):
     """dq, dk (head layout, after RoPE) -> token layout before the norms."""
     if b.rope is not None:
-        dq, dk = rope_apply_backward(dq, b.rope, t0), rope_apply_backward(dk, b.rope, t0)
+        dq = _rope(dq, b.rope, t0, packing, backward=True)
+        dk = _rope(dk, b.rope, t0, packing, backward=True)
     if b.q_norm is not None and not b.qk_norm_full:
         dq = _norm_bwd(b.q_norm, dq, pre[0])
         dk = _norm_bwd(b.k_norm, dk, pre[1])
@@ -223,7 +244,7 @@ def _pre_axis(b: BlockSpec):
     return 1 if b.qk_norm_full else 2      # token layout [B,T,·] or heads [B,n,T,hd]
 
 
-def attention_inputs(b: BlockSpec, x, spans):
+def attention_inputs(b: BlockSpec, x, spans, packing=None):
     """Phase 1: q, k (after RoPE), v in head layout for all T, and the pre-norm q/k
     (if the block has q/k norms), one token chunk at a time."""
     T = x.shape[1]
@@ -231,7 +252,7 @@ def attention_inputs(b: BlockSpec, x, spans):
     for t0, t1 in spans:
         at = (t0, T)
         qc, kc, vc = proj(b.qkv, _norm(b.attn_in, x[:, t0:t1]), at)
-        qc, kc, (pqc, pkc) = _qk(b, qc, kc, t0)
+        qc, kc, (pqc, pkc) = _qk(b, qc, kc, t0, packing)
         q, k, v = (_put(buf, c, t0, t1, T, 2)
                    for buf, c in ((q, qc), (k, kc), (v, _heads(vc, b.K))))
         if b.q_norm is not None:
@@ -284,13 +305,13 @@ def kept_bytes(b: BlockSpec, B: int, T: int, itemsize: int) -> int:
     return B * T * per_token * itemsize
 
 
-def block_forward(b: BlockSpec, x, opt, keep: bool = False):
+def block_forward(b: BlockSpec, x, opt, keep: bool = False, packing=None):
     """The block's output through the same ops as its recompute; with keep, also
     the Kept its backward reads instead of recomputing: (out, Kept)."""
     B, T, _ = x.shape
     spans = token_spans(b, opt, B, T)
-    q, k, v, pre = attention_inputs(b, x, spans)
-    o = _attend(b, q, k, v, opt)
+    q, k, v, pre = attention_inputs(b, x, spans, packing)
+    o = _attend(b, q, k, v, opt, packing)
     kept = Kept(q, k, v, pre, o) if keep else None
     del q, k, v, pre
     out = None
@@ -334,7 +355,7 @@ def _mlp_chunk_backward(paths, b: BlockSpec, x, o, g, flat, at, row=None):
 
 
 def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
-                   kept: Optional[Kept] = None):
+                   kept: Optional[Kept] = None, packing=None):
     """Recompute the block from its input x (or take its forward's `kept` tensors)
     and backprop G = dL/dout; returns dL/dx (LoRA gradients added into `flat`).
     Over several token chunks G's buffer is reused for dL/dh and then dL/dx (the
@@ -343,8 +364,8 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
     spans = token_spans(b, opt, B, T)
     rows = None
     if kept is None:
-        q, k, v, pre = attention_inputs(b, x, spans)
-        o = _attend(b, q, k, v, opt)
+        q, k, v, pre = attention_inputs(b, x, spans, packing)
+        o = _attend(b, q, k, v, opt, packing)
         mx.eval(o)
     else:
         q, k, v, pre, o, rows = kept.take()
@@ -368,7 +389,8 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
     # phase 3: attention backward in query blocks
     dq, dk, dv = attention_backward_rows(
         lambda t0, t1: (do[:, :, t0:t1], delta[:, :, t0:t1]), q, k, v, b.scale,
-        _chunk(opt, b.H, T), window=b.window, softcap=b.softcap)
+        _chunk(opt, b.H, T), window=b.window, softcap=b.softcap,
+        segments=_segments(packing))
     del do, delta, q, k, v
     if not need_dx and not _has_lora(b.qkv):
         return dh                                           # unused by the caller
@@ -379,7 +401,7 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
         xc = _rows(x, t0, t1, 1)
         dqc, dkc = _qk_bwd(b, dq[:, :, t0:t1], dk[:, :, t0:t1],
                            [None if p is None else _rows(p, t0, t1, _pre_axis(b))
-                            for p in pre], t0)
+                            for p in pre], t0, packing)
         da = proj_bwd(paths, b.qkv, [dqc, dkc, _tokens(dv[:, :, t0:t1])],
                       _norm(b.attn_in, xc), flat, need_dx, at)
         if need_dx:

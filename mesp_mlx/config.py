@@ -84,6 +84,11 @@ class TrainConfig:
     iters: int = _f(1000, "Training iterations (batches).")
     batch_size: int = _f(4, "Sequences per batch.")
     max_seq_length: int = _f(2048, "Longer sequences are truncated (with a warning).")
+    pack: bool = _f(False, "Pack whole training examples into rows of "
+                    "--max-seq-length positions (--batch-size counts rows); each "
+                    "example keeps its own RoPE positions and attention, so its loss "
+                    "and gradients are those of its unpacked run. --method mesp only; "
+                    "validation and test stay unpacked.")
     learning_rate: float = _f(1e-5, "Learning rate. With --method mezo the MeZO "
                               "paper uses 1e-4 or 5e-5 for LoRA (with --mezo-eps 1e-2).")
     optimizer: str = _f("adam", "Optimizer (muon and adafactor as in mlx-lm: "
@@ -196,6 +201,9 @@ class TrainConfig:
              "--method mezo does not accumulate gradients: use --batch-size instead "
              "of --grad-accumulation-steps")
         self._check_mlx_lm_keys(need)
+        need(not self.pack or self.method == "mesp", f"--pack needs --method mesp (the "
+             f"per-block engine runs packed rows with block-diagonal attention), got "
+             f"--method {self.method}")
         need(self.train or self.test, "nothing to do: pass --train and/or --test")
         need(self.model is not None, "--model is required (a repo id, a local "
              "directory or a short name such as Qwen2.5-0.5B)")

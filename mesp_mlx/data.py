@@ -4,9 +4,12 @@ Formats (one JSON object per line): {"text"}, {"prompt", "completion"} and
 chat {"messages": [{"role", "content"}, ...]}; tokenized by mlx-lm's dataset
 classes (chat template for the last two). Unlike mlx-lm 0.32 (REFERENCE §4):
 batches are bucketed by token count, no padding position is ever a target,
-and the validation subset is fixed.
+and the validation subset is fixed. With packing (`pack` = the row length),
+training rows hold several whole examples each (best-fit decreasing), with
+segment ids for the engine (packing.py): each example is trained as if alone.
 """
 
+import bisect
 import json
 import warnings
 from dataclasses import dataclass
@@ -52,6 +55,7 @@ class Batch:
     mask: mx.array        # [B, T] float32, 1 where a real, trained target is
     n_tokens: int         # non-padding input positions (processed)
     n_targets: int        # mask.sum() (trained)
+    segments: Optional[mx.array] = None   # [B, T] int32 example ids of packed rows
 
 
 # ---------------------------------------------------------------- reading
@@ -312,24 +316,86 @@ def make_batch(ds: Dataset, idx) -> Batch:
                  n_tokens, int(mask.sum()))
 
 
+def pack_rows(ds: Dataset, length: int) -> List[List[int]]:
+    """Example indices grouped into rows of at most `length` input positions
+    (an example of n tokens takes n − 1), whole examples only: best-fit
+    decreasing, so each example goes to the fullest row it still fits in."""
+    order = sorted(range(len(ds)), key=lambda i: (-len(ds.tokens[i]), i))
+    rows, free = [], []                  # free: sorted (room left, row) of open rows
+    for i in order:
+        n = len(ds.tokens[i]) - 1
+        if n > length:
+            raise DataError(f"{ds.name}: an example of {n + 1} tokens does not fit a "
+                            f"packed row of {length} positions (truncate first)")
+        j = bisect.bisect_left(free, (n, -1))
+        if j < len(free):
+            room, r = free.pop(j)
+        else:
+            room, r = length, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+def make_packed_batch(ds: Dataset, rows) -> Batch:
+    """Rows of whole examples laid end to end, each example's inputs, targets and
+    mask exactly as make_batch's (no target crosses into the next example);
+    segments[b, t] = the example's place in its row, the padded tail one more
+    segment with mask 0."""
+    fill = [sum(len(ds.tokens[i]) - 1 for i in r) for r in rows]
+    T = max(fill)
+    x, y = np.zeros((len(rows), T), np.int32), np.zeros((len(rows), T), np.int32)
+    mask = np.zeros((len(rows), T), np.float32)
+    seg = np.zeros((len(rows), T), np.int32)
+    for b, r in enumerate(rows):
+        t = 0
+        for s, i in enumerate(r):
+            toks, n = ds.tokens[i], len(ds.tokens[i]) - 1
+            x[b, t:t + n], y[b, t:t + n] = toks[:-1], toks[1:]
+            mask[b, t + max(ds.offsets[i] - 1, 0):t + n] = 1.0
+            seg[b, t:t + n] = s
+            t += n
+        seg[b, t:] = len(r)
+    return Batch(mx.array(x), mx.array(y), mx.array(mask), sum(fill), int(mask.sum()),
+                 mx.array(seg))
+
+
+def _plan(ds: Dataset, batch_size: int, pack: int):
+    """Batches as (maker, groups): buckets of examples, or of packed rows (rows of
+    similar fill together, so a batch's T is its fullest row)."""
+    if not pack:
+        return make_batch, bucket(ds, batch_size)
+    rows = pack_rows(ds, pack)
+    rows.sort(key=lambda r: (sum(len(ds.tokens[i]) - 1 for i in r), r[0]))
+    return make_packed_batch, [rows[i:i + batch_size] for i in range(0, len(rows),
+                                                                     batch_size)]
+
+
 def iterate_batches(ds: Dataset, batch_size: int, seed: int = 0,
-                    start: int = 0) -> Iterator[Batch]:
+                    start: int = 0, pack: int = 0) -> Iterator[Batch]:
     """Endless training batches from iteration `start` on. Epoch e visits the
     buckets in a permutation drawn from (seed, e), so iteration k's batch is a
-    pure function of (seed, k): resuming at k replays the same data."""
-    buckets = bucket(ds, batch_size)
+    pure function of (seed, k): resuming at k replays the same data.
+    pack: rows of this many positions holding whole examples (0: one per row);
+    batch_size then counts rows."""
+    make, buckets = _plan(ds, batch_size, pack)
     k = start
     while True:
         epoch, pos = divmod(k, len(buckets))
         perm = np.random.default_rng([seed, epoch]).permutation(len(buckets))
-        yield make_batch(ds, buckets[perm[pos]])
+        yield make(ds, buckets[perm[pos]])
         k += 1
 
 
-def fixed_batches(ds: Dataset, batch_size: int, num_batches: int) -> List[Batch]:
+def fixed_batches(ds: Dataset, batch_size: int, num_batches: int,
+                  pack: int = 0) -> List[Batch]:
     """The same evaluation subset every time: num_batches buckets (-1: all)
-    chosen by a fixed permutation, so successive losses are comparable."""
-    buckets = bucket(ds, batch_size)
+    chosen by a fixed permutation, so successive losses are comparable.
+    pack: as iterate_batches (the trainer evaluates unpacked batches: the model's
+    own forward, which evaluation runs, knows no segments)."""
+    make, buckets = _plan(ds, batch_size, pack)
     perm = np.random.default_rng(0).permutation(len(buckets))
     n = len(buckets) if num_batches == -1 else min(num_batches, len(buckets))
-    return [make_batch(ds, buckets[j]) for j in sorted(perm[:n])]
+    return [make(ds, buckets[j]) for j in sorted(perm[:n])]

@@ -67,8 +67,9 @@ def shard(world: World, batch: Batch) -> Batch:
     mask = batch.mask[lo:hi]
     T = mask.shape[1]
     last = (mask * mx.arange(1, T + 1)).max(axis=1) if hi > lo else mx.zeros((0,))
+    seg = None if batch.segments is None else batch.segments[lo:hi]
     return Batch(batch.inputs[lo:hi], batch.targets[lo:hi], mask,
-                 int(last.sum().item()), int(mask.sum().item()))
+                 int(last.sum().item()), int(mask.sum().item()), seg)
 
 
 def value_and_grad(world: World, model, batch: Batch, method: str, what: str,
@@ -76,7 +77,8 @@ def value_and_grad(world: World, model, batch: Batch, method: str, what: str,
     """(global mean loss, gradient of it) from this rank's rows: one all-sum."""
     if world.size == 1:
         return engine.value_and_grad(model, batch.inputs, batch.targets, batch.mask,
-                                     method=method, options=options)
+                                     method=method, options=options,
+                                     segments=batch.segments)
     part = shard(world, batch)
 
     def zero():
@@ -87,7 +89,8 @@ def value_and_grad(world: World, model, batch: Batch, method: str, what: str,
             return zero()
         with _rows(world, model, batch):
             loss, grads = engine.value_and_grad(model, part.inputs, part.targets,
-                                                part.mask, method=method, options=options)
+                                                part.mask, method=method, options=options,
+                                                segments=part.segments)
         return loss, grads, part.n_targets
 
     loss, grads, n = distributed.local(world, run, zero)

@@ -9,6 +9,8 @@ method = "autodiff": plain MLX autodiff through the model (the reference).
          "mezo":     NOT exact: MeZO's zeroth-order estimate p·z along one
                      random direction (mezo.py), two forward passes.
 loss = Σ CE(logits, targets) · mask / Σ mask.
+segments [B, T] (method "mesp"): rows packed with several examples, each run as
+if alone (packing.py); the loss is the same token-weighted mean.
 """
 
 from typing import Optional
@@ -18,6 +20,7 @@ import mlx.nn as nn
 
 from .inputs import check_batch, vocab_sizes
 from .layers import lora_layers, set_dropout_keys
+from .packing import check_segments
 from .schedule import EngineOptions, run
 
 METHODS = ("autodiff", "mebp", "mesp", "mezo")
@@ -46,14 +49,21 @@ def step_dropout(model):
 
 
 def value_and_grad(model, inputs, targets, mask=None, method="mesp", *,
-                   options: Optional[EngineOptions] = None, stats: Optional[dict] = None):
+                   options: Optional[EngineOptions] = None, stats: Optional[dict] = None,
+                   segments=None):
     """Loss and gradients w.r.t. model.trainable_parameters() (same tree).
 
     options: schedule knobs (chunk sizes, cache policy); stats: if a dict is
     given, the schedule records what it stored (e.g. "checkpoint_bytes").
+    segments: [B, T] example ids of packed rows, non-decreasing per row (mesp).
     method="mezo" returns MeZO's random estimate (mezo.value_and_grad), not ∇L.
     """
     mask = _check(model, inputs, targets, mask, method)
+    if segments is not None:
+        if method != "mesp":
+            raise ValueError(f"packed rows (segments) are supported by method 'mesp' "
+                             f"only, got {method!r}: unpack the batch or use mesp")
+        check_segments(segments, inputs.shape)
     if method == "mezo":                # an estimate, seed from MLX's global RNG
         from . import mezo
         return mezo.value_and_grad(model, inputs, targets, mask, options=options,
@@ -61,7 +71,7 @@ def value_and_grad(model, inputs, targets, mask=None, method="mesp", *,
     step_dropout(model)
     if method == "autodiff":
         return _autodiff(model, inputs, targets, mask)
-    return run(model, inputs, targets, mask, method, options, stats)
+    return run(model, inputs, targets, mask, method, options, stats, segments)
 
 
 def _autodiff(model, inputs, targets, mask):

@@ -82,6 +82,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
         longest = max((len(t) - 1 for t in splits["train"].tokens), default=1)
         mine = data_parallel.rank_options(world, cfg)        # rank 0 alone writes
         T = min(cfg.max_seq_length, max(longest, 1))
+        if cfg.pack:                                 # rows of up to max_seq_length
+            T = min(cfg.max_seq_length, sum(len(t) - 1 for t in splits["train"].tokens))
         monitor, est = _memory(model, mine, early.budget, log, T)
         options = _activation_plan(model, cfg, early.budget, est, T, log)
         if world.size > 1:

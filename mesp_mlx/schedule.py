@@ -13,6 +13,9 @@ evaluation barriers outside transforms, not a layer inside one lazy graph):
         spec, the head is chunked (ops/loss_head.py).
 The driver knows no model family: families.py reads a ModelSpec, verify.py
 checks it against the model's own forward once.
+Packed rows ("mesp" only): `segments` [B, T] gives each position's example; the
+positions within examples are derived once here (packing.Packing) and every
+block runs RoPE and attention per example.
 """
 
 import time
@@ -28,6 +31,7 @@ from .checkpoints import open_checkpoints
 from .families import read_spec
 from .ops.loss_head import loss_head_value_and_grad
 from .ops.rmsnorm import rmsnorm_backward
+from .packing import Packing
 from .verify import verify_spec
 
 
@@ -89,8 +93,12 @@ def model_spec(model, method: str, T: int, opt: Optional[EngineOptions] = None):
 
 
 def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] = None,
-        stats: Optional[dict] = None):
-    """Loss and LoRA gradients (tree of model.trainable_parameters())."""
+        stats: Optional[dict] = None, segments=None):
+    """Loss and LoRA gradients (tree of model.trainable_parameters()); segments
+    [B, T]: packed examples (method "mesp")."""
+    if segments is not None and method != "mesp":
+        raise ValueError(f"packed rows (segments) need method 'mesp', got {method!r}")
+    packing = None if segments is None else Packing.of(segments)
     opt = options or EngineOptions()
     B, T = inputs.shape
     spec = model_spec(model, method, T, opt)
@@ -103,12 +111,13 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
     hs = [h]                              # handed over, so _run can free h
     del h
     try:
-        return _run(model, spec, store, hs, targets, mask, method, opt, stats, clock)
+        return _run(model, spec, store, hs, targets, mask, method, opt, stats, clock,
+                    packing)
     finally:
         store.close()                     # a disk file goes on success, error and Ctrl-C
 
 
-def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock):
+def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packing):
     h = hs.pop()
     T = h.shape[1]
     # 1. forward, keeping block inputs from the lowest LoRA block up (and, for the
@@ -121,9 +130,9 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock):
             store.put(i, h)
             n_ckpt += 1
         if i in plan:
-            h, kept[i] = block_forward(b, h, opt, keep=True)
+            h, kept[i] = block_forward(b, h, opt, keep=True, packing=packing)
         elif method == "mesp":
-            h = block_forward(b, h, opt)
+            h = block_forward(b, h, opt, packing=packing)
         else:
             h = b.module(h, layer_mask(b, T))
         mx.eval(h)
@@ -155,7 +164,7 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock):
         x, b = store.pop(i), spec.blocks[i]
         if method == "mesp":
             dh = block_backward(spec.paths, b, x, dh, flat, opt, need_dx=i > spec.first,
-                                kept=kept.pop(i, None))
+                                kept=kept.pop(i, None), packing=packing)
         else:
             dh = _mebp_block(spec.paths, b, x, dh, flat, layer_mask(b, T))
         del x

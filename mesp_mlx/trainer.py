@@ -177,7 +177,8 @@ def train(model: nn.Module, train_set: Dataset, val_set: Optional[Dataset] = Non
     result = TrainResult(step=start)
     val = fixed_batches(val_set, cfg.batch_size, cfg.val_batches) if val_set and \
         cfg.val_batches != 0 else []
-    batches = iterate_batches(train_set, cfg.batch_size, cfg.seed, start)
+    batches = iterate_batches(train_set, cfg.batch_size, cfg.seed, start,
+                              pack=cfg.max_seq_length if cfg.pack else 0)
     bar = _progress_bar(cfg, start, progress)
     say = bar.write if bar is not None else log
 

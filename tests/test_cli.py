@@ -279,3 +279,18 @@ def test_memory_budget_picks_an_activation_plan_that_fits(tiny_model_dir, text_d
     assert plan and int(plan.group(1)) == int(plan.group(2)) > 0, runs["planned"][1]
     assert "activation plan" not in runs["minimal"][1]
     assert max(r["mlx_peak"] for r in runs["planned"][2]) <= budget
+
+
+def test_pack_trains_the_same_first_loss(tiny_model_dir, text_data, tmp_path):
+    """--pack: one batch holding every training example, packed or not, gives the
+    same first loss (each example trained as if alone); --pack needs mesp."""
+    runs = {}
+    for name, extra in (("plain", ()), ("pack", ("--pack",))):
+        rc, out, err = cli(*base(tiny_model_dir, text_data, tmp_path / name, "--train",
+                                 "--iters", 1, "--batch-size", 24, *extra))
+        assert rc == 0, err
+        runs[name] = losses(out)
+    assert runs["pack"] == runs["plain"] and 1 in runs["pack"]
+    rc, _, err = cli(*base(tiny_model_dir, text_data, tmp_path / "m", "--train",
+                           "--iters", 1, "--pack", "--method", "mebp"))
+    assert rc == 1 and "--pack needs --method mesp" in err

@@ -168,3 +168,47 @@ def test_read_splits_needs_no_tokenizer(text_data, tmp_path):
     assert set(raw) == {"train", "valid", "test"} and raw["train"][1] == "text"
     with pytest.raises(DataError, match="not found"):
         data.read_splits(str(tmp_path / "missing"))
+
+
+def test_packing_fills_rows_with_whole_examples():
+    """Best-fit decreasing into rows of 8 positions; every example's inputs, targets
+    and mask exactly as unpacked (make_batch), never a target of the next example,
+    the padded tail one more segment with mask 0."""
+    lens = [9, 2, 7, 3, 8, 2, 6, 4, 5]          # tokens (positions = n − 1)
+    toks = [[100 * i + t for t in range(n)] for i, n in enumerate(lens)]
+    ds = Dataset("x", toks, [0, 0, 3, 0, 0, 0, 2, 0, 0])
+    rows = data.pack_rows(ds, 8)
+    assert sorted(sum(rows, [])) == list(range(len(lens)))       # each example once
+    assert all(sum(lens[i] - 1 for i in r) <= 8 for r in rows)
+    assert len(rows) == 5                                        # 37 positions, ⌈37/8⌉
+    b = data.make_packed_batch(ds, rows)
+    seg, x, y, m = (np.array(a) for a in (b.segments, b.inputs, b.targets, b.mask))
+    assert b.n_tokens == sum(n - 1 for n in lens) and b.n_targets == int(m.sum())
+    for r, row in enumerate(rows):
+        t = 0
+        for s, i in enumerate(row):
+            one = data.make_batch(ds, [i])
+            n = lens[i] - 1
+            np.testing.assert_array_equal(x[r, t:t + n], np.array(one.inputs)[0])
+            np.testing.assert_array_equal(y[r, t:t + n], np.array(one.targets)[0])
+            np.testing.assert_array_equal(m[r, t:t + n], np.array(one.mask)[0])
+            assert (seg[r, t:t + n] == s).all() and y[r, t + n - 1] // 100 == i
+            t += n
+        assert (seg[r, t:] == len(row)).all() and not m[r, t:].any()
+    assert (np.diff(seg, axis=1) >= 0).all()
+    with pytest.raises(DataError, match="does not fit"):
+        data.pack_rows(ds, 7)
+
+
+def test_packed_batches_are_deterministic_and_cover_the_data():
+    lens = [3, 5, 2, 9, 4, 6, 2, 7, 3, 3]
+    ds = Dataset("x", [[1] * n for n in lens], [0] * len(lens))
+    a = [next(data.iterate_batches(ds, 2, seed=1, start=k, pack=10)) for k in range(3)]
+    it = data.iterate_batches(ds, 2, seed=1, pack=10)
+    for got in a:
+        want = next(it)
+        assert np.array_equal(np.array(got.segments), np.array(want.segments))
+        assert got.inputs.shape[1] <= 10
+    fixed = data.fixed_batches(ds, 2, -1, pack=10)
+    assert sum(b.n_tokens for b in fixed) == sum(n - 1 for n in lens)
+    assert all(b.segments is None for b in data.fixed_batches(ds, 2, -1))

@@ -168,3 +168,55 @@ def test_attention_window_softcap_bf16(window, softcap_c):
     assert_all_close(("dq", "dk", "dv"),
                      attention_backward_chunked(do, q, k, v, o, sc, 5, **kw),
                      [g.astype(mx.bfloat16) for g in grads])
+
+
+# ---------------------------------------------------------------- packed rows
+SEGS = mx.array([[0] * 4 + [1] * 5 + [2] * 4, [0] * 13], dtype=mx.int32)   # B 2, T 13
+
+
+def _per_segment(q, k, v, sc, segs, **kw):
+    """Independent reference: attention_ref of each segment alone, concatenated."""
+    rows = []
+    for b in range(q.shape[0]):
+        ids = segs[b].tolist()
+        cuts = [t for t in range(1, len(ids)) if ids[t] != ids[t - 1]]
+        bounds = list(zip([0] + cuts, cuts + [len(ids)]))
+        rows.append(mx.concatenate([attention_ref(q[b:b + 1, :, a:e], k[b:b + 1, :, a:e],
+                                                  v[b:b + 1, :, a:e], sc, **kw)
+                                    for a, e in bounds], axis=2))
+    return mx.concatenate(rows, axis=0)
+
+
+@pytest.mark.parametrize("window,softcap_c", [(None, None), (3, None), (None, 2.0)])
+@pytest.mark.parametrize("chunk", [3, 5, 16])
+@pytest.mark.parametrize("H,K", [(2, 2), (6, 1)])
+def test_segments_block_diagonal(window, softcap_c, chunk, H, K):
+    """With segment ids no query reads a key of another segment: every output and
+    gradient equals the segments run one by one (query blocks cut through them)."""
+    q, k, v, do, sc = _attn_case(13, H, K, seed=3)
+    kw = dict(window=window, softcap=softcap_c)
+    o_ref, grads = ref_vjp(lambda q, k, v: _per_segment(q, k, v, sc, SEGS, **kw),
+                           (q, k, v), do)
+    seg = dict(kw, segments=SEGS)
+    assert_close("o ref", attention_ref(q, k, v, sc, **seg), o_ref)
+    assert_close("o chunked", attention_chunked(q, k, v, sc, chunk, **seg), o_ref)
+    o, P = attention(q, k, v, sc, **seg)
+    assert_close("o", o, o_ref)
+    assert_all_close(("dq", "dk", "dv"), attention_backward(do, q, k, v, o, P, sc, **seg),
+                     grads)
+    assert_all_close(("dq c", "dk c", "dv c"),
+                     attention_backward_chunked(do, q, k, v, o_ref, sc, chunk, **seg), grads)
+    with pytest.raises(AssertionError):                   # the boundary matters
+        assert_close("causal only", attention_chunked(q, k, v, sc, chunk, **kw), o_ref)
+
+
+def test_segments_fused_bool_mask():
+    """The fused kernel (mx.fast.sdpa) with keep_mask's [B, 1, T, T] bool mask = the
+    per-segment reference, on this backend too."""
+    from mesp_mlx.ops.attention import keep_mask
+    q, k, v, do, sc = _attn_case(13, 4, 2, seed=4)
+    o_ref, grads = ref_vjp(lambda q, k, v: _per_segment(q, k, v, sc, SEGS), (q, k, v), do)
+    mask = keep_mask(0, 13, 0, 13, None, SEGS)[:, None]
+    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=sc, mask=mask)
+    assert mask.shape == (2, 1, 13, 13)
+    assert_close("o fused", o, o_ref)

@@ -9,8 +9,9 @@ from mlx_lm.models.rope_utils import SuScaledRoPE, initialize_rope
 from mlx_lm.models.smollm3 import NoPE
 
 from gradcheck import Rng, assert_close, ref_vjp
-from mesp_mlx.ops.rope import (Rope, rope, rope_apply, rope_apply_backward, rope_apply_ref,
-                               rope_backward, rope_from_module, rope_ref)
+from mesp_mlx.ops.rope import (Rope, rope, rope_apply, rope_apply_at, rope_apply_at_backward,
+                               rope_apply_backward, rope_apply_ref, rope_backward,
+                               rope_from_module, rope_ref)
 
 HD = 32
 DTYPES = [mx.float32, mx.bfloat16]
@@ -141,3 +142,60 @@ def test_rope_spec_fields():
         rope_apply(mx.zeros((1, 1, 9, 4)), Rope(4, base=10.0, max_positions=8))
     with pytest.raises(ValueError, match="positions"):
         rope_apply(mx.zeros((1, 1, 4, 4)), Rope(4, base=10.0, max_positions=8), offset=5)
+
+
+# ---------------------------------------------------------------- per-token positions
+ROWS = [[0, 4, 9, 13], [0, 13]]          # segment starts of two packed rows of 13 tokens
+
+
+def _positions(rows, T):
+    return mx.array([[t - max(a for a in starts if a <= t) for t in range(T)]
+                     for starts in rows], dtype=mx.int32)
+
+
+def _segmented_ref(x, spec, rows):
+    """Each segment of each row rotated on its own from position 0 (rope_apply_ref)."""
+    T = x.shape[2]
+    out = []
+    for b, starts in enumerate(rows):
+        bounds = list(zip(starts, starts[1:] + [T]))
+        out.append(mx.concatenate([rope_apply_ref(x[b:b + 1, :, a:e], spec)
+                                   for a, e in bounds if e > a], axis=2))
+    return mx.concatenate(out, axis=0)
+
+
+@pytest.mark.parametrize("name", ["plain", "traditional", "linear", "llama3",
+                                  "llama3-traditional", "yarn", "longrope-partial"])
+def test_rope_at_positions_restarts_per_segment(name):
+    """rope_apply_at = each packed segment rotated alone from 0 (forward), and its
+    backward = mx.vjp of that reference; = rope_apply itself for positions arange."""
+    spec = rope_from_module(_rope_modules()[name])
+    rng = Rng(7)
+    x, dy = rng.normal((2, 3, 13, 16)), rng.normal((2, 3, 13, 16))
+    pos = _positions(ROWS, 13)
+    y, (dx,) = ref_vjp(lambda x: _segmented_ref(x, spec, ROWS), (x,), dy)
+    assert_close("y", rope_apply_at(x, spec, pos), y)
+    assert_close("dx", rope_apply_at_backward(dy, spec, pos), dx)
+    _, (dx_auto,) = ref_vjp(lambda x: rope_apply_at(x, spec, pos), (x,), dy)
+    assert_close("dx (vjp of rope_apply_at)", rope_apply_at_backward(dy, spec, pos), dx_auto)
+    ar = mx.broadcast_to(mx.arange(5, 18, dtype=mx.int32), (2, 13))
+    assert_close("y = rope_apply", rope_apply_at(x, spec, ar), rope_apply(x, spec, 5))
+    assert_close("dx = rope_apply_backward", rope_apply_at_backward(dy, spec, ar),
+                 rope_apply_backward(dy, spec, 5))
+    with pytest.raises(AssertionError):          # the restart matters
+        assert_close("no restart", rope_apply(x, spec), y)
+
+
+def test_rope_at_bf16_and_dynamic_limit():
+    spec = rope_from_module(_rope_modules()["plain"])
+    rng = Rng(8)
+    x = rng.normal((2, 3, 13, 16), mx.bfloat16)
+    pos = _positions(ROWS, 13)
+    y = rope_apply_at(x, spec, pos)
+    assert y.dtype == mx.bfloat16
+    assert_close("y bf16", y, _segmented_ref(x.astype(mx.float32), spec, ROWS)
+                 .astype(mx.bfloat16))
+    dyn = rope_from_module(_rope_modules()["dynamic"])        # exact up to 32 positions
+    rope_apply_at(x, dyn, pos + 19)                            # max position 31: fine
+    with pytest.raises(ValueError, match="positions"):
+        rope_apply_at(x, dyn, pos + 20)

@@ -7,6 +7,10 @@ Letters: B batch, H heads, T tokens, hd head dim; d ≤ hd rotated features.
   backward  the rotation is orthogonal: dx[..., :d] = m · R_{−θ}(dy[..., :d]) — the same
             kernel with negated periods; dx[..., d:] = dy[..., d:]
 Stored: nothing (the rotation depends only on positions).
+Packed rows (packing.py) need a position per token, pos [B, T]: mx.fast.rope
+takes one scalar offset, so `rope_apply_at` writes the same rotation out with
+cos/sin of θ_{b,t,i} = s · pos[b, t] / p_i ([B, 1, T, d/2], one table per call),
+and `rope_apply_at_backward` rotates by −θ (sin negated) and multiplies by m.
 Module → Rope (ARCHITECTURES §3.6): nn.RoPE (dims, traditional, base, scale);
 Llama3RoPE (dims, traditional, _freqs); YarnRoPE (+ mscale); SuScaledRoPE (dim,
 _freqs, _scale); DynamicNTKScalingRoPE = plain while T ≤ max_positions; NoPE: none.
@@ -67,6 +71,40 @@ def rope_apply_backward(dy, spec: Rope, offset: int = 0):
     return _premul(dx, spec)
 
 
+def _cos_sin(spec: Rope, pos, dtype):
+    """cos θ, sin θ with θ = s · pos / p_i; pos [..., T] -> [..., T, d/2]."""
+    theta = spec.scale * pos.astype(mx.float32)[..., None] / spec.periods()
+    return mx.cos(theta).astype(dtype), mx.sin(theta).astype(dtype)
+
+
+def _rotate(xr, cos, sin, traditional):
+    """R_θ on the rotated features xr [..., T, d] (pairs half-split or interleaved)."""
+    d = xr.shape[-1]
+    if traditional:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        y = mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+        return y.reshape(*xr.shape)
+    x1, x2 = xr[..., :d // 2], xr[..., d // 2:]
+    return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def rope_apply_at(x, spec: Rope, positions):
+    """x: [B, H, T, hd] with token t of row b at positions[b, t] ([B, T] ints)."""
+    _check_max(spec, positions)
+    cos, sin = _cos_sin(spec, positions[:, None], x.dtype)        # [B, 1, T, d/2]
+    d = spec.dims
+    y = _rotate(x[..., :d] * spec.mscale, cos, sin, spec.traditional)
+    return mx.concatenate([y, x[..., d:]], axis=-1) if d < x.shape[-1] else y
+
+
+def rope_apply_at_backward(dy, spec: Rope, positions):
+    """dx = m · R_{−θ}(dy) on the rotated features, dy elsewhere."""
+    cos, sin = _cos_sin(spec, positions[:, None], dy.dtype)
+    d = spec.dims
+    dx = _rotate(dy[..., :d], cos, -sin, spec.traditional) * spec.mscale
+    return mx.concatenate([dx, dy[..., d:]], axis=-1) if d < dy.shape[-1] else dx
+
+
 def rope_apply_ref(x, spec: Rope, offset: int = 0):
     """Written out with cos/sin (half-split or interleaved pairs, partial dims)."""
     T, d = x.shape[-2], spec.dims
@@ -85,10 +123,18 @@ def rope_apply_ref(x, spec: Rope, offset: int = 0):
 
 
 def _check_T(x, spec, offset=0):
-    T = offset + x.shape[-2]
+    _check_len(spec, offset + x.shape[-2])
+
+
+def _check_len(spec, T):
     if spec.max_positions is not None and T > spec.max_positions:
         raise ValueError(f"dynamic NTK RoPE rescales beyond {spec.max_positions} "
                          f"positions (got {T}): use method='autodiff'")
+
+
+def _check_max(spec, positions):
+    if spec.max_positions is not None:        # one reduction, only for dynamic NTK
+        _check_len(spec, int(positions.max().item()) + 1)
 
 
 def rope_from_module(m) -> Optional[Rope]:
