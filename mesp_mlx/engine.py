@@ -19,6 +19,7 @@ import mlx.nn as nn
 from .inputs import check_batch, vocab_sizes
 from .layers import lora_layers, set_dropout_keys
 from .schedule import EngineOptions, run
+from .stream import is_streamed
 
 METHODS = ("autodiff", "mebp", "mesp", "mezo")
 
@@ -60,6 +61,10 @@ def value_and_grad(model, inputs, targets, mask=None, method="mesp", *,
                                    stats=stats)
     step_dropout(model)
     if method == "autodiff":
+        if is_streamed(model):
+            raise ValueError("a model with streamed weights (--stream-weights) runs "
+                             "with method mesp, mebp or mezo; autodiff needs every "
+                             "weight resident")
         return _autodiff(model, inputs, targets, mask)
     return run(model, inputs, targets, mask, method, options, stats)
 

@@ -12,7 +12,9 @@ evaluation barriers outside transforms, not a layer inside one lazy graph):
 "mesp": step 3 is the generic hand-derived backward (block.py) of the block's
         spec, the head is chunked (ops/loss_head.py).
 The driver knows no model family: families.py reads a ModelSpec, verify.py
-checks it against the model's own forward once.
+checks it against the model's own forward once. Streamed weights (stream.py): each
+block runs inside `weights.block(b)` (its frozen arrays read, then released), and
+the spec's head/embedding read the file by tiles and rows; resident: no-ops.
 """
 
 import time
@@ -28,6 +30,7 @@ from .checkpoints import open_checkpoints
 from .families import read_spec
 from .ops.loss_head import loss_head_value_and_grad
 from .ops.rmsnorm import rmsnorm_backward
+from .stream import weight_source
 from .verify import verify_spec
 
 
@@ -53,12 +56,14 @@ def head_tiles(opt: EngineOptions, N: int, V: int):
 
 
 def model_spec(model, method: str, T: int, opt: Optional[EngineOptions] = None):
-    """The model's ModelSpec, checked against the model's own forward (once)."""
+    """The model's ModelSpec, checked against the model's own forward (once); with
+    streamed weights, its head and embedding read the weights file."""
     opt = opt or EngineOptions()
     spec = read_spec(model)
+    weights = weight_source(model)
     if opt.verify:
-        verify_spec(model, spec, method, T, opt)
-    return spec
+        verify_spec(model, spec, method, T, opt, weights)
+    return weights.spec(spec)
 
 
 def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] = None,
@@ -76,12 +81,13 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
     hs = [h]                              # handed over, so _run can free h
     del h
     try:
-        return _run(model, spec, store, hs, targets, mask, method, opt, stats, clock)
+        return _run(model, spec, store, hs, targets, mask, method, opt, stats, clock,
+                    weight_source(model))
     finally:
         store.close()                     # a disk file goes on success, error and Ctrl-C
 
 
-def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock):
+def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, weights):
     h = hs.pop()
     T = h.shape[1]
     # 1. forward, keeping block inputs from the lowest LoRA block up
@@ -90,8 +96,9 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock):
         if i >= spec.first:
             store.put(i, h)
             n_ckpt += 1
-        h = block_forward(b, h, opt) if method == "mesp" else b.module(h, layer_mask(b, T))
-        mx.eval(h)
+        with weights.block(b):
+            h = block_forward(b, h, opt) if method == "mesp" else b.module(h, layer_mask(b, T))
+            mx.eval(h)
     if stats is not None:
         stats["checkpoint_bytes"] = n_ckpt * h.nbytes
         stats["n_checkpoints"] = n_ckpt
@@ -116,12 +123,13 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock):
     flat = {}
     for i in range(len(spec.blocks) - 1, spec.first - 1, -1):
         x, b = store.pop(i), spec.blocks[i]
-        if method == "mesp":
-            dh = block_backward(spec.paths, b, x, dh, flat, opt, need_dx=i > spec.first)
-        else:
-            dh = _mebp_block(spec.paths, b, x, dh, flat, layer_mask(b, T))
-        del x
-        mx.eval(dh, *flat.values())
+        with weights.block(b):
+            if method == "mesp":
+                dh = block_backward(spec.paths, b, x, dh, flat, opt, need_dx=i > spec.first)
+            else:
+                dh = _mebp_block(spec.paths, b, x, dh, flat, layer_mask(b, T))
+            del x
+            mx.eval(dh, *flat.values())
         if opt.clear_cache == "block":
             mx.clear_cache()
     if opt.clear_cache in ("block", "step"):
