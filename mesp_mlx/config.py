@@ -15,6 +15,7 @@ from typing import Optional
 
 METHOD_CHOICES = ("mesp", "mebp", "autodiff", "mezo")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+LORA_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class UserError(Exception):
@@ -96,6 +97,15 @@ class TrainConfig:
                                             "memory (mesp, mebp): memory stops growing "
                                             "with the number of layers, for one write "
                                             "and one read of L×B×T×D per step.")
+    stream_weights: bool = _f(False, "Read each block's frozen weights from the "
+                              "model's safetensors just before it runs (forward and "
+                              "recompute) and free them after; the head one vocabulary "
+                              "tile at a time, the embedding only at the batch's tokens "
+                              "(mesp, mebp, mezo). Memory: one block instead of all "
+                              "weights; the files must not change while training.")
+    lora_dtype: Optional[str] = _f(None, "dtype of the LoRA parameters (and their "
+                                   "gradients): bfloat16 as in the MeSP paper, float16, "
+                                   "float32 (default: float32).", choices=LORA_DTYPES)
     config: Optional[str] = _f(None, "YAML file with any of these options.",
                                cli=False)
 
@@ -136,6 +146,11 @@ class TrainConfig:
         need(self.offload_checkpoints is None or self.method in ("mesp", "mebp"),
              "--offload-checkpoints needs --method mesp or mebp (the methods that "
              "keep block-input checkpoints)")
+        need(not self.stream_weights or self.method in ("mesp", "mebp", "mezo"),
+             "--stream-weights needs --method mesp, mebp or mezo (autodiff runs the "
+             "model's own forward, which needs every weight resident)")
+        need(self.lora_dtype is None or self.lora_dtype in LORA_DTYPES,
+             f"--lora-dtype must be one of {', '.join(LORA_DTYPES)}, got {self.lora_dtype!r}")
         need(self.method != "mezo" or self.grad_accumulation_steps == 1,
              "--method mezo does not accumulate gradients: use --batch-size instead "
              "of --grad-accumulation-steps")

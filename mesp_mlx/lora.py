@@ -18,6 +18,7 @@ from typing import Optional
 from .config import ConfigError, Parser, TrainConfig, UserError, add_arguments, resolve
 
 from .memory import MemoryBudgetError
+from .safetensors_io import WeightsFileError
 
 EPILOG = """\
 methods: mesp = per-block recompute + hand-derived backward (least memory),
@@ -52,7 +53,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
         trainer.check_method(cfg.method)
     early = checks.before_loading(cfg)              # before any download or write
     log("Options:\n" + cfg.describe())
-    model, tokenizer, resolved = models.load_model(cfg.model, log=log)
+    model, tokenizer, resolved = models.load_model(cfg.model, log=log,
+                                                   stream_weights=cfg.stream_weights)
     with warnings.catch_warnings():
         warnings.simplefilter("always", data.TruncationWarning)
         warnings.showwarning = lambda msg, *a, **k: log(f"Warning: {msg}")
@@ -116,7 +118,8 @@ def _apply_lora(model, cfg):
     check_num_layers(model, cfg.num_layers)
     try:
         apply_lora(model, cfg.rank, cfg.scale, cfg.dropout, keys=cfg.lora_keys,
-                   num_layers=None if cfg.num_layers == -1 else cfg.num_layers)
+                   num_layers=None if cfg.num_layers == -1 else cfg.num_layers,
+                   dtype=cfg.lora_dtype)
     except ValueError as e:
         raise ConfigError(f"cannot apply LoRA: {e}") from None
 
@@ -152,7 +155,7 @@ def main(argv: Optional[list] = None) -> int:
     try:
         cfg = resolve(vars(args), cfg_path)
         run(cfg)
-    except (UserError, MemoryBudgetError) as e:
+    except (UserError, MemoryBudgetError, WeightsFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

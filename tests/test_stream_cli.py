@@ -1,0 +1,68 @@
+"""`python -m mesp_mlx.lora --stream-weights` on 4-bit model directories: the same
+losses as the resident run, adapters that mlx-lm loads, clean errors."""
+
+import re
+import shutil
+
+import mlx.core as mx
+import pytest
+from conftest import make_model_dir
+from test_cli import base, cli, losses
+
+Q4 = {"group_size": 32, "bits": 4}
+
+
+@pytest.fixture(scope="module")
+def q4_dir(tmp_path_factory):
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = make_model_dir(tmp_path_factory.mktemp(f"q4_{family}"), family,
+                                          quantize=Q4)
+        return made[family]
+    return get
+
+
+@pytest.mark.parametrize("family,method", [("qwen2", "mesp"), ("qwen2", "mebp"),
+                                           ("qwen2", "mezo"), ("gemma3", "mesp"),
+                                           ("phi3", "mesp")])
+def test_stream_weights_trains_like_resident_and_mlx_lm_loads(q4_dir, text_data, tmp_path,
+                                                             family, method):
+    import mlx_lm
+
+    model_dir = q4_dir(family)
+    runs = {}
+    for name, extra in (("resident", ()), ("streamed", ("--stream-weights",))):
+        rc, out, err = cli(*base(model_dir, text_data, tmp_path / name, "--train", "--test",
+                                 "--iters", 2, "--method", method, "--optimizer", "sgd",
+                                 "--lora-dtype", "bfloat16", *extra))
+        assert rc == 0, err
+        runs[name] = out
+    assert "Streaming" in runs["streamed"]
+    assert losses(runs["streamed"]) == losses(runs["resident"])
+    test = [re.search(r"Test loss ([\d.]+)", o).group(1) for o in runs.values()]
+    assert test[0] == test[1]
+    model, tok = mlx_lm.load(str(model_dir), adapter_path=str(tmp_path / "streamed"))
+    lora = [m for _, m in model.named_modules() if "lora_a" in m]
+    assert lora and lora[0].lora_a.dtype == mx.bfloat16
+    logits = model(mx.array([[1, 2, 3]]))
+    assert bool(mx.all(mx.isfinite(logits)).item())
+
+
+def test_truncated_weights_file_is_a_clean_error(q4_dir, text_data, tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(q4_dir("qwen2"), d)
+    f = d / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    rc, out, err = cli(*base(d, text_data, tmp_path / "ad", "--train", "--iters", 1,
+                             "--stream-weights"))
+    assert rc == 1 and "error:" in err and "Traceback" not in err
+    assert "truncated" in err or "could not load" in err, err
+
+
+def test_stream_weights_refuses_autodiff(q4_dir, text_data, tmp_path):
+    rc, _, err = cli(*base(q4_dir("qwen2"), text_data, tmp_path / "ad", "--train",
+                           "--stream-weights", "--method", "autodiff"))
+    assert rc == 1 and "--stream-weights needs" in err
