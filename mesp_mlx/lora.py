@@ -138,7 +138,10 @@ def _memory(model, cfg, budget, log, T):
     log(f"Memory estimate (longest batch T={T}, B={cfg.batch_size}):\n{est}")
     if budget:
         log(f"Memory budget {budget / 1e6:.0f} MB, enforced with mx.set_memory_limit")
-    return MemoryMonitor(log_path=cfg.memory_log, budget_bytes=budget)
+    from .stream import resident_weight_bytes, streamed_weight_bytes
+    return MemoryMonitor(log_path=cfg.memory_log, budget_bytes=budget,
+                         weights_bytes=resident_weight_bytes(model),
+                         streamed_bytes=streamed_weight_bytes(model))
 
 
 def _plot(monitor, memory_log, log):

@@ -195,6 +195,13 @@ class StreamedWeights:
         keys += [k for t in self._tables.values() for k in t.keys.values()]
         return self.files.total_bytes(keys)
 
+    def head_tile_bytes(self, vocab_rows: int = 4096) -> int:
+        """Bytes read for one head tile of `vocab_rows` entries (the estimate's figure:
+        EngineOptions' 8 MiB of fp32 logits over 512 token rows is 4096 entries)."""
+        t = self.head
+        return self.files.total_bytes(t.keys.values()) * min(vocab_rows, t.shape[0]) \
+            // t.shape[0]
+
     def block_bytes(self) -> int:
         """The largest block's streamed bytes (what one block holds while it runs)."""
         return max((self.files.total_bytes([e[2] for e in es])
@@ -244,5 +251,17 @@ def is_streamed(model) -> bool:
 
 
 def streamed_weight_bytes(model) -> Optional[int]:
+    """Bytes of the frozen weights streamed from disk (None: a resident model)."""
     ws = getattr(model, _ATTR, None)
     return ws.streamed_bytes() if ws is not None else None
+
+
+def resident_weight_bytes(model) -> int:
+    """Bytes of the frozen (non-trainable) parameters MLX holds; placeholders of
+    streamed arrays count nothing."""
+    total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    lora = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    ws = getattr(model, _ATTR, None)
+    held = 0 if ws is None else sum(e[3].nbytes for es in ws._blocks.values() for e in es) \
+        + sum(p.nbytes for t in ws._tables.values() for p in t.placeholders.values())
+    return total - lora - held

@@ -66,3 +66,37 @@ def test_stream_weights_refuses_autodiff(q4_dir, text_data, tmp_path):
     rc, _, err = cli(*base(q4_dir("qwen2"), text_data, tmp_path / "ad", "--train",
                            "--stream-weights", "--method", "autodiff"))
     assert rc == 1 and "--stream-weights needs" in err
+
+
+def test_report_and_memory_log_count_the_weights(q4_dir, text_data, tmp_path):
+    import json
+
+    log = tmp_path / "mem.jsonl"
+    rc, out, err = cli(*base(q4_dir("qwen2"), text_data, tmp_path / "ad", "--train",
+                             "--iters", 2, "--stream-weights", "--memory-log", log))
+    assert rc == 0, err
+    assert "above the weights" in out
+    assert "frozen weights streamed from disk" in out
+    assert "idle process with MLX imported" in out
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert recs and all("mlx_peak" in r and "mlx_peak_above_weights" in r for r in recs)
+    assert all(r["mlx_peak"] >= r["mlx_peak_above_weights"] for r in recs)
+
+
+def test_memory_cli_streams_and_prints_the_accounting(tmp_path, capsys):
+    import json
+
+    from mesp_mlx.arch import tiny_config
+    from mesp_mlx.memory.__main__ import main as memory_main
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(tiny_config("qwen2", vocab_size=1024)))
+    assert memory_main(["--config-json", str(cfg), "--max-seq-length", "16", "--quantize",
+                        "4", "--dtype", "bfloat16", "--lora-dtype", "bfloat16",
+                        "--optimizer", "sgd", "--stream-weights"]) == 0
+    out = capsys.readouterr().out
+    assert "streamed weights" in out and "streamed from disk" in out
+    assert "MLX peak" in out and "in total (weights included)" in out
+    assert "idle process with MLX imported" in out
+    assert memory_main(["--config-json", str(cfg), "--method", "autodiff",
+                        "--stream-weights"]) == 1
