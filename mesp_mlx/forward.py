@@ -12,13 +12,18 @@ an evaluation barrier, then the tiled loss head (ops/loss_head.py), never the
 import mlx.core as mx
 
 from .block import block_forward
+from .ops.dequant_matmul import tile_barriers
 from .ops.loss_head import loss_head_value
 from .schedule import EngineOptions, head_tiles, model_spec
 from .stream import weight_source
 
 
 def loss_sum(model, inputs, targets, mask, options=None) -> float:
-    opt = options or EngineOptions()
+    with tile_barriers():               # outside any transform: evaluate per W0 tile
+        return _loss_sum(model, inputs, targets, mask, options or EngineOptions())
+
+
+def _loss_sum(model, inputs, targets, mask, opt) -> float:
     spec = model_spec(model, "mesp", inputs.shape[1], opt)
     weights = weight_source(model)
     h = spec.embed_ids(inputs)

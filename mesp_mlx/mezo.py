@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from .engine import step_dropout
 from .inputs import check_batch, vocab_sizes
 from .block import block_forward
+from .ops.dequant_matmul import tile_barriers
 from .ops.loss_head import loss_head_value
 from .schedule import EngineOptions, head_tiles, model_spec
 from .stream import weight_source
@@ -172,7 +173,9 @@ def _spsa_lm(model, inputs, targets, mask, eps, seed, options, stats):
     mask = check_batch(inputs, targets, mask, vocab_sizes(model))
     step_dropout(model)                 # one dropout mask for both forward passes
     pert = Perturbation(model, seed)
-    res = spsa(lm_loss_at(model, inputs, targets, mask, pert, options, stats), eps, seed)
+    with tile_barriers():               # outside any transform: evaluate per W0 tile
+        res = spsa(lm_loss_at(model, inputs, targets, mask, pert, options, stats), eps,
+                   seed)
     if stats is not None:
         stats.update(seed=seed, projected_grad=res.p, loss_plus=res.loss_plus,
                      loss_minus=res.loss_minus)

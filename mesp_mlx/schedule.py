@@ -29,6 +29,7 @@ from .block import block_backward, block_forward, layer_mask
 from .checkpoints import open_checkpoints
 from .families import read_spec
 from .ops.loss_head import loss_head_value_and_grad
+from .ops.dequant_matmul import tile_barriers
 from .ops.rmsnorm import rmsnorm_backward
 from .stream import weight_source
 from .verify import verify_spec
@@ -81,8 +82,9 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
     hs = [h]                              # handed over, so _run can free h
     del h
     try:
-        return _run(model, spec, store, hs, targets, mask, method, opt, stats, clock,
-                    weight_source(model))
+        with tile_barriers():             # outside any transform: evaluate per W0 tile
+            return _run(model, spec, store, hs, targets, mask, method, opt, stats, clock,
+                        weight_source(model))
     finally:
         store.close()                     # a disk file goes on success, error and Ctrl-C
 
