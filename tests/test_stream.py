@@ -172,3 +172,16 @@ def test_placeholders_hold_no_memory(tmp_path):
     assert mx.get_active_memory() < ws.streamed_bytes() / 20, "placeholders hold memory"
     q = st.model.layers[0].self_attn.q_proj
     assert q.weight.shape == (64, 64 * 4 // 32) and q.scales.shape == (64, 2)
+
+
+def test_streamed_table_logits_and_vjp_match_dense(tmp_path):
+    """StreamedTable(hn) and its custom VJP == hn Wᵀ and dZ W on the dense table."""
+    path = save_dir(tmp_path / "m", tiny_config("qwen2", vocab_size=512), Q4)
+    st = load_model(path, lazy=True)[0]
+    ws = stream_weights(st, path)
+    W = ws.head.rows(0, 512).dense()
+    hn = mx.random.normal((3, 64), key=mx.random.key(5))
+    dz = mx.random.normal((3, 512), key=mx.random.key(6))
+    z, (dh,) = mx.vjp(ws.head, [hn], [dz])[0][0], mx.vjp(ws.head, [hn], [dz])[1]
+    assert mx.allclose(z, hn @ W.T, atol=1e-4).item()
+    assert mx.allclose(dh, dz @ W, atol=1e-4).item()
