@@ -165,11 +165,14 @@ def test_reader_ranges_rows_and_dtypes(tmp_path):
 def test_placeholders_hold_no_memory(tmp_path):
     cfg = tiny_config("qwen2", vocab_size=4096)
     path = save_dir(tmp_path / "m", cfg, Q4)
+    import gc
+    gc.collect()
+    before = mx.get_active_memory()          # other tests' arrays may still be alive
     st = load_model(path, lazy=True)[0]
     ws = stream_weights(st, path)
     assert is_streamed(st)
-    mx.clear_cache()
-    assert mx.get_active_memory() < ws.streamed_bytes() / 20, "placeholders hold memory"
+    held = mx.get_active_memory() - before
+    assert held < ws.streamed_bytes() / 20, f"placeholders hold {held} bytes"
     q = st.model.layers[0].self_attn.q_proj
     assert q.weight.shape == (64, 64 * 4 // 32) and q.scales.shape == (64, 2)
 

@@ -9,7 +9,9 @@ product at T 256: 58 MB with independent tiles, 32 MB with tile j made to depend
 product j−1 via `mx.depends`). Inside `tile_barriers()` (the per-block schedules,
 outside any transform) each tile's product is also evaluated before the next tile
 is dequantized: 18 MB with 4 MiB tiles, 11 MB with 2 MiB (the default; same speed
-within noise here). Elsewhere (autodiff, mx.compile) only the ordering applies.
+within noise here). Elsewhere (autodiff, mebp, mx.compile) only the ordering applies: barriers inside
+a transform are far worse (a 0.5B 4-bit head under value_and_grad, T 64: 5.8 GB
+with them, 282 MB without).
 Why: on MLX's CPU backend `mx.quantized_matmul` is far below a dense matmul.
 Measured here (MLX 0.32.4 CPU, shared 2 cores, 4-bit g64 bf16 scales, T 256):
 4864×896 quantized_matmul 0.20-0.27 GFLOP/s; dequantize + fp32 matmul in 256-1024-row
