@@ -100,3 +100,16 @@ def test_memory_cli_streams_and_prints_the_accounting(tmp_path, capsys):
     assert "idle process with MLX imported" in out
     assert memory_main(["--config-json", str(cfg), "--method", "autodiff",
                         "--stream-weights"]) == 1
+
+
+def test_test_only_with_adapters_streamed_equals_resident(q4_dir, text_data, tmp_path):
+    d = q4_dir("qwen2")
+    rc, _, err = cli(*base(d, text_data, tmp_path / "ad", "--train", "--iters", 1))
+    assert rc == 0, err
+    got = []
+    for extra in ((), ("--stream-weights",)):
+        rc, out, err = cli("--model", d, "--data", text_data, "--test", "--adapter-path",
+                           tmp_path / "ad", "--max-seq-length", 128, *extra)
+        assert rc == 0, err
+        got.append(re.search(r"Test loss ([\d.]+)", out).group(1))
+    assert got[0] == got[1]
