@@ -26,8 +26,10 @@ OURS = ("autodiff", "mebp", "mesp", "mezo")     # through mesp_mlx.value_and_gra
 BASELINES = ("mlx-lm", "mlx-lm+ckpt")            # mlx-lm's own LoRA + trainer step
 CACHE_VARIANTS = ("mesp@none", "mesp@block")   # mesp with another allocator-cache policy
 VARIANTS = {"none": dict(clear_cache="none"), "block": dict(clear_cache="block"),
-            "disk": dict(checkpoints="disk")}    # method@variant -> EngineOptions fields
-ALL_METHODS = OURS + BASELINES + CACHE_VARIANTS + ("mesp@disk", "mebp@disk")
+            "disk": dict(checkpoints="disk"),
+            "stream": {}}                        # method@variant -> EngineOptions fields
+STREAMED = ("mesp@stream", "mebp@stream", "mezo@stream")   # weights streamed (stream.py)
+ALL_METHODS = OURS + BASELINES + CACHE_VARIANTS + ("mesp@disk", "mebp@disk") + STREAMED
 B_STD = 0.01                                     # LoRA B ~ N(0, B_STD²): non-zero
 
 
@@ -93,9 +95,10 @@ def _ours(model, spec, batch):
     import mlx.core as mx
     import mesp_mlx
 
-    mesp_mlx.apply_lora(model, rank=spec["r"], scale=spec["scale"], dropout=0.0)
+    mesp_mlx.apply_lora(model, rank=spec["r"], scale=spec["scale"], dropout=0.0,
+                        dtype=spec.get("lora_dtype"))
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    if spec["method"] == "mezo":
+    if spec["method"].partition("@")[0] == "mezo":
         from mesp_mlx import mezo
 
         def mezo_step():
@@ -167,16 +170,39 @@ def _inference(model, batch, weights_bytes) -> dict:
     return out
 
 
+def _model(spec, row):
+    """The model: built with random weights, or loaded from spec["model_dir"] (resident,
+    or lazily and streamed for a method@stream)."""
+    import mlx.core as mx
+    from mesp_mlx.arch import build_model
+
+    if not spec.get("model_dir"):
+        q = {"group_size": 64, "bits": spec["quantize"]} if spec.get("quantize") else None
+        return build_model(spec.get("config") or spec["model"],
+                           dtype=getattr(mx, spec["dtype"]), seed=spec["seed"], quantize=q)
+    from pathlib import Path
+
+    from mlx_lm.utils import load_model
+    from mesp_mlx.stream import stream_weights
+    streamed = spec["method"].endswith("@stream")
+    model = load_model(Path(spec["model_dir"]), lazy=streamed)[0]
+    if streamed:
+        ws = stream_weights(model, spec["model_dir"])
+        row.update(streamed_bytes=ws.streamed_bytes(), block_bytes=ws.block_bytes())
+    return model
+
+
 def _measure(spec) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mesp_mlx.arch import build_model
+    from mesp_mlx.memory.footprint import idle_footprint
+    from mesp_mlx.ops.frozen import quantized_path
 
-    row = {"blas": blas_in_use()}
+    row = {"blas": blas_in_use(), "quantized_path": quantized_path(),
+           "idle_rss_bytes": idle_footprint()}
     dtype = getattr(mx, spec["dtype"])
     t0 = time.perf_counter()
-    model = build_model(spec.get("config") or spec["model"], dtype=dtype,
-                        seed=spec["seed"])
+    model = _model(spec, row)
     args = model.args
     row.update(n_layers=args.num_hidden_layers, hidden=args.hidden_size,
                vocab=args.vocab_size, itemsize=dtype.size)
@@ -191,10 +217,11 @@ def _measure(spec) -> dict:
     gc.collect()
     mx.clear_cache()                                 # build leftovers are not the method's
     row["build_s"] = time.perf_counter() - t0
-    row["weights_bytes"] = mx.get_active_memory()
+    row["weights_bytes"] = mx.get_active_memory()        # resident: weights (or not) + LoRA
     row["param_bytes"] = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    row["lora_bytes"] = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     row["rss_before_bytes"] = proc_status().get("VmRSS")
-    if spec["method"] == "mezo":
+    if spec["method"].partition("@")[0] == "mezo":
         row.update(_inference(model, batch, row["weights_bytes"]))
 
     mx.reset_peak_memory()

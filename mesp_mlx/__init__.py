@@ -4,6 +4,7 @@ from .engine import METHODS, value_and_grad
 from .schedule import EngineOptions
 from .layers import LoRALinear, apply_lora
 from .mezo import mezo_gradient_estimate
+from .stream import stream_weights
 
 # training API (notebooks): the CLI's job is run(TrainConfig(...)); the parts below
 from .adapters import load_adapter_dir, save_adapters
@@ -16,7 +17,7 @@ __all__ = ["apply_lora", "value_and_grad", "EngineOptions", "LoRALinear", "METHO
            "mezo_gradient_estimate",
            "TrainConfig", "run", "train", "evaluate", "TrainResult", "load_model",
            "load_splits", "iterate_batches", "fixed_batches", "save_adapters",
-           "load_adapter_dir"]
+           "load_adapter_dir", "stream_weights"]
 __version__ = "0.1.0"
 
 

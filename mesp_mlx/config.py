@@ -21,6 +21,7 @@ FINE_TUNE_TYPES = ("lora", "dora", "full")
 GRAD_CHECKPOINT_NOTE = ("Note: grad_checkpoint selects --method mebp (per-block "
                         "checkpointing, as mlx-lm's grad_checkpoint); the default "
                         "--method mesp needs less memory still, with the same gradients")
+LORA_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class UserError(Exception):
@@ -157,6 +158,15 @@ class TrainConfig:
                                               "than this (e.g. 1GB; 0 = never).")
     trust_remote_code: bool = _f(False, "Let the tokenizer/model run code from its "
                                  "repository (mlx-lm's flag).")
+    stream_weights: bool = _f(False, "Read each block's frozen weights from the "
+                              "model's safetensors just before it runs (forward and "
+                              "recompute) and free them after; the head one vocabulary "
+                              "tile at a time, the embedding only at the batch's tokens "
+                              "(mesp, mebp, mezo). Memory: one block instead of all "
+                              "weights; the files must not change while training.")
+    lora_dtype: Optional[str] = _f(None, "dtype of the LoRA parameters (and their "
+                                   "gradients): bfloat16 as in the MeSP paper, float16, "
+                                   "float32 (default: float32).", choices=LORA_DTYPES)
     config: Optional[str] = _f(None, "YAML file with any of these options.",
                                cli=False)
 
@@ -197,6 +207,11 @@ class TrainConfig:
         need(self.offload_checkpoints is None or self.method in ("mesp", "mebp"),
              "--offload-checkpoints needs --method mesp or mebp (the methods that "
              "keep block-input checkpoints)")
+        need(not self.stream_weights or self.method in ("mesp", "mebp", "mezo"),
+             "--stream-weights needs --method mesp, mebp or mezo (autodiff runs the "
+             "model's own forward, which needs every weight resident)")
+        need(self.lora_dtype is None or self.lora_dtype in LORA_DTYPES,
+             f"--lora-dtype must be one of {', '.join(LORA_DTYPES)}, got {self.lora_dtype!r}")
         need(self.method != "mezo" or self.grad_accumulation_steps == 1,
              "--method mezo does not accumulate gradients: use --batch-size instead "
              "of --grad-accumulation-steps")

@@ -22,6 +22,7 @@ from .inputs import check_batch, vocab_sizes
 from .layers import lora_layers, set_dropout_keys
 from .packing import check_segments
 from .schedule import EngineOptions, run
+from .stream import is_streamed
 
 METHODS = ("autodiff", "mebp", "mesp", "mezo")
 
@@ -70,6 +71,10 @@ def value_and_grad(model, inputs, targets, mask=None, method="mesp", *,
                                    stats=stats)
     step_dropout(model)
     if method == "autodiff":
+        if is_streamed(model):
+            raise ValueError("a model with streamed weights (--stream-weights) runs "
+                             "with method mesp, mebp or mezo; autodiff needs every "
+                             "weight resident")
         return _autodiff(model, inputs, targets, mask)
     return run(model, inputs, targets, mask, method, options, stats, segments)
 

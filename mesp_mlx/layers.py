@@ -110,13 +110,15 @@ def block_linears(block: nn.Module) -> list:
 
 def apply_lora(model: nn.Module, rank: int = 8, scale: float = 20.0,
                dropout: float = 0.0, keys: Optional[Iterable[str]] = None,
-               num_layers: Optional[int] = None) -> nn.Module:
+               num_layers: Optional[int] = None, dtype=None) -> nn.Module:
     """Replace the linear layers named by `keys` in the last `num_layers` blocks
     by LoRA layers (in place), freeze everything else, return the model.
 
     keys: block-relative paths like "self_attn.q_proj" or short names "q_proj"
           (None: every linear layer of each block, as mlx-lm; phi3: qkv_proj, ...).
     num_layers: None = every block (unlike mlx-lm, 0 means none).
+    dtype: of lora_a/lora_b (an mx.Dtype or its name, e.g. "bfloat16" as in the MeSP
+           paper); None: float32, as mlx-lm.
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
@@ -133,8 +135,20 @@ def apply_lora(model: nn.Module, rank: int = 8, scale: float = 20.0,
     for block in blocks[len(blocks) - n:]:
         for path in _resolve_keys(keys, block_linears(block)):
             parent, name = _parent(block, path)
-            setattr(parent, name, LoRALinear(getattr(parent, name), rank, scale, dropout))
+            lora = LoRALinear(getattr(parent, name), rank, scale, dropout)
+            if dtype is not None:
+                lora.lora_a = lora.lora_a.astype(_dtype(dtype))
+                lora.lora_b = lora.lora_b.astype(_dtype(dtype))
+            setattr(parent, name, lora)
     return model
+
+
+def _dtype(d):
+    if isinstance(d, str):
+        if not isinstance(getattr(mx, d, None), mx.Dtype):
+            raise ValueError(f"unknown LoRA dtype {d!r}; e.g. bfloat16, float32")
+        return getattr(mx, d)
+    return d
 
 
 def _resolve_keys(keys, available):

@@ -19,6 +19,7 @@ from .config import (GRAD_CHECKPOINT_NOTE, ConfigError, Parser, TrainConfig, Use
                      add_arguments, resolve)
 
 from .memory import MemoryBudgetError
+from .safetensors_io import WeightsFileError
 
 EPILOG = """\
 methods: mesp = per-block recompute + hand-derived backward (least memory),
@@ -61,7 +62,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
     if cfg.grad_checkpoint:
         log(GRAD_CHECKPOINT_NOTE + f" (method: {cfg.method})")
     model, tokenizer, resolved = models.load_model(cfg.model, log=log,
-                                                   trust_remote_code=cfg.trust_remote_code)
+                                                   trust_remote_code=cfg.trust_remote_code,
+                                                   stream_weights=cfg.stream_weights)
     with warnings.catch_warnings():
         warnings.simplefilter("always", data.TruncationWarning)
         warnings.showwarning = lambda msg, *a, **k: log(f"Warning: {msg}")
@@ -144,7 +146,8 @@ def _apply_lora(model, cfg):
     check_num_layers(model, cfg.num_layers)
     try:
         apply_lora(model, cfg.rank, cfg.scale, cfg.dropout, keys=cfg.lora_keys,
-                   num_layers=None if cfg.num_layers == -1 else cfg.num_layers)
+                   num_layers=None if cfg.num_layers == -1 else cfg.num_layers,
+                   dtype=cfg.lora_dtype)
     except ValueError as e:
         raise ConfigError(f"cannot apply LoRA: {e}") from None
 
@@ -163,7 +166,10 @@ def _memory(model, cfg, budget, log, T):
     log(f"Memory estimate (longest batch T={T}, B={cfg.batch_size}):\n{est}")
     if budget:
         log(f"Memory budget {budget / 1e6:.0f} MB, enforced with mx.set_memory_limit")
-    return MemoryMonitor(log_path=cfg.memory_log, budget_bytes=budget), est
+    from .stream import resident_weight_bytes, streamed_weight_bytes
+    return MemoryMonitor(log_path=cfg.memory_log, budget_bytes=budget,
+                         weights_bytes=resident_weight_bytes(model),
+                         streamed_bytes=streamed_weight_bytes(model)), est
 
 
 SAFETY = 0.10      # of the budget, left free for what the pre-flight estimate misses
@@ -206,7 +212,7 @@ def main(argv: Optional[list] = None) -> int:
     try:
         cfg = resolve(vars(args), cfg_path)
         run(cfg)
-    except (UserError, MemoryBudgetError) as e:
+    except (UserError, MemoryBudgetError, WeightsFileError) as e:
         from .distributed import where
         print(f"error{where()}: {e}", file=sys.stderr)
         return 1

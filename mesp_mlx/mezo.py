@@ -30,8 +30,10 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from .engine import step_dropout
 from .inputs import check_batch, vocab_sizes
 from .block import block_forward
+from .ops.dequant_matmul import tile_barriers
 from .ops.loss_head import loss_head_value
 from .schedule import EngineOptions, head_tiles, model_spec
+from .stream import weight_source
 
 MEZO_LR = 1e-4         # MeZO paper, LoRA: lr 1e-4 or 5e-5 (REFERENCE §1)
 MEZO_EPS = 1e-2        # MeZO paper, LoRA: ε = 1e-2
@@ -118,11 +120,13 @@ def lm_loss_at(model, inputs, targets, mask, pert: Perturbation,
     """
     opt = options or EngineOptions()
     spec = model_spec(model, "mesp", inputs.shape[1], opt)
+    weights = weight_source(model)                  # streamed: one block's W0 at a time
     h0 = spec.embed_ids(inputs)
     mx.eval(h0)
     for b in spec.blocks[:spec.first]:
-        h0 = block_forward(b, h0, opt)
-        mx.eval(h0)
+        with weights.block(b):
+            h0 = block_forward(b, h0, opt)
+            mx.eval(h0)
     V, D = spec.head.shape
     rows, vocab = head_tiles(opt, inputs.size, V)
     flat_t, flat_m = targets.reshape(-1), mask.reshape(-1)
@@ -130,7 +134,7 @@ def lm_loss_at(model, inputs, targets, mask, pert: Perturbation,
     def loss_at(c: float) -> float:
         t0, h = time.perf_counter(), h0
         for b in spec.blocks[spec.first:]:
-            with perturbed(b.module, spec.paths[id(b.module)], pert, c):
+            with perturbed(b.module, spec.paths[id(b.module)], pert, c), weights.block(b):
                 h = block_forward(b, h, opt)
                 mx.eval(h)
         hn = spec.norm(h.reshape(-1, D))
@@ -169,7 +173,9 @@ def _spsa_lm(model, inputs, targets, mask, eps, seed, options, stats):
     mask = check_batch(inputs, targets, mask, vocab_sizes(model))
     step_dropout(model)                 # one dropout mask for both forward passes
     pert = Perturbation(model, seed)
-    res = spsa(lm_loss_at(model, inputs, targets, mask, pert, options, stats), eps, seed)
+    with tile_barriers():               # outside any transform: evaluate per W0 tile
+        res = spsa(lm_loss_at(model, inputs, targets, mask, pert, options, stats), eps,
+                   seed)
     if stats is not None:
         stats.update(seed=seed, projected_grad=res.p, loss_plus=res.loss_plus,
                      loss_minus=res.loss_minus)

@@ -66,8 +66,11 @@ def _looks_local(name: str) -> bool:
             or name.endswith("/"))
 
 
-def load_model(name: str, log=print, trust_remote_code: bool = False):
-    """(model, tokenizer, resolved) via mlx_lm.load; ModelLoadError if absent."""
+def load_model(name: str, log=print, trust_remote_code: bool = False,
+               stream_weights: bool = False):
+    """(model, tokenizer, resolved) via mlx_lm.load; ModelLoadError if absent.
+    stream_weights: load lazily and stream the frozen weights from the model's
+    safetensors (stream.py) instead of holding them."""
     resolved = resolve_model_name(name)
     if resolved != name:
         log(f"Model {name} -> {resolved}")
@@ -80,11 +83,28 @@ def load_model(name: str, log=print, trust_remote_code: bool = False):
         raise ModelLoadError(f"model directory {resolved} does not exist (and is not "
                              f"a repo id like owner/name); short names: "
                              f"{', '.join(short_names()[:4])}, ...")
-    return (*_load(resolved, str(path) if path.exists() else resolved, trust_remote_code),
-            resolved)
+    where = str(path) if path.exists() else resolved
+    model, tok = _load(resolved, where, trust_remote_code, stream_weights)
+    if stream_weights:
+        _stream(model, where, log)
+    return model, tok, resolved
 
 
-def _load(resolved: str, where: str, trust_remote_code: bool = False):
+def _stream(model, where, log):
+    from mlx_lm.utils import _download
+
+    from .safetensors_io import WeightsFileError
+    from .stream import stream_weights
+    try:
+        ws = stream_weights(model, _download(where))
+    except WeightsFileError as e:
+        raise ModelLoadError(str(e)) from None
+    log(f"Streaming {ws.streamed_bytes() / 1e6:.1f} MB of frozen weights from {ws.dir} "
+        f"(largest block {ws.block_bytes() / 1e6:.1f} MB); resident: norms, LoRA, "
+        "optimizer state")
+
+
+def _load(resolved: str, where: str, trust_remote_code: bool = False, lazy: bool = False):
     import mlx_lm
     from huggingface_hub import errors as hf
 
@@ -92,7 +112,7 @@ def _load(resolved: str, where: str, trust_remote_code: bool = False):
             "(huggingface_hub's `hf` command; or copy the model directory here) and "
             "pass --model <dir>.")
     try:
-        model, tokenizer = mlx_lm.load(where, **({"tokenizer_config": {
+        model, tokenizer = mlx_lm.load(where, lazy=lazy, **({"tokenizer_config": {
             "trust_remote_code": True}, "trust_remote_code": True}
             if trust_remote_code else {}))
     except hf.GatedRepoError:
@@ -106,5 +126,9 @@ def _load(resolved: str, where: str, trust_remote_code: bool = False):
         raise ModelLoadError(f"could not download {resolved} (offline, and not in the "
                              f"local Hugging Face cache). {hint}") from None
     except (FileNotFoundError, ValueError) as e:
+        raise ModelLoadError(f"could not load {resolved}: {e}") from None
+    except RuntimeError as e:              # MLX's reader: a truncated or corrupt file
+        if "safetensors" not in str(e) and "load" not in str(e):
+            raise
         raise ModelLoadError(f"could not load {resolved}: {e}") from None
     return model, tokenizer

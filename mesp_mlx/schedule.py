@@ -16,9 +16,13 @@ checks it against the model's own forward once.
 Packed rows ("mesp" only): `segments` [B, T] gives each position's example; the
 positions within examples are derived once here (packing.Packing) and every
 block runs RoPE and attention per example.
+Streamed weights (stream.py): each block runs inside `weights.block(b)` (its
+frozen arrays read, then released), and the spec's head/embedding read the file
+by tiles and rows; resident: no-ops.
 """
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,8 +34,10 @@ from .block import block_backward, block_forward, kept_bytes, layer_mask
 from .checkpoints import open_checkpoints
 from .families import read_spec
 from .ops.loss_head import loss_head_value_and_grad
+from .ops.dequant_matmul import tile_barriers
 from .ops.rmsnorm import rmsnorm_backward
 from .packing import Packing
+from .stream import weight_source
 from .verify import verify_spec
 
 
@@ -84,12 +90,14 @@ def describe_plan(plan, n_blocks: int) -> str:
 
 
 def model_spec(model, method: str, T: int, opt: Optional[EngineOptions] = None):
-    """The model's ModelSpec, checked against the model's own forward (once)."""
+    """The model's ModelSpec, checked against the model's own forward (once); with
+    streamed weights, its head and embedding read the weights file."""
     opt = opt or EngineOptions()
     spec = read_spec(model)
+    weights = weight_source(model)
     if opt.verify:
-        verify_spec(model, spec, method, T, opt)
-    return spec
+        verify_spec(model, spec, method, T, opt, weights)
+    return weights.spec(spec)
 
 
 def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] = None,
@@ -111,13 +119,17 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
     hs = [h]                              # handed over, so _run can free h
     del h
     try:
-        return _run(model, spec, store, hs, targets, mask, method, opt, stats, clock,
-                    packing)
+        # mesp runs outside any transform: evaluate per W0 tile (mebp runs under
+        # mx.vjp / value_and_grad, where barriers would keep everything: 5.8 GB)
+        with tile_barriers() if method == "mesp" else nullcontext():
+            return _run(model, spec, store, hs, targets, mask, method, opt, stats, clock,
+                        packing, weight_source(model))
     finally:
         store.close()                     # a disk file goes on success, error and Ctrl-C
 
 
-def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packing):
+def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packing,
+         weights):
     h = hs.pop()
     T = h.shape[1]
     # 1. forward, keeping block inputs from the lowest LoRA block up (and, for the
@@ -129,13 +141,14 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
         if i >= spec.first:
             store.put(i, h)
             n_ckpt += 1
-        if i in plan:
-            h, kept[i] = block_forward(b, h, opt, keep=True, packing=packing)
-        elif method == "mesp":
-            h = block_forward(b, h, opt, packing=packing)
-        else:
-            h = b.module(h, layer_mask(b, T))
-        mx.eval(h)
+        with weights.block(b):
+            if i in plan:
+                h, kept[i] = block_forward(b, h, opt, keep=True, packing=packing)
+            elif method == "mesp":
+                h = block_forward(b, h, opt, packing=packing)
+            else:
+                h = b.module(h, layer_mask(b, T))
+            mx.eval(h)
     if stats is not None:
         stats["checkpoint_bytes"] = n_ckpt * h.nbytes
         stats["n_checkpoints"] = n_ckpt
@@ -162,13 +175,15 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
     flat = {}
     for i in range(len(spec.blocks) - 1, spec.first - 1, -1):
         x, b = store.pop(i), spec.blocks[i]
-        if method == "mesp":
-            dh = block_backward(spec.paths, b, x, dh, flat, opt, need_dx=i > spec.first,
-                                kept=kept.pop(i, None), packing=packing)
-        else:
-            dh = _mebp_block(spec.paths, b, x, dh, flat, layer_mask(b, T))
-        del x
-        mx.eval(dh, *flat.values())
+        with weights.block(b):
+            if method == "mesp":
+                dh = block_backward(spec.paths, b, x, dh, flat, opt,
+                                    need_dx=i > spec.first, kept=kept.pop(i, None),
+                                    packing=packing)
+            else:
+                dh = _mebp_block(spec.paths, b, x, dh, flat, layer_mask(b, T))
+            del x
+            mx.eval(dh, *flat.values())
         if opt.clear_cache == "block":
             mx.clear_cache()
     if opt.clear_cache in ("block", "step"):

@@ -25,6 +25,8 @@ from .config import ConfigError, TrainConfig
 from .data import Batch, Dataset, fixed_batches, iterate_batches
 from .distributed import World
 from .divergence import all_finite, divergence_error, first_nonfinite
+from .forward import loss_sum
+from .stream import is_streamed
 
 HEAD_CHUNK = 512      # positions per logits chunk in evaluation ([1, 512, V] at a time)
 
@@ -60,7 +62,9 @@ def build_optimizer(name: str, learning_rate: float, extra: Optional[dict] = Non
 
 def _loss_sum(model, batch: Batch) -> mx.array:
     """Σ CE · mask, one row and HEAD_CHUNK positions at a time, so evaluation
-    never builds the full [B, T, V] logits."""
+    never builds the full [B, T, V] logits (streamed weights: forward.py)."""
+    if is_streamed(model):
+        return mx.array(loss_sum(model, batch.inputs, batch.targets, batch.mask))
     body = getattr(model, "model", None)
     if body is None:
         return engine.masked_ce(model(batch.inputs), batch.targets, batch.mask) * batch.n_targets

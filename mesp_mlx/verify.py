@@ -7,7 +7,9 @@ its input. That gives, for free, (1) each layer's real mask, (2) the embedding
 and head as the model computes them. Then, per distinct layer kind, the spec's
 block forward must equal the mlx-lm block on a random input of T_c tokens, with
 T_c > every sliding window (so the window is exercised). Cost: one block per
-kind at T_c, the embedding and a 2-token head.
+kind at T_c, the embedding and a 2-token head. With streamed weights (stream.py)
+each checked block's weights are read for its check, and the embedding/head check
+runs over the first T_c vocabulary rows (never the whole table).
 """
 
 from typing import Optional
@@ -16,6 +18,7 @@ import mlx.core as mx
 
 from .block import block_forward, causal_mask, layer_mask
 from .spec import ModelSpec
+from .stream import RESIDENT
 
 TOL = {mx.float32: 1e-4, mx.bfloat16: 3e-2, mx.float16: 1e-2}   # max err / max |ref|
 
@@ -38,14 +41,14 @@ class _Probe:
         return x
 
 
-def _probe_masks(model, spec: ModelSpec, T: int):
+def _probe_masks(model, spec: ModelSpec, T: int, V: int):
     """(masks the model builds at T tokens, model logits of 2 tokens) with probe blocks."""
     layers = spec.inner.layers
     saved = list(layers)
     probes = [_Probe(b) for b in saved]
     layers[:] = probes
     try:
-        ids = (mx.arange(T) % spec.head.shape[0])[None]
+        ids = (mx.arange(T) % V)[None]
         spec.inner(ids)
         masks = [p.mask for p in probes]
         logits = model(ids[:, :2])
@@ -83,7 +86,7 @@ def _kind(b) -> tuple:
             b.q_norm is None, b.qk_norm_full)
 
 
-def verify_spec(model, spec: ModelSpec, method: str, T: int, opt) -> None:
+def verify_spec(model, spec: ModelSpec, method: str, T: int, opt, weights=None) -> None:
     """Raise SpecMismatchError if the spec (mesp) or the masks (mebp) differ from the
     model's own computation; remembered on the model until its structure changes."""
     Tc = _needed_T(spec, T)
@@ -92,7 +95,12 @@ def verify_spec(model, spec: ModelSpec, method: str, T: int, opt) -> None:
     done = getattr(model, "_mesp_verified", {})
     if done.get(key, 0) >= Tc:
         return
-    masks, ref_logits = _probe_masks(model, spec, Tc)
+    weights = weights or RESIDENT
+    V = min(spec.head.shape[0], max(Tc, 2))          # vocabulary rows the checks use
+    with weights.vocab_prefix(V):
+        masks, ref_logits = _probe_masks(model, spec, Tc, V)
+        if method == "mesp":
+            _check_head(spec, ref_logits, dtype)
     name = spec.family
     for i, (b, m) in enumerate(zip(spec.blocks, masks)):
         want, got = _as_bool(m, Tc), _as_bool(layer_mask(b, Tc), Tc)
@@ -103,14 +111,13 @@ def verify_spec(model, spec: ModelSpec, method: str, T: int, opt) -> None:
                 f"per-block engine's (window {b.window}); {method} would give wrong "
                 "gradients. Use method='autodiff' (--method autodiff), exact for any model")
     if method == "mesp":
-        _check_blocks(spec, Tc, dtype, opt)
-        _check_head(spec, ref_logits, dtype)
+        _check_blocks(spec, Tc, dtype, opt, weights)
     done = dict(done)
     done[key] = Tc
     object.__setattr__(model, "_mesp_verified", done)
 
 
-def _check_blocks(spec: ModelSpec, Tc: int, dtype, opt):
+def _check_blocks(spec: ModelSpec, Tc: int, dtype, opt, weights):
     seen = set()
     D = spec.head.shape[1]
     x = mx.random.normal((1, Tc, D), key=mx.random.key(1234)).astype(dtype)
@@ -118,8 +125,9 @@ def _check_blocks(spec: ModelSpec, Tc: int, dtype, opt):
         if _kind(b) in seen:
             continue
         seen.add(_kind(b))
-        ref = b.module(x, layer_mask(b, Tc))
-        err = _rel_err(block_forward(b, x, opt), ref)
+        with weights.block(b):
+            ref = b.module(x, layer_mask(b, Tc))
+            err = _rel_err(block_forward(b, x, opt), ref)
         if not err <= TOL.get(dtype, 3e-2):
             raise SpecMismatchError(
                 f"{spec.family} layer {i}: the per-block engine's forward differs from the "

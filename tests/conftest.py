@@ -65,9 +65,10 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def make_model_dir(path, family: str, **overrides):
+def make_model_dir(path, family: str, quantize=None, **overrides):
     """A loadable model directory of any tiny family (mesp_mlx.arch.TINY): config.json,
-    model.safetensors (random fp32 weights) and a BPE tokenizer with a chat template."""
+    model.safetensors (random fp32 weights; quantized like mlx-lm with e.g.
+    quantize={"group_size": 32, "bits": 4}) and a BPE tokenizer with a chat template."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -78,8 +79,10 @@ def make_model_dir(path, family: str, **overrides):
     cfg = tiny_config(family, vocab_size=vocab, eos_token_id=eos, **overrides)
     if "text_config" in cfg:                       # gemma3 wrapper: vocab on both levels
         cfg["vocab_size"] = vocab
-    model = build_model(cfg, seed=1)
+    model = build_model(cfg, seed=1, quantize=quantize)
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    if quantize:
+        cfg["quantization"] = dict(quantize)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
 

@@ -23,7 +23,7 @@ from ..config import Parser
 from . import fit
 from .estimate import (MB, MemoryBudgetError, arch_from_config, arch_from_model,
                        estimate, preflight)
-from .footprint import device_facts, process_footprint
+from .footprint import device_facts, idle_footprint, process_footprint
 from .profiles import DEVICE_PROFILES, resolve_budget
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -40,6 +40,8 @@ def _parser():
     p.add_argument("--max-seq-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--method", default="mesp", choices=("autodiff", "mebp", "mesp"))
+    p.add_argument("--lora-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="LoRA parameter dtype (default float32; the paper: bfloat16)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--optimizer", default="adam", choices=("sgd", "adam", "adamw"),
                    help="as training (default: adam)")
@@ -53,6 +55,10 @@ def _parser():
     p.add_argument("--offload-checkpoints", action="store_true",
                    help="block-input checkpoints in a temporary file (training: "
                         "--offload-checkpoints DIR)")
+    p.add_argument("--stream-weights", action="store_true",
+                   help="stream the frozen weights block by block from a safetensors "
+                        "copy of the model (written to a temporary directory first), "
+                        "as training's --stream-weights")
     p.add_argument("--no-measure", action="store_true",
                    help="estimate only: do not build the model or run a step")
     p.add_argument("--find", choices=fit.TARGETS,
@@ -105,10 +111,12 @@ def _measure(cfg, args):
     from ..arch import build_model
     q = {"group_size": 64, "bits": args.quantize} if args.quantize else None
     model = build_model(cfg, dtype=_DTYPES[args.dtype], quantize=q)
-    apply_lora(model, rank=args.rank)
+    apply_lora(model, rank=args.rank, dtype=args.lora_dtype)
     opt = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}[args.optimizer](
         learning_rate=1e-5)
     opt.init(model.trainable_parameters())           # resident during the step, as in training
+    if args.stream_weights:
+        _stream_from_copy(model)
     shape = (args.batch_size, args.max_seq_length)
     x = mx.random.randint(0, cfg.get("vocab_size") or cfg["text_config"]["vocab_size"], shape)
     mx.eval(x, opt.state)
@@ -122,8 +130,29 @@ def _measure(cfg, args):
     return model, mx.get_peak_memory(), time.perf_counter() - t
 
 
+def _stream_from_copy(model):
+    """Save the random model to a temporary directory (removed at exit) and stream it."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from mlx.utils import tree_flatten
+
+    from ..stream import stream_weights
+    d = Path(tempfile.mkdtemp(prefix="mesp-stream-"))
+    atexit.register(shutil.rmtree, d, True)
+    frozen = {k: v for k, v in tree_flatten(model.parameters())
+              if not k.endswith((".lora_a", ".lora_b"))}
+    mx.save_safetensors(str(d / "model.safetensors"), frozen)
+    del frozen
+    stream_weights(model, d)          # the in-memory copies are freed here
+    mx.clear_cache()
+
+
 def _header(args, dev) -> str:
-    quant = f", {args.quantize}-bit" if args.quantize else ""
+    quant = (f", {args.quantize}-bit" if args.quantize else "") + (
+        ", streamed weights" if getattr(args, "stream_weights", False) else "")
     return (f"model {args.config_json or args.model} ({args.dtype}{quant}), {args.method}, "
             f"T={args.max_seq_length}, B={args.batch_size}, r={args.rank}, "
             f"{args.optimizer}; device {dev['device_name']}")
@@ -136,6 +165,9 @@ def main(argv=None) -> int:
         cfg = _config(args)
         if args.max_seq_length < 1 or args.batch_size < 1 or args.rank < 1:
             raise ValueError("--max-seq-length, --batch-size and --rank must be >= 1")
+        if args.stream_weights and (args.method == "autodiff" or args.no_measure):
+            raise ValueError("--stream-weights measures a step of mesp or mebp (not "
+                             "autodiff, not with --no-measure)")
     except (ValueError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -157,9 +189,17 @@ def main(argv=None) -> int:
           f"| MLX peak | {est.mlx_bytes / MB:.1f} | "
           + (f"{measured[0] / MB:.1f} |" if measured else "not run |"))
     if measured:
-        fp = process_footprint()
+        from ..stream import resident_weight_bytes, streamed_weight_bytes
+        fp, resident = process_footprint(), resident_weight_bytes(model)
+        idle = idle_footprint()
+        streamed = streamed_weight_bytes(model)
+        print(f"MLX peak {measured[0] / MB:.1f} MB in total (weights included), "
+              f"{(measured[0] - resident) / MB:.1f} MB above the {resident / MB:.1f} MB of "
+              "frozen weights resident"
+              + (f" ({streamed / MB:.1f} MB streamed from disk)" if streamed else ""))
         print(f"step time {measured[1]:.2f} s; process footprint peak "
-              f"{(fp.peak or 0) / MB:.1f} MB ({fp.source})")
+              f"{(fp.peak or 0) / MB:.1f} MB ({fp.source}); an idle process with MLX "
+              f"imported: {(idle or 0) / MB:.1f} MB")
     if budget is None:
         print("no budget given (--device-profile or --memory-budget): no verdict")
         return 0

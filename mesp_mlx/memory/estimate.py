@@ -93,7 +93,12 @@ def arch_from_model(model, rank: int = 8) -> Arch:
     _, lm = _text_args(model)
     embed = lm.model.embed_tokens
     bits = getattr(embed, "bits", None) if "scales" in embed else None
-    return _arch(model, total - lora, lora, lm.model.norm.weight.itemsize, bits)
+    from ..stream import is_streamed, resident_weight_bytes, weight_source
+    weights = total - lora
+    if is_streamed(model):       # resident part + the largest block + one head tile
+        ws = weight_source(model)
+        weights = resident_weight_bytes(model) + ws.block_bytes() + ws.head_tile_bytes()
+    return _arch(model, weights, lora, lm.model.norm.weight.itemsize, bits)
 
 
 @dataclass

@@ -137,3 +137,29 @@ def device_facts() -> dict:
                 "architecture", "device_name"):
         info.setdefault(key, None)
     return info
+
+
+_IDLE = []
+_IDLE_SCRIPT = """
+import importlib.util, sys
+import mlx.core as mx
+mx.eval(mx.zeros(1) + 1)
+spec = importlib.util.spec_from_file_location("footprint", sys.argv[1])
+fp = importlib.util.module_from_spec(spec); spec.loader.exec_module(fp)
+print(fp.process_footprint().current or 0)
+"""
+
+
+def idle_footprint() -> Optional[int]:
+    """Footprint (bytes) of an idle Python process that imported MLX and ran one op:
+    the floor under any whole-process figure here (measured once, in a subprocess;
+    None if that fails)."""
+    if not _IDLE:
+        import subprocess
+        try:
+            out = subprocess.run([sys.executable, "-c", _IDLE_SCRIPT, __file__],
+                                 capture_output=True, text=True, timeout=120)
+            _IDLE.append(int(out.stdout.strip().splitlines()[-1]) or None)
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            _IDLE.append(None)
+    return _IDLE[0]

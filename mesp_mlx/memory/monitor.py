@@ -7,6 +7,10 @@
     why_not = mon.plot("mem.png"); mon.close()    # None when the PNG was written
 headroom = budget - max(MLX peak, footprint peak): the stricter of what MLX's
 limit governs and what the OS (jetsam on iOS) acts on.
+Accounting: `mlx_peak` is everything MLX held in the window, the weights included;
+with `weights_bytes` (the frozen weights resident in MLX; streamed: norms only) the
+records also carry `mlx_peak_above_weights`; the summary puts the process peak next
+to the footprint of an idle process that imported MLX (footprint.idle_footprint).
 """
 
 import json
@@ -15,15 +19,20 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .footprint import process_footprint, reset_footprint_peak
+from .footprint import idle_footprint, process_footprint, reset_footprint_peak
 
 MB = 1e6
-SERIES = ("mlx_peak", "mlx_active", "mlx_cache", "footprint", "footprint_peak", "headroom")
+SERIES = ("mlx_peak", "mlx_peak_above_weights", "mlx_active", "mlx_cache", "footprint",
+          "footprint_peak", "headroom")
 
 
 class MemoryMonitor:
-    def __init__(self, log_path: Optional[str] = None, budget_bytes: Optional[int] = None):
+    def __init__(self, log_path: Optional[str] = None, budget_bytes: Optional[int] = None,
+                 weights_bytes: Optional[int] = None, streamed_bytes: Optional[int] = None):
+        """weights_bytes: frozen weights resident in MLX; streamed_bytes: frozen weights
+        read from disk per step instead (--stream-weights), for the report."""
         self.budget = budget_bytes
+        self.weights, self.streamed = weights_bytes, streamed_bytes
         self.records = []
         self._prev_limit = mx.set_memory_limit(int(budget_bytes)) if budget_bytes else None
         self._log = open(log_path, "a") if log_path else None
@@ -46,6 +55,8 @@ class MemoryMonitor:
         rec = {"step": step, "time": time.time(), "mlx_peak": mx.get_peak_memory(),
                "mlx_active": mx.get_active_memory(), "mlx_cache": mx.get_cache_memory(),
                "footprint": fp.current, "footprint_peak": peak if fp.current else None}
+        if self.weights is not None:
+            rec["mlx_peak_above_weights"] = rec["mlx_peak"] - self.weights
         if self.budget:
             rec["headroom"] = self.budget - max(rec["mlx_peak"], rec["footprint_peak"] or 0)
         rec.update(extra)
@@ -60,8 +71,10 @@ class MemoryMonitor:
         """'peak 123.4 MB, active ..., cache ..., footprint ... (peak ...)[, headroom ...]'"""
         def mb(k):
             return "n/a" if rec.get(k) is None else f"{rec[k] / MB:.1f} MB"
-        text = (f"peak {mb('mlx_peak')}, active {mb('mlx_active')}, cache {mb('mlx_cache')}, "
-                f"footprint {mb('footprint')} (peak {mb('footprint_peak')})")
+        above = (f" ({mb('mlx_peak_above_weights')} above the weights)"
+                 if rec.get("mlx_peak_above_weights") is not None else "")
+        text = (f"peak {mb('mlx_peak')}{above}, active {mb('mlx_active')}, cache "
+                f"{mb('mlx_cache')}, footprint {mb('footprint')} (peak {mb('footprint_peak')})")
         return text + (f", headroom {mb('headroom')}" if "headroom" in rec else "")
 
     def summary(self) -> str:
@@ -72,6 +85,13 @@ class MemoryMonitor:
             vals = [r[k] for r in self.records if r.get(k) is not None]
             if vals:
                 rows.append(f"| {k} | {max(vals) / MB:.1f} | {sum(vals) / len(vals) / MB:.1f} |")
+        if self.weights is not None:
+            rows.append(f"| frozen weights resident in MLX | {self.weights / MB:.1f} | |")
+        if self.streamed:
+            rows.append(f"| frozen weights streamed from disk | {self.streamed / MB:.1f} | |")
+        idle = idle_footprint()
+        if idle:
+            rows.append(f"| idle process with MLX imported (footprint) | {idle / MB:.1f} | |")
         if self.budget:
             rows.append(f"| budget | {self.budget / MB:.1f} | |")
         return "\n".join(rows)

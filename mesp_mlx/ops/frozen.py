@@ -3,15 +3,37 @@
 Letters: T tokens (any leading dims), d_in, d_out.
   forward  y = x W0ᵀ         x: (..., d_in)  -> (..., d_out)
   backward dx = g W0         g: (..., d_out) -> (..., d_in)
-W0 never receives a gradient. For a quantized W0 both products are a single
-`mx.quantized_matmul` on the packed weight (transpose=True / False), so the
-weight is never dequantized in full.
+W0 never receives a gradient. For a quantized W0 the weight is never dequantized
+in full: on Metal both products are one `mx.quantized_matmul` on the packed weight
+(transpose=True / False); on the CPU backend, where that kernel is ~10-100x slower
+than a dense matmul, dequantized row tiles and a dense matmul (dequant_matmul.py).
+`quantized_path()` says which one runs; `set_quantized_path` forces one (benchmarks).
 """
 
 from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
+
+from .dequant_matmul import gW_tiles, xWt_tiles
+
+PATHS = ("auto", "quantized_matmul", "dequant_tiles")
+_PATH = ["auto"]
+
+
+def set_quantized_path(path: str = "auto"):
+    """Force the quantized products' kernel ("auto": by device, see quantized_path)."""
+    if path not in PATHS:
+        raise ValueError(f"quantized path must be one of {', '.join(PATHS)}, got {path!r}")
+    _PATH[0] = path
+
+
+def quantized_path() -> str:
+    """The kernel quantized products use now: "quantized_matmul" on Metal,
+    "dequant_tiles" on the CPU backend (unless set_quantized_path forced one)."""
+    if _PATH[0] != "auto":
+        return _PATH[0]
+    return "dequant_tiles" if mx.default_device() == mx.cpu else "quantized_matmul"
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,10 @@ class FrozenWeight:
         return (d_out, packed * 32 // self.bits) if self.quantized else (d_out, packed)
 
     def _qmm(self, x, transpose):
+        if quantized_path() == "dequant_tiles":
+            f = xWt_tiles if transpose else gW_tiles
+            return f(x, self.w, self.scales, self.biases, self.group_size, self.bits,
+                     self.mode)
         return mx.quantized_matmul(
             x, self.w, self.scales, self.biases, transpose=transpose,
             group_size=self.group_size, bits=self.bits, mode=self.mode,

@@ -1,0 +1,78 @@
+"""x W0ᵀ and g W0 for a quantized W0 by dequantized row tiles and a dense matmul.
+
+Letters: T tokens (any leading dims), d_in, d_out, n rows per tile.
+  x W0ᵀ = [x Ŵ₀ᵀ | x Ŵ₁ᵀ | …]       Ŵⱼ = dequantize(W0[jn:(j+1)n]): (n, d_in) fp32
+  g W0  = Σⱼ g[:, jn:(j+1)n] Ŵⱼ
+W0 is never dense in full, but in one lazy graph MLX's CPU backend allocates the
+outputs of many queued ops ahead of their inputs' release (measured for one 4864×896
+product at T 256: 58 MB with independent tiles, 32 MB with tile j made to depend on
+product j−1 via `mx.depends`). Inside `tile_barriers()` (the per-block schedules,
+outside any transform) each tile's product is also evaluated before the next tile
+is dequantized: 18 MB with 4 MiB tiles, 11 MB with 2 MiB (the default; same speed
+within noise here). Elsewhere (autodiff, mebp, mx.compile) only the ordering applies: barriers inside
+a transform are far worse (a 0.5B 4-bit head under value_and_grad, T 64: 5.8 GB
+with them, 282 MB without).
+Why: on MLX's CPU backend `mx.quantized_matmul` is far below a dense matmul.
+Measured here (MLX 0.32.4 CPU, shared 2 cores, 4-bit g64 bf16 scales, T 256):
+4864×896 quantized_matmul 0.20-0.27 GFLOP/s; dequantize + fp32 matmul in 256-1024-row
+tiles 2.1 GFLOP/s with the bundled BLAS, 26-36 GFLOP/s with OpenBLAS. Metal keeps
+`mx.quantized_matmul` (frozen.py chooses; `quantized_path()` says which ran).
+The matmul runs in fp32 and each tile's result is cast to x's dtype.
+"""
+
+from contextlib import contextmanager
+
+import mlx.core as mx
+
+ROW_TILE_BYTES = 2 << 20        # one dense fp32 tile of W0 (585 rows at d_in 896)
+_BARRIERS = [False]
+
+
+@contextmanager
+def tile_barriers():
+    """Evaluate each tile's product before the next tile (never inside transforms)."""
+    prev, _BARRIERS[0] = _BARRIERS[0], True
+    try:
+        yield
+    finally:
+        _BARRIERS[0] = prev
+
+
+def _done(part):
+    if _BARRIERS[0]:
+        mx.eval(part)
+    return part
+
+
+def tile_rows(d_in: int) -> int:
+    return max(1, ROW_TILE_BYTES // (4 * d_in))
+
+
+def _deq(w, scales, biases, r0, r1, group_size, bits, mode, after=None):
+    """Rows r0…r1 of W0 dense in fp32, computed only once `after` has been."""
+    wt = w[r0:r1] if after is None else mx.depends(w[r0:r1], after)
+    return mx.dequantize(wt, scales[r0:r1], None if biases is None else biases[r0:r1],
+                         group_size=group_size, bits=bits, mode=mode, dtype=mx.float32)
+
+
+def xWt_tiles(x, w, scales, biases, group_size=64, bits=4, mode="affine"):
+    """x W0ᵀ: (..., d_in) -> (..., d_out), W0 packed (d_out, d_in·bits/32)."""
+    d_out, d_in = w.shape[0], w.shape[1] * 32 // bits
+    n, xf, parts = tile_rows(d_in), x.astype(mx.float32), []
+    for r0 in range(0, d_out, n):
+        Wt = _deq(w, scales, biases, r0, min(d_out, r0 + n), group_size, bits, mode,
+                  parts[-1] if parts else None)
+        parts.append(_done((xf @ Wt.T).astype(x.dtype)))     # cast per tile: same values
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def gW_tiles(g, w, scales, biases, group_size=64, bits=4, mode="affine"):
+    """g W0: (..., d_out) -> (..., d_in)."""
+    d_out, d_in = w.shape[0], w.shape[1] * 32 // bits
+    n, dx = tile_rows(d_in), None
+    for r0 in range(0, d_out, n):
+        r1 = min(d_out, r0 + n)
+        part = g[..., r0:r1].astype(mx.float32) @ _deq(w, scales, biases, r0, r1,
+                                                       group_size, bits, mode, dx)
+        dx = _done(part if dx is None else dx + part)
+    return dx.astype(g.dtype)
