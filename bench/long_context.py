@@ -34,13 +34,15 @@ Q05, Q15, Q3 = "Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-3B"
 FULL = [(Q05, 1024, "mesp", None, 1), (Q05, 1024, "mesp@disk", None, 1),
         (Q05, 1024, "autodiff", None, 1),
         (Q05, 2048, "mesp", None, 0), (Q05, 2048, "mesp@disk", None, 0),
-        (Q05, 2048, "autodiff", None, 0)]
+        (Q05, 2048, "autodiff", None, 0),
+        (Q05, 1024, "mlx-lm", None, 1), (Q05, 1024, "mlx-lm+ckpt", None, 1),
+        (Q05, 2048, "mlx-lm", None, 0), (Q05, 2048, "mlx-lm+ckpt", None, 0)]
 LINES = [(m, T, meth, L, 0) for m, T in ((Q05, 2048), (Q05, 4096), (Q05, 8192),
                                           (Q15, 4096), (Q3, 4096))
          for meth in ("mesp", "mesp@disk") for L in (2, 4)]
 # autodiff at T >= 4096 is not run: its estimate is over this machine's 24 GB
-NOT_RUN = [(Q05, 4096, "autodiff"), (Q05, 8192, "autodiff"), (Q15, 4096, "autodiff"),
-           (Q3, 4096, "autodiff")]
+NOT_RUN = [(m, T, meth) for m, T in ((Q05, 4096), (Q05, 8192), (Q15, 4096), (Q3, 4096))
+           for meth in ("autodiff", "mlx-lm")]
 
 
 def spec_of(model, T, method, layers, steps):
@@ -101,7 +103,11 @@ def run_ab(tree, pairs, timeout):
             row = json.loads(line[-1].split(" ", 1)[1]) if line else \
                 {"status": "error", "error": p.stderr[-300:]}
             spec.pop("config")
-            row = {**spec, **row, "ab": which, "ab_pair": k, "tree": str(tree)}
+            row = {**spec, **row, "ab": which, "ab_pair": k, "tree": str(tree),
+                   "tree_commit": subprocess.run(
+                       ["git", "-C", str(tree if which == "old" else HERE.parent),
+                        "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                       text=True).stdout.strip()}
             with (HERE / "long_context_ab.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"A/B {which} #{k}: {row.get('status')} steps {row.get('step_times_s')} "
@@ -120,12 +126,18 @@ def ab_lines():
     if not best["old"] or not best["new"]:
         return []
     lo, hi = min(best["new"]) / max(best["old"]), max(best["new"]) / min(best["old"])
+    pair = {(r["ab_pair"], r["ab"]): min(r["step_times_s"]) for r in rows
+            if r.get("status") == "ok" and "ab_pair" in r}
+    per_pair = [pair[k, "new"] / pair[k, "old"] for k in sorted({k for k, _ in pair})
+                if (k, "new") in pair and (k, "old") in pair]
     return ["", f"Time at T 1024 (Qwen2.5-0.5B, full depth), this commit's mesp against "
-            f"the mesp of {rows[0]['tree']} (the checkout before this work), "
+            f"the mesp of commit {rows[0].get('tree_commit') or rows[0]['tree']} (before "
+            f"the token-chunked block), "
             f"alternated in one run ({len(best['new'])} pairs, fastest of 2 warm steps "
             f"each): new {min(best['new']):.1f} s, before {min(best['old']):.1f} s, "
-            f"ratio {min(best['new']) / min(best['old']):.2f} (range over pairs "
-            f"{lo:.2f}–{hi:.2f}); peak above weights {max(peak['new']) / MB:.1f} MB vs "
+            f"ratio {min(best['new']) / min(best['old']):.3f} (per pair: "
+            f"{', '.join(f'{q:.3f}' for q in per_pair)}; extremes {lo:.2f}–{hi:.2f}); "
+            f"peak above weights {max(peak['new']) / MB:.1f} MB vs "
             f"{max(peak['old']) / MB:.1f} MB."]
 
 
@@ -208,7 +220,8 @@ def render(rows, env):
     for model, T, method in NOT_RUN:
         cells.append((model, T, method, None, "OOM"))
     for model, T, method, r, how in cells:
-        name = method.replace("mesp@disk", "mesp, checkpoints on disk")
+        name = method.replace("mesp@disk", "mesp, checkpoints on disk").replace(
+            "mlx-lm+ckpt", "mlx-lm, grad_checkpoint")
         if how == "measured":
             ok = r is not None and r.get("status") == "ok"
             out.append(f"| {model} | {T} | {name} | "
@@ -246,7 +259,10 @@ def main(argv=None):
         pts = (FULL if args.only != "lines" else []) + (LINES if args.only != "full" else [])
         run(pts, args.timeout)
     env = bench_report.collect_env("float32")
-    env["command"] = "python bench/long_context.py" + (" " + " ".join(argv or sys.argv[1:]))
+    env["command"] = ("python bench/long_context.py --only full; python bench/long_context.py "
+                      "--only lines; python bench/long_context.py --ab-tree <a checkout of "
+                      "the older commit> (the time comparison); this render: python "
+                      "bench/long_context.py " + " ".join(argv or sys.argv[1:]))
     bench_report.write_section(args.out, render(load(), env),
                                "<!-- long_context:start -->", "<!-- long_context:end -->")
     print(f"wrote {args.out}")

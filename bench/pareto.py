@@ -5,7 +5,9 @@
     python bench/pareto.py --render-only
 
 For each (model, T): autodiff, then mesp with EngineOptions(activation_budget =
-f × autodiff's measured extra memory) for f in 0, 1/4, 1/2, 1, then autodiff again
+f × autodiff's measured extra memory) for f in 0, 1/16, 1/4, 1/2, 1 (1/16: a plan
+that keeps only some blocks, where 1/4 already keeps all), 2 GB at 0.5B T 256 (the
+issue's absolute budget), then autodiff again
 (so every ratio has an autodiff step on each side). Each point times `--steps` warm
 steps after a warm-up; a row's time is its fastest step, and a ratio's spread is
 fastest/fastest against slowest/slowest of the two autodiff points.
@@ -27,8 +29,10 @@ import memory_bench  # noqa: E402
 
 MB = 2**20
 JSON = HERE / "pareto.jsonl"
-FRACTIONS = (0.0, 0.25, 0.5, 1.0)
-EXTRA_BUDGETS = (2e9,)          # the issue's absolute budget at 0.5B T 256
+FRACTIONS = (0.0, 1 / 16, 0.25, 0.5, 1.0)
+EXTRA_BUDGETS = {("Qwen2.5-0.5B", 256): (2e9,)}   # the issue's absolute budget
+DEFAULT_GOAL = {("Qwen2.5-0.5B", 256): 1.10, ("Qwen2.5-3B", 256): 1.25}   # issue 13
+EARLIER = (HERE / "pareto_2026-12-02.jsonl",)    # an earlier idle run, kept for its spread
 
 
 def spec_of(model, T, method, budget, steps, tag):
@@ -59,7 +63,8 @@ def run(models, Ts, steps, timeout):
             extra = a.get("peak_above_bytes") if a.get("status") == "ok" else None
             budgets = [(f"budget {f:g}× autodiff's extra", f * extra)
                        for f in FRACTIONS] if extra else []
-            budgets += [(f"budget {b / 1e9:g} GB", b) for b in EXTRA_BUDGETS]
+            budgets += [(f"budget {b / 1e9:g} GB", b)
+                        for b in EXTRA_BUDGETS.get((model, T), ())]
             for tag, b in budgets:
                 run_one(spec_of(model, T, "mesp", b, steps, tag), timeout)
             run_one(spec_of(model, T, "autodiff", None, steps, "autodiff (after)"),
@@ -101,8 +106,73 @@ def render(rows, env):
                        f"{'' if budget is None else f'{budget / MB:.0f}'} | {kept} | "
                        f"{r['peak_above_bytes'] / MB:.1f} | {t:.2f} | {ratio} | ok |"
                        if ok else f"| {model} | {T} | {tag} | | | | | | {r.get('status')} |")
+    out += [""] + goal_lines(groups, "This run")
+    for path in EARLIER:
+        if path.exists():
+            out += goal_lines(_groups(_read(path)), f"Earlier idle run (`bench/{path.name}`, "
+                              f"{_read(path)[0].get('time', '?')[:10]}, same command)")
     out += ["", bench_report.environment_line(env), ""]
     return "\n".join(out)
+
+
+def _read(path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _groups(rows):
+    g = {}
+    for r in rows:
+        g.setdefault((r["model"], r["T"]), {})[r["tag"]] = r
+    return g
+
+
+def _phases(r):
+    ph = r.get("phases") or {}
+    return "/".join(f"{ph.get(k, 0):.2f}" for k in ("forward_s", "head_s", "backward_s"))
+
+
+def goal_lines(groups, who):
+    """Issue 13's goals, measured: met or missed by how much, with the phases."""
+    out = []
+    for (model, T), g in groups.items():
+        ads = [min(a["step_times_s"]) for k in ("autodiff (before)", "autodiff (after)")
+               if (a := g.get(k)) and a.get("status") == "ok"]
+        ok = {k: r for k, r in g.items() if r.get("status") == "ok" and r["method"] == "mesp"}
+        if not ads or not ok:
+            continue
+        ad = min(ads)
+
+        def q(tag):
+            return min(ok[tag]["step_times_s"]) / ad if tag in ok else None
+
+        def qs(tag):        # against the faster autodiff point (and the slower one)
+            return (f"{q(tag):.2f}× ({min(ok[tag]['step_times_s']) / max(ads):.2f}× against "
+                    f"the slower autodiff point)")
+
+        b0, b1 = "budget 0× autodiff's extra", "budget 1× autodiff's extra"
+        full = max(ok.values(), key=lambda r: len(r["phases"].get("kept_blocks", [])))
+        parts = []
+        goal = DEFAULT_GOAL.get((model, T))
+        if goal and q(b0) is not None:
+            parts.append(f"default (budget 0) {qs(b0)} (goal ≤ {goal:.2f}×: "
+                         + ("met" if q(b0) <= goal else "missed") + ")")
+        if q("budget 2 GB") is not None:
+            r = ok["budget 2 GB"]
+            parts.append(f"budget 2 GB {qs('budget 2 GB')} at "
+                         f"{r['peak_above_bytes'] / MB:.0f} MB above weights (goal ≤ 1.00× "
+                         f"and ≤ 2000 MB: " + ("met" if q("budget 2 GB") <= 1 and
+                                               r["peak_above_bytes"] <= 2000 * MB
+                                               else "missed") + ")")
+        if q(b1) is not None:
+            parts.append(f"budget = autodiff's extra {qs(b1)} (goal ≤ 1.00×: "
+                         + ("met" if q(b1) <= 1 else "missed") + ")")
+        if b0 in ok:
+            parts.append(f"phases forward/head/backward s: budget 0 {_phases(ok[b0])}, "
+                         f"{len(full['phases']['kept_blocks'])} blocks kept "
+                         f"{_phases(full)} (the difference in backward is the recompute)")
+        if parts:
+            out.append(f"- {who}, {model} T {T}: " + "; ".join(parts) + ".")
+    return out
 
 
 def main(argv=None):
