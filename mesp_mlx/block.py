@@ -118,10 +118,15 @@ def _tokens(t):            # [B,n,T,hd] -> [B,T,n·hd]
 
 
 # ------------------------------------------------------------ token chunks
+def block_width(b: BlockSpec) -> int:
+    """F, the MLP width (down_proj's input)."""
+    return _frozen(b.down).shape[1]
+
+
 def token_spans(b: BlockSpec, opt, B: int, T: int):
     """[(t0, t1)]: token chunks whose widest tensor, [B, T_c, F] in fp32, holds about
     opt.token_chunk_bytes (one chunk when T is short)."""
-    F = _frozen(b.down).shape[1]
+    F = block_width(b)
     n = max(1, opt.token_chunk_bytes // (4 * B * F))
     return [(t, min(t + n, T)) for t in range(0, T, n)]
 

@@ -178,10 +178,11 @@ SAFETY = 0.10      # of the budget, left free for what the pre-flight estimate m
 def _activation_plan(model, cfg, budget, est, T, log):
     """EngineOptions for training: with a budget, mesp spends the headroom left
     after the minimal schedule's estimate (less SAFETY) on blocks that keep their
-    forward tensors and skip the recompute (EngineOptions.activation_budget)."""
+    forward tensors and skip the recompute, then on wider token chunks
+    (EngineOptions.activation_budget; schedule.planned)."""
     import mlx.core as mx
 
-    from .schedule import activation_plan, describe_plan, model_spec
+    from .schedule import describe_plan, model_spec, planned
     from .trainer import engine_options
 
     opts = engine_options(cfg)
@@ -191,8 +192,8 @@ def _activation_plan(model, cfg, budget, est, T, log):
     opts.activation_budget = max(0, spare)
     spec = model_spec(model, "mesp", T, opts)
     itemsize = spec.embed_ids(mx.zeros((1, 1), mx.int32)).dtype.size
-    plan = activation_plan(spec, opts, cfg.batch_size, T, itemsize)
-    log(f"{describe_plan(plan, len(spec.blocks))} at T={T}: budget {budget / 1e6:.0f} MB "
+    plan, _, rows = planned(spec, opts, cfg.batch_size, T, itemsize)
+    log(f"{describe_plan(plan, len(spec.blocks), rows)} at T={T}: budget {budget / 1e6:.0f} MB "
         f"− estimate {est.total_bytes / 1e6:.0f} MB − {SAFETY:.0%} margin = "
         f"{max(0, spare) / 1e6:.0f} MB to spend")
     return opts

@@ -23,14 +23,14 @@ by tiles and rows; resident: no-ops.
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
-from .block import block_backward, block_forward, kept_bytes, layer_mask
+from .block import block_backward, block_forward, block_width, kept_bytes, layer_mask
 from .checkpoints import open_checkpoints
 from .families import read_spec
 from .ops.loss_head import loss_head_value_and_grad
@@ -63,6 +63,9 @@ def head_tiles(opt: EngineOptions, N: int, V: int):
     return rows, max(1, min(V, opt.head_chunk_bytes // (4 * rows)))
 
 
+WIDE_ROW_BYTES = 12   # × 4·B·F: peak growth per extra token-chunk row (measured, below)
+
+
 def activation_plan(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
     """[(block, bytes)]: the blocks whose forward keeps what their backward reads
     (block.Kept), head side first (their backward runs first), while the total
@@ -78,15 +81,43 @@ def activation_plan(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
     return out
 
 
-def describe_plan(plan, n_blocks: int) -> str:
-    """One line: which blocks skip their recompute and what they keep."""
+def chunk_plan(spec, opt: EngineOptions, B: int, T: int, spare: int):
+    """(token_chunk_bytes, bytes spent): what is left of the budget after the kept
+    blocks (`spare`) widens every block's token chunks, up to one chunk of all T.
+    Fewer, wider chunks mean fewer barriers and copies (Qwen2.5-3B T 256: 3 chunks
+    → 1 made a step with every block kept 1.2× faster); each extra row costs about
+    WIDE_ROW_BYTES · 4·B·F of peak (measured there: 79 MB for 170 rows at F 11008)."""
+    F = max(block_width(b) for b in spec.blocks)
+    rows = max(1, opt.token_chunk_bytes // (4 * B * F))
+    if rows >= T or spare <= 0:
+        return opt.token_chunk_bytes, 0
+    per_row = WIDE_ROW_BYTES * 4 * B * F
+    extra = min(T - rows, spare // per_row)
+    return 4 * B * F * (rows + extra), extra * per_row
+
+
+def describe_plan(plan, n_blocks: int, chunk_rows: Optional[int] = None) -> str:
+    """One line: which blocks skip their recompute and what they keep (and the
+    token-chunk rows the rest of the budget bought, if any)."""
+    wide = "" if chunk_rows is None else f"; token chunks widened to {chunk_rows} rows"
     if not plan:
-        return f"activation plan: minimal (every one of {n_blocks} blocks recomputed)"
+        return f"activation plan: minimal (every one of {n_blocks} blocks recomputed){wide}"
     idx = sorted(i for i, _ in plan)
     span = f"{idx[0]}" if len(idx) == 1 else f"{idx[0]}-{idx[-1]}"
     return (f"activation plan: {len(idx)} of {n_blocks} blocks ({span}) keep their "
             f"forward tensors ({sum(n for _, n in plan) / 1e6:.1f} MB) and skip "
-            f"their recompute")
+            f"their recompute{wide}")
+
+
+def planned(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
+    """(plan, the options the blocks run with, the widened chunk rows or None)."""
+    plan = activation_plan(spec, opt, B, T, itemsize)
+    spare = opt.activation_budget - sum(n for _, n in plan)
+    chunk, spent = chunk_plan(spec, opt, B, T, spare)
+    if not spent:
+        return plan, opt, None
+    F = max(block_width(b) for b in spec.blocks)
+    return plan, replace(opt, token_chunk_bytes=chunk), chunk // (4 * B * F)
 
 
 def model_spec(model, method: str, T: int, opt: Optional[EngineOptions] = None):
@@ -134,8 +165,10 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
     T = h.shape[1]
     # 1. forward, keeping block inputs from the lowest LoRA block up (and, for the
     #    blocks the activation plan names, what their backward reads)
-    plan = dict(activation_plan(spec, opt, h.shape[0], T, h.dtype.size)) \
-        if method == "mesp" else {}
+    plan, wide = {}, None
+    if method == "mesp":
+        plan, opt, wide = planned(spec, opt, h.shape[0], T, h.dtype.size)
+        plan = dict(plan)
     n_ckpt, kept = 0, {}
     for i, b in enumerate(spec.blocks):
         if i >= spec.first:
@@ -155,6 +188,7 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
         stats["checkpoints"] = store.kind
         stats["kept_blocks"] = sorted(plan)
         stats["kept_bytes"] = sum(plan.values())
+        stats["token_chunk_rows"] = wide          # None: the minimal schedule's chunks
     clock.lap("forward_s")
 
     # 2. loss head

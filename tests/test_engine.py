@@ -346,19 +346,23 @@ def test_token_chunks_flatten_the_growth_in_T():
 
 
 def _plan_budgets(model, T, B=2):
-    """Budgets for: nothing kept, the last block only, two blocks, every block."""
-    from mesp_mlx.block import kept_bytes
+    """Budgets for: nothing kept, the last block only, two blocks, every block, and
+    every block plus 3 wider chunk rows (schedule.chunk_plan) or plus plenty."""
+    from mesp_mlx.block import block_width, kept_bytes
     spec = mesp_mlx.schedule.model_spec(model, "mesp", T)
     sizes = [kept_bytes(b, B, T, 4) for b in spec.blocks][::-1]
+    row = mesp_mlx.schedule.WIDE_ROW_BYTES * 4 * B * block_width(spec.blocks[-1])
     return {"minimal": 0, "last block": sizes[0], "two blocks": sum(sizes[:2]),
-            "everything": sum(sizes)}
+            "everything": sum(sizes), "everything, 3 rows wider": sum(sizes) + 3 * row,
+            "everything, wide": sum(sizes) + 200 * row}
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "gemma3_text", "phi3",
                                     "olmo2"])
 def test_every_activation_plan_is_exact(family):
-    """Budget 0, partial and everything kept: the same gradients as autodiff (and as
-    the minimal schedule), with and without token chunks."""
+    """Budget 0, partial and everything kept, and the leftover spent on wider token
+    chunks (5-row chunks widened to 8 rows, or to all 13): the same gradients as
+    autodiff (and as the minimal schedule), with and without token chunks."""
     model = make(dict(num_hidden_layers=3), family=family)
     x, y, mask = batch(13)
     loss_ref, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
@@ -369,7 +373,9 @@ def test_every_activation_plan_is_exact(family):
             st = {}
             loss, g = mesp_mlx.value_and_grad(model, x, y, mask, options=opt, stats=st)
             assert len(st["kept_blocks"]) == {"minimal": 0, "last block": 1,
-                                              "two blocks": 2, "everything": 3}[name]
+                                              "two blocks": 2}.get(name, 3)
+            wide = {"everything, 3 rows wider": 8, "everything, wide": 13}.get(name)
+            assert st["token_chunk_rows"] == (wide if chunks else None), (name, st)
             assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
             compare(g, g_ref, mx.float32)
 
@@ -392,6 +398,26 @@ def test_activation_plan_peak_within_budget():
     for name, budget in budgets.items():
         assert peaks[name] <= peaks["minimal"] + budget, (name, peaks)
     assert peaks["everything"] > peaks["minimal"], peaks
+
+
+def test_wider_chunks_peak_within_budget():
+    """What the kept blocks leave of the budget widens the token chunks (8 rows →
+    one chunk of 128): the measured peak stays within the minimal peak + the budget
+    (WIDE_ROW_BYTES must not undercount), and the wider chunks cost real memory."""
+    cfg = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+               vocab_size=1024, num_attention_heads=8, num_key_value_heads=2)
+    model = make(cfg)
+    x, y, _ = batch(128, B=1, V=1024)
+    budgets = _plan_budgets(model, 128, B=1)
+    peaks = {}
+    for name in ("minimal", "everything", "everything, wide"):
+        opt = _chunk_opts(model, 1, 8, activation_budget=budgets[name])
+        mesp_mlx.value_and_grad(model, x[:, :8], y[:, :8], options=opt)
+        st = {}
+        peaks[name] = _peak_opt(model, x, y, opt, st)
+        assert st["token_chunk_rows"] == {"everything, wide": 128}.get(name), st
+        assert peaks[name] <= peaks["minimal"] + budgets[name], (name, peaks)
+    assert peaks["everything, wide"] > peaks["everything"], peaks
 
 
 def _peak_opt(model, x, y, opt, stats):
