@@ -32,7 +32,8 @@ JSON = HERE / "pareto.jsonl"
 FRACTIONS = (0.0, 1 / 16, 0.25, 0.5, 1.0)
 EXTRA_BUDGETS = {("Qwen2.5-0.5B", 256): (2e9,)}   # the issue's absolute budget
 DEFAULT_GOAL = {("Qwen2.5-0.5B", 256): 1.10, ("Qwen2.5-3B", 256): 1.25}   # issue 13
-EARLIER = (HERE / "pareto_2026-12-02.jsonl",)    # an earlier idle run, kept for its spread
+EARLIER = (HERE / "pareto_2026-12-02.jsonl",     # earlier idle runs, kept for their spread
+           HERE / "pareto_before_wide_chunks.jsonl")  # 0212a87: before schedule.chunk_plan
 
 
 def spec_of(model, T, method, budget, steps, tag):
@@ -45,7 +46,7 @@ def spec_of(model, T, method, budget, steps, tag):
 
 def run_one(spec, timeout):
     t0 = time.time()
-    row = memory_bench.run_point(spec, timeout)
+    row = dict(memory_bench.run_point(spec, timeout), commit=bench_report.git_commit())
     with JSON.open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"{spec['model']} T={spec['T']} {spec['tag']}: {row.get('status')} "
