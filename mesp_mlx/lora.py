@@ -193,9 +193,9 @@ def _activation_plan(model, cfg, budget, est, T, log):
     spec = model_spec(model, "mesp", T, opts)
     itemsize = spec.embed_ids(mx.zeros((1, 1), mx.int32)).dtype.size
     plan, _, rows = planned(spec, opts, cfg.batch_size, T, itemsize)
-    log(f"{describe_plan(plan, len(spec.blocks), rows)} at T={T}: budget {budget / 1e6:.0f} MB "
-        f"− estimate {est.total_bytes / 1e6:.0f} MB − {SAFETY:.0%} margin = "
-        f"{max(0, spare) / 1e6:.0f} MB to spend")
+    log(f"{describe_plan(plan, len(spec.blocks), rows)} at T={T}: "
+        f"budget {budget / 1e6:.0f} MB − estimate {est.total_bytes / 1e6:.0f} MB − "
+        f"{SAFETY:.0%} margin = {max(0, spare) / 1e6:.0f} MB to spend")
     return opts
 
 

@@ -63,7 +63,7 @@ def head_tiles(opt: EngineOptions, N: int, V: int):
     return rows, max(1, min(V, opt.head_chunk_bytes // (4 * rows)))
 
 
-WIDE_ROW_BYTES = 12   # × 4·B·F: peak growth per extra token-chunk row (measured, below)
+WIDE_ROW_BYTES = 12   # × 4·B·F: peak allowed per extra token-chunk row (chunk_plan)
 
 
 def activation_plan(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
@@ -82,18 +82,18 @@ def activation_plan(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
 
 
 def chunk_plan(spec, opt: EngineOptions, B: int, T: int, spare: int):
-    """(token_chunk_bytes, bytes spent): what is left of the budget after the kept
-    blocks (`spare`) widens every block's token chunks, up to one chunk of all T.
-    Fewer, wider chunks mean fewer barriers and copies (Qwen2.5-3B T 256: 3 chunks
-    → 1 made a step with every block kept 1.2× faster); each extra row costs about
-    WIDE_ROW_BYTES · 4·B·F of peak (measured there: 79 MB for 170 rows at F 11008)."""
+    """(rows, token_chunk_bytes) of wider token chunks bought by what the kept blocks
+    leave of the budget (`spare`), up to one chunk of all T; None if it buys no row.
+    Fewer, wider chunks mean fewer barriers and copies: bench/pareto.jsonl against
+    pareto_before_wide_chunks.jsonl, Qwen2.5-3B T 256 with every block kept, 95 → 256
+    rows went from 1.29× to 1.13× autodiff for +49.7 MB of peak (7.4 · 4·F per row;
+    WIDE_ROW_BYTES is the bound the peak tests hold on a small model)."""
     F = max(block_width(b) for b in spec.blocks)
     rows = max(1, opt.token_chunk_bytes // (4 * B * F))
-    if rows >= T or spare <= 0:
-        return opt.token_chunk_bytes, 0
-    per_row = WIDE_ROW_BYTES * 4 * B * F
-    extra = min(T - rows, spare // per_row)
-    return 4 * B * F * (rows + extra), extra * per_row
+    extra = min(T - rows, max(0, spare) // (WIDE_ROW_BYTES * 4 * B * F))
+    if extra <= 0:
+        return None
+    return rows + extra, 4 * B * F * (rows + extra)
 
 
 def describe_plan(plan, n_blocks: int, chunk_rows: Optional[int] = None) -> str:
@@ -112,12 +112,10 @@ def describe_plan(plan, n_blocks: int, chunk_rows: Optional[int] = None) -> str:
 def planned(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
     """(plan, the options the blocks run with, the widened chunk rows or None)."""
     plan = activation_plan(spec, opt, B, T, itemsize)
-    spare = opt.activation_budget - sum(n for _, n in plan)
-    chunk, spent = chunk_plan(spec, opt, B, T, spare)
-    if not spent:
+    wide = chunk_plan(spec, opt, B, T, opt.activation_budget - sum(n for _, n in plan))
+    if wide is None:
         return plan, opt, None
-    F = max(block_width(b) for b in spec.blocks)
-    return plan, replace(opt, token_chunk_bytes=chunk), chunk // (4 * B * F)
+    return plan, replace(opt, token_chunk_bytes=wide[1]), wide[0]
 
 
 def model_spec(model, method: str, T: int, opt: Optional[EngineOptions] = None):

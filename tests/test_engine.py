@@ -380,13 +380,19 @@ def test_every_activation_plan_is_exact(family):
             compare(g, g_ref, mx.float32)
 
 
-def test_activation_plan_peak_within_budget():
-    """Measured: peak(plan) ≤ peak(minimal) + the plan's kept bytes ≤ + budget, and
-    keeping everything costs real memory (the relation can fail both ways)."""
+def _peak_model():
+    """A 4-block model and a T 128 batch (B 1) whose plans differ measurably in peak."""
     cfg = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                vocab_size=1024, num_attention_heads=8, num_key_value_heads=2)
     model = make(cfg)
     x, y, _ = batch(128, B=1, V=1024)
+    return model, x, y
+
+
+def test_activation_plan_peak_within_budget():
+    """Measured: peak(plan) ≤ peak(minimal) + the plan's kept bytes ≤ + budget, and
+    keeping everything costs real memory (the relation can fail both ways)."""
+    model, x, y = _peak_model()
     budgets = _plan_budgets(model, 128, B=1)
     peaks = {}
     for name, budget in budgets.items():
@@ -404,10 +410,7 @@ def test_wider_chunks_peak_within_budget():
     """What the kept blocks leave of the budget widens the token chunks (8 rows →
     one chunk of 128): the measured peak stays within the minimal peak + the budget
     (WIDE_ROW_BYTES must not undercount), and the wider chunks cost real memory."""
-    cfg = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-               vocab_size=1024, num_attention_heads=8, num_key_value_heads=2)
-    model = make(cfg)
-    x, y, _ = batch(128, B=1, V=1024)
+    model, x, y = _peak_model()
     budgets = _plan_budgets(model, 128, B=1)
     peaks = {}
     for name in ("minimal", "everything", "everything, wide"):
