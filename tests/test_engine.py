@@ -409,7 +409,7 @@ def test_activation_plan_peak_within_budget():
 def test_wider_chunks_peak_within_budget():
     """What the kept blocks leave of the budget widens the token chunks (8 rows →
     one chunk of 128): the measured peak stays within the minimal peak + the budget
-    (WIDE_ROW_BYTES must not undercount), and the wider chunks cost real memory."""
+    (WIDE_ROW_BYTES must not undercount)."""
     model, x, y = _peak_model()
     budgets = _plan_budgets(model, 128, B=1)
     peaks = {}
@@ -420,7 +420,6 @@ def test_wider_chunks_peak_within_budget():
         peaks[name] = _peak_opt(model, x, y, opt, st)
         assert st["token_chunk_rows"] == {"everything, wide": 128}.get(name), st
         assert peaks[name] <= peaks["minimal"] + budgets[name], (name, peaks)
-    assert peaks["everything, wide"] > peaks["everything"], peaks
 
 
 def _peak_opt(model, x, y, opt, stats):

@@ -48,3 +48,23 @@ def test_dispatch_by_device_and_forced():
             frozen.set_quantized_path("fast")
     finally:
         frozen.set_quantized_path("auto")
+
+
+@pytest.mark.parametrize("sdtype", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("bits,group", [(2, 32), (4, 64), (4, 128), (8, 32), (8, 64)])
+def test_compiled_unpack_equals_dequantize_bit_for_bit(bits, group, sdtype):
+    W = (3 * mx.random.normal((37, 256), key=mx.random.key(bits + group))).astype(sdtype)
+    w, s, b = mx.quantize(W, group_size=group, bits=bits)
+    ref = mx.dequantize(w, s, b, group_size=group, bits=bits, dtype=mx.float32)
+    got = dm.dequant_rows(w, s, b, 0, 37, group, bits, "affine")
+    assert got.dtype == mx.float32 and got.shape == ref.shape
+    assert mx.array_equal(got, ref).item(), mx.abs(got - ref).max().item()
+    part = dm.dequant_rows(w, s, b, 5, 19, group, bits, "affine")        # a row tile
+    assert mx.array_equal(part, ref[5:19]).item()
+
+
+def test_other_modes_fall_back_to_dequantize():
+    W = mx.random.normal((8, 64), key=mx.random.key(5))
+    w, s, b = mx.quantize(W, group_size=64, bits=3)                   # 3 ∤ 32
+    ref = mx.dequantize(w, s, b, group_size=64, bits=3, dtype=mx.float32)
+    assert mx.array_equal(dm.dequant_rows(w, s, b, 0, 8, 64, 3, "affine"), ref).item()

@@ -123,3 +123,24 @@ def test_loss_head_transforms(kw, bits, dtype):
     assert abs(loss_head_value(hn, W0, t, m, 8, 70, **kw).item() - ref.item()) <= \
         tol * abs(ref.item())
     assert_close("dhn", dh, dref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantized_head_dequantized_once_per_tile(dtype, monkeypatch):
+    """CPU path: a vocabulary tile is one dequantized row tile (here 7 rows, so
+    143 tiles) used for both products; same loss and dhn as the reference."""
+    from mesp_mlx.ops import dequant_matmul as dm
+    from mesp_mlx.ops import frozen
+    monkeypatch.setattr(dm, "ROW_TILE_BYTES", 4 * D * 7)
+    monkeypatch.setattr(frozen, "quantized_path", lambda: "dequant_tiles")
+    hn, W0, targets, mask = _case("partial", 4)
+    hn = hn.astype(dtype)
+    calls = []
+    real = dm.dequant_rows
+    monkeypatch.setattr(frozen, "dequant_rows", lambda *a, **k: calls.append(a[3:5]) or real(*a, **k))
+    loss_ref, dhn_ref = _ref(hn, W0, targets, mask)
+    loss, dhn = loss_head_value_and_grad(hn, W0, targets, mask, 64)
+    assert len(calls) == -(-V // 7)                 # each row tile dequantized once
+    tol = 1e-5 if dtype == mx.float32 else 1e-2     # bf16 logits, fp32 loss
+    assert abs(loss.item() - loss_ref.item()) <= tol * abs(loss_ref.item())
+    assert_close("dhn", dhn, dhn_ref)

@@ -24,6 +24,7 @@ barrier per block: memory O(H·chunk·T) instead of O(H·T²). O enters only thr
 
 import mlx.core as mx
 
+from .matmul import mm
 from .softcap import softcap as _cap
 
 
@@ -66,7 +67,7 @@ def _causal(s, G, q0, k0=0, window=None, segments=None):
 
 def _scores(qr, k, scale, G, q0, k0, window, softcap, segments=None):
     """(masked S, capped S before masking or None) for grouped queries qr."""
-    s = (qr * scale) @ k.swapaxes(-1, -2)
+    s = mm(qr * scale, k.swapaxes(-1, -2))
     capped = None
     if softcap is not None:
         s = capped = _cap(s, softcap)
@@ -78,7 +79,7 @@ def attention(q, k, v, scale, *, window=None, softcap=None, segments=None):
     H, K = q.shape[1], k.shape[1]
     s, _ = _scores(_rows(q, K), k, scale, H // K, 0, 0, window, softcap, segments)
     p = mx.softmax(s, axis=-1, precise=True)
-    return _heads(p @ v, H), p
+    return _heads(mm(p, v), H), p
 
 
 def attention_delta(do, o):
@@ -88,15 +89,15 @@ def attention_delta(do, o):
 
 def _backward_rows(do, q, k, v, delta, p, scale, capped=None, softcap=None):
     """Gradients for a block of query rows (all arrays in [B,K,rows,·] layout)."""
-    dp = do @ v.swapaxes(-1, -2)                                  # [B,K,R,Tk]
+    dp = mm(do, v.swapaxes(-1, -2))                               # [B,K,R,Tk]
     ds = p * (dp - delta.astype(dp.dtype))
     if softcap is not None:
         r = capped / softcap
         ds = ds * (1 - r * r)
     ds = ds.astype(q.dtype)
-    dq = (ds @ k) * scale                                         # [B,K,R,hd]
-    dk = (ds.swapaxes(-1, -2) @ q) * scale                        # [B,K,Tk,hd]
-    dv = p.swapaxes(-1, -2).astype(do.dtype) @ do                 # [B,K,Tk,hd]
+    dq = mm(ds, k) * scale                                        # [B,K,R,hd]
+    dk = mm(ds.swapaxes(-1, -2), q) * scale                       # [B,K,Tk,hd]
+    dv = mm(p.swapaxes(-1, -2).astype(do.dtype), do)              # [B,K,Tk,hd]
     return dq, dk, dv
 
 
@@ -181,7 +182,7 @@ def attention_chunked(q, k, v, scale, chunk, *, window=None, softcap=None, segme
         k0 = _key_start(t0, window)
         s, _ = _scores(_rows(q[:, :, t0:t1], K), k[:, :, k0:t1], scale, H // K, t0, k0,
                        window, softcap, segments)
-        o[:, :, t0:t1] = _heads(mx.softmax(s, axis=-1, precise=True) @ v[:, :, k0:t1], H)
+        o[:, :, t0:t1] = _heads(mm(mx.softmax(s, axis=-1, precise=True), v[:, :, k0:t1]), H)
         mx.eval(o)
     return o
 

@@ -21,6 +21,7 @@ The matmul runs in fp32 and each tile's result is cast to x's dtype.
 """
 
 from contextlib import contextmanager
+from functools import lru_cache
 
 import mlx.core as mx
 
@@ -44,15 +45,41 @@ def _done(part):
     return part
 
 
+def barrier(*arrays):
+    """Evaluate `arrays` now inside `tile_barriers()` (so that the temporaries they
+    were made from can go), else nothing."""
+    if _BARRIERS[0]:
+        mx.eval(*arrays)
+
+
 def tile_rows(d_in: int) -> int:
     return max(1, ROW_TILE_BYTES // (4 * d_in))
 
 
-def _deq(w, scales, biases, r0, r1, group_size, bits, mode, after=None):
+@lru_cache(maxsize=None)
+def _unpacker(group_size: int, bits: int):
+    """Compiled affine dequantize: q = (w >> shift) & mask, Ŵ = q·s + b in the scales'
+    dtype, then fp32. The same values as mx.dequantize(..., dtype=float32) (which also
+    computes in the scales' dtype; tested bit for bit), measured 1.6x faster here
+    (585×896 tile, 4-bit g64 bf16 scales: 2.3 vs 3.7 ms on MLX 0.32.4 CPU)."""
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+
+    def unpack(wt, s, b):
+        n, packed = wt.shape
+        q = (wt[..., None] >> shifts) & ((1 << bits) - 1)   # (n, packed, 32/bits)
+        q = q.reshape(n, -1, group_size).astype(s.dtype)    # (n, d_in/group, group)
+        return (q * s[..., None] + b[..., None]).astype(mx.float32).reshape(n, -1)
+    return mx.compile(unpack)
+
+
+def dequant_rows(w, scales, biases, r0, r1, group_size, bits, mode, after=None):
     """Rows r0…r1 of W0 dense in fp32, computed only once `after` has been."""
     wt = w[r0:r1] if after is None else mx.depends(w[r0:r1], after)
-    return mx.dequantize(wt, scales[r0:r1], None if biases is None else biases[r0:r1],
-                         group_size=group_size, bits=bits, mode=mode, dtype=mx.float32)
+    s, b = scales[r0:r1], None if biases is None else biases[r0:r1]
+    if mode == "affine" and b is not None and 32 % bits == 0:
+        return _unpacker(group_size, bits)(wt, s, b)
+    return mx.dequantize(wt, s, b, group_size=group_size, bits=bits, mode=mode,
+                         dtype=mx.float32)
 
 
 def xWt_tiles(x, w, scales, biases, group_size=64, bits=4, mode="affine"):
@@ -60,7 +87,7 @@ def xWt_tiles(x, w, scales, biases, group_size=64, bits=4, mode="affine"):
     d_out, d_in = w.shape[0], w.shape[1] * 32 // bits
     n, xf, parts = tile_rows(d_in), x.astype(mx.float32), []
     for r0 in range(0, d_out, n):
-        Wt = _deq(w, scales, biases, r0, min(d_out, r0 + n), group_size, bits, mode,
+        Wt = dequant_rows(w, scales, biases, r0, min(d_out, r0 + n), group_size, bits, mode,
                   parts[-1] if parts else None)
         parts.append(_done((xf @ Wt.T).astype(x.dtype)))     # cast per tile: same values
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
@@ -72,7 +99,7 @@ def gW_tiles(g, w, scales, biases, group_size=64, bits=4, mode="affine"):
     n, dx = tile_rows(d_in), None
     for r0 in range(0, d_out, n):
         r1 = min(d_out, r0 + n)
-        part = g[..., r0:r1].astype(mx.float32) @ _deq(w, scales, biases, r0, r1,
+        part = g[..., r0:r1].astype(mx.float32) @ dequant_rows(w, scales, biases, r0, r1,
                                                        group_size, bits, mode, dx)
         dx = _done(part if dx is None else dx + part)
     return dx.astype(g.dtype)

@@ -15,7 +15,8 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .dequant_matmul import gW_tiles, xWt_tiles
+from .dequant_matmul import dequant_rows, gW_tiles, xWt_tiles
+from .matmul import mm
 
 PATHS = ("auto", "quantized_matmul", "dequant_tiles")
 _PATH = ["auto"]
@@ -44,6 +45,7 @@ class FrozenWeight:
     group_size: int = 64
     bits: int = 4
     mode: str = "affine"
+    out_dtype: Optional[mx.Dtype] = None   # dense products rounded to it (dequantized_like)
 
     @property
     def quantized(self) -> bool:
@@ -67,11 +69,15 @@ class FrozenWeight:
 
     def xWt(self, x: mx.array) -> mx.array:
         """x W0ᵀ: (..., d_in) -> (..., d_out)."""
-        return self._qmm(x, True) if self.quantized else x @ self.w.T
+        if self.quantized:
+            return self._qmm(x, True)
+        return x @ self.w.T if self.out_dtype is None else mm(x, self.w.T, self.out_dtype)
 
     def gW(self, g: mx.array) -> mx.array:
         """g W0: (..., d_out) -> (..., d_in)."""
-        return self._qmm(g, False) if self.quantized else g @ self.w
+        if self.quantized:
+            return self._qmm(g, False)
+        return g @ self.w if self.out_dtype is None else mm(g, self.w, self.out_dtype)
 
     def rows(self, v0: int, v1: int) -> "FrozenWeight":
         """Output rows [v0, v1) as a FrozenWeight (a vocabulary slice of a head)."""
@@ -79,6 +85,13 @@ class FrozenWeight:
         return FrozenWeight(self.w[v0:v1], self.scales[v0:v1] if q else None,
                             self.biases[v0:v1] if q and self.biases is not None else None,
                             self.group_size, self.bits, self.mode)
+
+    def dequantized_like(self, dtype) -> "FrozenWeight":
+        """This (quantized) W0 dense in fp32 whose products give the values of the
+        dequantized tiles' for `dtype` operands: rounded to `dtype` once."""
+        d_out = self.w.shape[0]
+        return FrozenWeight(dequant_rows(self.w, self.scales, self.biases, 0, d_out,
+                                 self.group_size, self.bits, self.mode), out_dtype=dtype)
 
     def take(self, ids: mx.array) -> mx.array:
         """Dense rows W0[ids]: (..., d_in), dequantizing only those rows."""

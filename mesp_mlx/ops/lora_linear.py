@@ -17,7 +17,9 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .dequant_matmul import barrier
 from .frozen import FrozenWeight
+from .matmul import lift, mm
 
 
 def _flat(a: mx.array) -> mx.array:
@@ -31,7 +33,8 @@ def lora_linear(x, W0: FrozenWeight, A=None, B=None, s=1.0, bias=None, m=None):
         y = y + bias
     if A is not None:
         xt = x if m is None else x * m
-        y = y + (s * ((xt @ A) @ B)).astype(y.dtype)
+        y = y + (s * mm(mm(xt, A), B)).astype(y.dtype)
+        barrier(y)                      # its fp32 temporaries go before the next product
     return y
 
 
@@ -42,12 +45,15 @@ def lora_linear_backward(g, x, W0: FrozenWeight, A=None, B=None, s=1.0, m=None,
     if A is None:
         return dx, None, None
     xt = x if m is None else x * m
-    gB = g @ B.T                                        # (..., r)
-    h = xt @ A                                          # (..., r) recomputed
-    dB = (s * (_flat(h).T @ _flat(g))).astype(B.dtype)  # (r, d_out)
-    dA = (s * (_flat(xt).T @ _flat(gB))).astype(A.dtype)  # (d_in, r)
+    gl, xl = lift(g), lift(xt)          # fp32 copies shared by two products (CPU, half)
+    gB = mm(gl, B.T, mx.result_type(g, B))                        # (..., r)
+    h = mm(xl, A, mx.result_type(xt, A))                          # (..., r) recomputed
+    dB = (s * mm(_flat(h).T, _flat(gl), mx.result_type(h, g))).astype(B.dtype)
+    dA = (s * mm(_flat(xl).T, _flat(gB), mx.result_type(xt, gB))).astype(A.dtype)
+    barrier(gB, dA, dB)                 # the lifted copies go before the next product
+    del gl, xl
     if need_dx:
-        dxl = s * (gB @ A.T)
+        dxl = s * mm(gB, A.T)
         dx = dx + (dxl if m is None else dxl * m).astype(dx.dtype)
     return dx, dA, dB
 

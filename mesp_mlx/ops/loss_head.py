@@ -12,7 +12,9 @@ a = Σᵥ exp(Zᵥ − μ) W0ᵥ, rescaled by exp(μ_old − μ_new) when μ gro
 head (two matmuls), one pass, memory O(c·v) instead of O(N·V) (V = 151,936
 fp32 logits are 155 MB at N = 256). Tiles are wide in rows (up to 512) because
 BLAS matmuls with few rows run far below peak throughput.
-Each tile ends with an evaluation barrier. Accumulation is in fp32.
+Each tile ends with an evaluation barrier. Accumulation is in fp32. A quantized
+W0 on the CPU path (dequant_matmul.py) is dequantized once per tile for both
+products (tiles of one dequantized row tile, 2 MiB), not once per product.
 Logit transforms (ARCHITECTURES §3.5): granite divides by L (the head runs on hn/L,
 dhn is scaled by 1/L); Gemma 2 caps z' = c·tanh(z/c), so every W0ᵥ in the
 accumulator is weighted by (1 − (z'ᵥ/c)²) and dhn = w (a/s − (1 − (z'_y/c)²) W0[y]).
@@ -20,6 +22,8 @@ accumulator is weighted by (1 − (z'ᵥ/c)²) and dhn = w (a/s − (1 − (z'_y
 
 import mlx.core as mx
 
+from .dequant_matmul import tile_rows
+from . import frozen
 from .frozen import FrozenWeight
 
 
@@ -98,8 +102,13 @@ def _online_softmax(x, W0: FrozenWeight, V, vc, need_acc=True, softcap=None):
     mu = mx.full((c, 1), -mx.inf, mx.float32)
     s = mx.zeros((c, 1), mx.float32)
     acc = mx.zeros((c, D), mx.float32) if need_acc else None
+    once = W0.quantized and frozen.quantized_path() == "dequant_tiles"
+    if once:                    # one dequantized row tile serves both products
+        vc = min(vc, tile_rows(D))
     for v0 in range(0, V, vc):
         Wt = W0.rows(v0, min(V, v0 + vc))
+        if once:
+            Wt = Wt.dequantized_like(x.dtype)
         z = Wt.xWt(x).astype(mx.float32)                            # [c, v]
         if softcap is not None:
             z = _cap(z, softcap)
