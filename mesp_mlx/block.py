@@ -123,12 +123,25 @@ def block_width(b: BlockSpec) -> int:
     return _frozen(b.down).shape[1]
 
 
+MERGE_TAIL = 4   # a last chunk under 1/4 of the rows joins the chunk before it
+
+
+def spans(T: int, n: int):
+    """[(t0, t1)] chunks of n rows over T, a tail shorter than n / MERGE_TAIL merged
+    into the chunk before (≤ 1.25 n rows): one pass fewer over every weight, which
+    on the CPU's quantized path is one dequantization fewer (T 256 at F 4864: 215 +
+    41 rows were two passes), for at most a quarter more chunk memory."""
+    cuts = list(range(0, T, n))
+    if len(cuts) > 1 and (T - cuts[-1]) * MERGE_TAIL < n:
+        cuts.pop()
+    return [(t, T if i + 1 == len(cuts) else cuts[i + 1]) for i, t in enumerate(cuts)]
+
+
 def token_spans(b: BlockSpec, opt, B: int, T: int):
     """[(t0, t1)]: token chunks whose widest tensor, [B, T_c, F] in fp32, holds about
-    opt.token_chunk_bytes (one chunk when T is short)."""
+    opt.token_chunk_bytes (one chunk when T is short; see `spans` for the tail)."""
     F = block_width(b)
-    n = max(1, opt.token_chunk_bytes // (4 * B * F))
-    return [(t, min(t + n, T)) for t in range(0, T, n)]
+    return spans(T, max(1, opt.token_chunk_bytes // (4 * B * F)))
 
 
 def _rows(a, t0, t1, axis):

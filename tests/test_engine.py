@@ -285,7 +285,15 @@ def _chunk_opts(model, B, rows, **kw):
     return EngineOptions(token_chunk_bytes=4 * B * F * rows, **kw)
 
 
-@pytest.mark.parametrize("rows", [5, 4])                  # 13 = 5+5+3 = 4+4+4+1
+def test_spans_merge_a_short_tail():
+    from mesp_mlx.block import spans
+    assert spans(13, 4) == [(0, 4), (4, 8), (8, 12), (12, 13)]   # tail 1 = 4/4: kept
+    assert spans(13, 6) == [(0, 6), (6, 13)]                      # tail 1 < 6/4: merged
+    assert spans(256, 215) == [(0, 256)] and spans(5, 8) == [(0, 5)]
+    assert spans(1024, 215) == [(0, 215), (215, 430), (430, 645), (645, 860), (860, 1024)]
+
+
+@pytest.mark.parametrize("rows", [5, 4, 6])          # 13 = 5+5+3 = 4+4+4+1 = 6+7
 @pytest.mark.parametrize("family", FAMILIES)
 def test_token_chunks_are_exact(family, rows):
     """Token-chunked recompute/backward = unchunked mesp (fp32 rounding) = autodiff,
@@ -296,7 +304,7 @@ def test_token_chunks_are_exact(family, rows):
     x, y, mask = batch(13)
     opt = _chunk_opts(model, 2, rows)
     spec = mesp_mlx.schedule.model_spec(model, "mesp", 13)
-    assert len(token_spans(spec.blocks[0], opt, 2, 13)) == -(-13 // rows)
+    assert len(token_spans(spec.blocks[0], opt, 2, 13)) == {5: 3, 4: 4, 6: 2}[rows]
     loss_ref, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
     loss_one, g_one = mesp_mlx.value_and_grad(model, x, y, mask, method="mesp")
     loss, g = mesp_mlx.value_and_grad(model, x, y, mask, method="mesp", options=opt)

@@ -13,6 +13,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..block import spans
 from ..schedule import EngineOptions, head_tiles
 from .footprint import runtime_bytes
 
@@ -156,7 +157,8 @@ def _mesp_block(a: Arch, N: int, B: int, T: int, opt) -> int:
     (of scores, probs, dP, dS about 3 × attn_chunk_bytes alive at once)."""
     qkvo = N * a.s * (2 * a.H * a.d + 2 * a.K * a.d)
     dqkv = N * a.s * (a.H * a.d + 2 * a.K * a.d) + N * a.H * 4      # + δ (fp32)
-    rows = B * min(T, max(1, opt.token_chunk_bytes // (4 * B * a.F)))
+    rows = B * max(t1 - t0 for t0, t1 in spans(T, max(1, opt.token_chunk_bytes
+                                                       // (4 * B * a.F))))
     mlp = rows * (4 * a.F + 6 * a.D) * 4
     attn = 3 * min(opt.attn_chunk_bytes, B * a.H * T * T * 4)
     return qkvo + max(mlp, dqkv + attn)
