@@ -9,7 +9,9 @@ streamed point reads real files and no worker's RSS ever held the build. SGD (no
 optimizer state), r 8 on all 7 projections, batch 1, LoRA bf16. Methods: mesp
 (4-bit resident), mesp@stream, mebp@stream, mezo@stream, mlx-lm (its own QLoRA
 step on the resident 4-bit model) and "mesp fp32" (the fp32 resident reference of
-the time goal). One fresh process per point (memory_bench.run_point); rows go to
+the time goal; list it before and after mesp to bracket the 4-bit row: the goal
+line divides by the faster run and states the other). One fresh process per point
+(memory_bench.run_point); rows go to
 bench/stream.jsonl and the section `memory_bench:stream` of bench/RESULTS.md.
 """
 
@@ -81,6 +83,7 @@ def _row_key(r):
 def run(args):
     rows = {_row_key(r): r for r in memory_bench.load_rows(args.json)}
     commit = bench_report.git_commit()
+    runs = {}                             # a method listed twice: both times are kept
     for model, T in grid(args):
         d = model_dir(args.model_root, model)
         if not d.exists() and any(m != "mesp fp32" for m in args.methods):
@@ -93,6 +96,9 @@ def run(args):
             spec = spec_of(args, model, T, method)
             row = dict(memory_bench.run_point(spec, args.timeout), commit=commit)
             row["label"] = method
+            if row["status"] == "ok":
+                runs.setdefault((model, T, method), []).append(row["s_per_step"])
+                row["s_per_step_runs"] = runs[(model, T, method)]
             with args.json.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             rows[_row_key(row)] = row
@@ -170,8 +176,11 @@ def goal_lines(rows):
                      + ("met" if q <= 1.5 else f"missed, {q / 1.5:.2f}× the goal") + ")")
         f = at.get((model, 256, "mesp fp32"))
         if r and f:
-            q = r["s_per_step"] / f["s_per_step"]
-            line += (f"; 4-bit/fp32 resident time {q:.2f}× (goal ≤ 2×: "
+            fp32 = f.get("s_per_step_runs") or [f["s_per_step"]]
+            q = r["s_per_step"] / min(fp32)               # against the fastest fp32 run
+            spread = (f", {r['s_per_step'] / max(fp32):.2f}× against the slower of its "
+                      f"{len(fp32)} fp32 runs" if len(fp32) > 1 else "")
+            line += (f"; 4-bit/fp32 resident time {q:.2f}×{spread} (goal ≤ 2×: "
                      + ("met" if q <= 2 else f"missed, {q / 2:.2f}× the goal") + ")")
         out.append("- " + line + ".")
     return (["", "Goals (issue 11):", ""] + out) if out else []
