@@ -124,7 +124,8 @@ def _breakdown(r):
 def table(rows, env):
     head = ["model", "T", "method", "quantized path", "MLX peak above weights MB",
             "MLX peak total MB", "process peak RSS MB", "idle MLX process MB",
-            "weights on disk / resident MB", "s/step", "× mesp 4-bit resident", "status"]
+            "weights on disk / resident MB", "s/step", "× mesp 4-bit resident", "status",
+            "commit"]
     out, ref = [], {}
     for r in rows:
         if r.get("label") == "mesp" and r.get("status") == "ok":
@@ -143,7 +144,7 @@ def table(rows, env):
                      _mb(r.get("idle_rss_bytes")), w if ok else "",
                      f"{r['s_per_step']:.1f}" if ok else "",
                      f"{r['s_per_step'] / base:.2f}" if ok and base else "",
-                     bench_report._status(r)])
+                     bench_report._status(r), (r.get("commit") or "")[:7]])
     out += bench_report._table(head, body)
     bd = [[r["model"], r["T"], r.get("label")] + _breakdown(r) for r in rows
           if r.get("status") == "ok" and r.get("phases")]
