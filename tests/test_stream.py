@@ -2,7 +2,8 @@
 resident model, bit for bit; a lower peak; clear errors for a bad weights file.
 
 Bit-identical is the claim (fp32 and 4-bit): streaming changes where W0 comes from,
-never the ops or their order, so max |streamed − resident| is asserted to be 0.
+never the ops or their order, so max |streamed − resident| is asserted to be 0
+(mebp's autodiff head excepted: its streamed form is tiled, see below).
 """
 
 import json
@@ -59,6 +60,16 @@ def batch(T=13, B=2, V=256):
             (mx.random.uniform(shape=(B, T), key=k[2]) > 0.25).astype(mx.float32))
 
 
+def assert_close_tree(got, ref, rtol=1e-5):
+    g, r = dict(tree_flatten(got)), dict(tree_flatten(ref))
+    assert g.keys() == r.keys() and r
+    for k in r:
+        assert g[k].shape == r[k].shape and g[k].dtype == r[k].dtype, k
+        err = mx.abs(g[k] - r[k]).max().item()
+        scale = max(mx.abs(r[k]).max().item(), 1e-30)
+        assert err <= rtol * scale, f"{k}: max err {err:.3g} of {scale:.3g}"
+
+
 def assert_identical(got, ref):
     g, r = dict(tree_flatten(got)), dict(tree_flatten(ref))
     assert g.keys() == r.keys() and r
@@ -85,8 +96,11 @@ def test_streamed_mebp_mezo_and_eval_match(quant, tmp_path):
     x, y, m = batch()
     l1, g1 = mesp_mlx.value_and_grad(res, x, y, m, method="mebp")
     l2, g2 = mesp_mlx.value_and_grad(st, x, y, m, method="mebp")
-    assert l1.item() == l2.item()
-    assert_identical(g2, g1)
+    # mebp's head is the one place the streamed run tiles differently (StreamedTable:
+    # 8 MiB vocabulary tiles, resident: one product), so bits hold only where the BLAS
+    # sums every tile shape alike (the bundled one); with OpenBLAS, fp32 rounding
+    assert abs(l1.item() - l2.item()) <= 1e-6 * abs(l1.item())
+    assert_close_tree(g2, g1)
     e1 = mesp_mlx.mezo_gradient_estimate(res, x, y, m, seed=3)
     e2 = mesp_mlx.mezo_gradient_estimate(st, x, y, m, seed=3)
     assert_identical(e2, e1)
