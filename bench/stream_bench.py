@@ -207,7 +207,11 @@ def write(args, rows):
               "(`/proc/self/clear_refs`); idle MLX process = VmRSS of a fresh Python that "
               "imported MLX and ran one op. Quantized path: `mesp_mlx.ops.frozen."
               "quantized_path()` (dequant_tiles = dequantized row tiles + dense fp32 "
-              "matmul). MB = 2^20 bytes.", end]
+              "matmul). MB = 2^20 bytes. Not run here: mlx-lm's own QLoRA step (method "
+              "`mlx-lm`; it keeps `mx.quantized_matmul`, 0.20-0.27 GFLOP/s on this CPU, "
+              "so one 0.5B T 256 step would take about half an hour: an estimate, not a "
+              "measurement), mebp/mezo at 1.5B and 3B. Each row names the commit it ran "
+              "at.", end]
     bench_report.write_section(args.out, "\n".join(lines) + "\n", start, end)
 
 
