@@ -87,8 +87,8 @@ def xWt_tiles(x, w, scales, biases, group_size=64, bits=4, mode="affine"):
     d_out, d_in = w.shape[0], w.shape[1] * 32 // bits
     n, xf, parts = tile_rows(d_in), x.astype(mx.float32), []
     for r0 in range(0, d_out, n):
-        Wt = dequant_rows(w, scales, biases, r0, min(d_out, r0 + n), group_size, bits, mode,
-                  parts[-1] if parts else None)
+        Wt = dequant_rows(w, scales, biases, r0, min(d_out, r0 + n), group_size, bits,
+                          mode, parts[-1] if parts else None)
         parts.append(_done((xf @ Wt.T).astype(x.dtype)))     # cast per tile: same values
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
@@ -99,7 +99,7 @@ def gW_tiles(g, w, scales, biases, group_size=64, bits=4, mode="affine"):
     n, dx = tile_rows(d_in), None
     for r0 in range(0, d_out, n):
         r1 = min(d_out, r0 + n)
-        part = g[..., r0:r1].astype(mx.float32) @ dequant_rows(w, scales, biases, r0, r1,
-                                                       group_size, bits, mode, dx)
+        Wt = dequant_rows(w, scales, biases, r0, r1, group_size, bits, mode, dx)
+        part = g[..., r0:r1].astype(mx.float32) @ Wt
         dx = _done(part if dx is None else dx + part)
     return dx.astype(g.dtype)

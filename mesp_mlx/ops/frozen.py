@@ -90,8 +90,9 @@ class FrozenWeight:
         """This (quantized) W0 dense in fp32 whose products give the values of the
         dequantized tiles' for `dtype` operands: rounded to `dtype` once."""
         d_out = self.w.shape[0]
-        return FrozenWeight(dequant_rows(self.w, self.scales, self.biases, 0, d_out,
-                                 self.group_size, self.bits, self.mode), out_dtype=dtype)
+        W = dequant_rows(self.w, self.scales, self.biases, 0, d_out, self.group_size,
+                         self.bits, self.mode)
+        return FrozenWeight(W, out_dtype=dtype)
 
     def take(self, ids: mx.array) -> mx.array:
         """Dense rows W0[ids]: (..., d_in), dequantizing only those rows."""

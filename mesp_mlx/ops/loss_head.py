@@ -22,8 +22,8 @@ accumulator is weighted by (1 − (z'ᵥ/c)²) and dhn = w (a/s − (1 − (z'_y
 
 import mlx.core as mx
 
-from .dequant_matmul import tile_rows
 from . import frozen
+from .dequant_matmul import tile_rows
 from .frozen import FrozenWeight
 
 

@@ -1,5 +1,5 @@
 """a @ b for the engine's activation products, with half-precision operands on the CPU
-backend multiplied in fp32 and the result rounded back to a's dtype.
+backend multiplied in fp32 and the result rounded once to the dtype of a @ b.
 
   mm(a, b) = round(fp32(a) @ fp32(b))   (CPU backend, a half operand; rounded to the
   mm(a, b) = a @ b                     dtype a @ b would have had) · otherwise, Metal
