@@ -30,20 +30,29 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .layers import LoRALinear
-from .ops.attention import attention_backward_rows, attention_chunked, attention_delta
+from .ops.attention import (attention, attention_backward_rows, attention_chunked,
+                            attention_delta)
 from .ops.frozen import FrozenWeight
 from .ops.geglu import geglu, geglu_backward
 from .ops.lora_linear import lora_linear, lora_linear_backward
 from .ops.rmsnorm import rmsnorm_backward
 from .ops.rope import rope_apply, rope_apply_at, rope_apply_at_backward, rope_apply_backward
-from .ops.swiglu import swiglu, swiglu_backward
+from .ops.swiglu import swiglu, swiglu_backward, swiglu_saving
 from .spec import BlockSpec, Fused, Norm
 
-ACTS = {"silu": (swiglu, swiglu_backward),
+
+def _none_saved(f):
+    return lambda a, u: (f(a, u), None)
+
+
+# act: (forward, forward that also returns what its backward can reuse, backward)
+ACTS = {"silu": (swiglu, swiglu_saving, swiglu_backward),
         "gelu_tanh": (lambda a, u: geglu(a, u, True),
-                      lambda d, a, u: geglu_backward(d, a, u, True)),
+                      _none_saved(lambda a, u: geglu(a, u, True)),
+                      lambda d, a, u, _: geglu_backward(d, a, u, True)),
         "gelu": (lambda a, u: geglu(a, u, False),
-                 lambda d, a, u: geglu_backward(d, a, u, False))}
+                 _none_saved(lambda a, u: geglu(a, u, False)),
+                 lambda d, a, u, _: geglu_backward(d, a, u, False))}
 
 
 # ------------------------------------------------------------ projections
@@ -199,8 +208,28 @@ def _segments(packing):
     return None if packing is None else packing.segments
 
 
-def _attend(b: BlockSpec, q, k, v, opt, packing=None):
+def probs_bytes(b: BlockSpec, opt, B: int, T: int) -> int:
+    """Bytes of P a recompute could keep for its backward (0: it cannot): on the
+    unfused path, uncapped, when all T query rows are one attention block (H·T²
+    fp32 within opt.attn_chunk_bytes). Kept, the backward skips that block's QKᵀ
+    and softmax (exp costs about 16 ns an element on the CPU backend, as much as a
+    matmul of the MLP: bench/RESULTS.md, issue 13)."""
+    if b.softcap is not None or T == 1 or fused_attention_ok(opt) or _chunk(opt, b.H, T) < T:
+        return 0
+    return 4 * B * b.H * T * T
+
+
+def keeps_probs(b: BlockSpec, opt, T: int) -> bool:
+    """Whether this block's recompute keeps P (EngineOptions.keep_probs, set by the
+    activation plan when the budget covers probs_bytes)."""
+    return opt.keep_probs and probs_bytes(b, opt, 1, T) > 0
+
+
+def _attend(b: BlockSpec, q, k, v, opt, packing=None, probs=False):
+    """o (head layout); probs (when `keeps_probs`): (o, P)."""
     T = q.shape[2]
+    if probs:
+        return attention(q, k, v, b.scale, window=b.window, segments=_segments(packing))
     if b.softcap is None and (fused_attention_ok(opt) or T == 1):
         if T == 1:
             mask = None
@@ -280,11 +309,12 @@ def attention_inputs(b: BlockSpec, x, spans, packing=None):
     return q, k, v, (pq, pk)
 
 
-def mlp_half(b: BlockSpec, h, at=None):
-    """m_in, gate, up, m = act(gate) ⊙ up: the MLP up to (not through) down_proj."""
+def mlp_half(b: BlockSpec, h, at=None, saving=False):
+    """m_in, gate, up, m = act(gate) ⊙ up: the MLP up to (not through) down_proj;
+    saving: m is (m, what the act's backward reuses, e.g. σ(gate))."""
     m_in = _norm(b.mlp_in, h)
     gate, up = proj(b.gate_up, m_in, at)
-    return m_in, gate, up, ACTS[b.act][0](gate, up)
+    return m_in, gate, up, ACTS[b.act][1 if saving else 0](gate, up)
 
 
 def _residual_in(b: BlockSpec, x, o, at):
@@ -353,17 +383,17 @@ def _mlp_chunk_backward(paths, b: BlockSpec, x, o, g, flat, at, row=None):
     Kept chunk), backprop G; returns (dh, do, δ) of the chunk (o, do head layout)."""
     if row is None:
         r1, h = _residual_in(b, x, o, at)
-        m_in, gate, up, m = mlp_half(b, h, at)
+        m_in, gate, up, (m, saved) = mlp_half(b, h, at, saving=True)
         r2 = lin(b.down, m, at) if b.mlp_out is not None else None
     else:
         r1, h, gate, up, r2 = row
-        m_in, m = _norm(b.mlp_in, h), ACTS[b.act][0](gate, up)
+        m_in, (m, saved) = _norm(b.mlp_in, h), ACTS[b.act][1](gate, up)
     dr2 = _scaled(g, b.residual)
     if b.mlp_out is not None:
         dr2 = _norm_bwd(b.mlp_out, dr2, r2)
     dm = lin_bwd(paths, b.down, dr2, m, flat, at=at)
-    dgate, dup = ACTS[b.act][1](dm, gate, up)
-    del m, dm, dr2, gate, up, r2
+    dgate, dup = ACTS[b.act][2](dm, gate, up, saved)
+    del m, dm, dr2, gate, up, r2, saved
     dh = g + _norm_bwd(b.mlp_in, proj_bwd(paths, b.gate_up, [dgate, dup], m_in, flat,
                                           at=at), h)
     del dgate, dup, m_in, h
@@ -380,11 +410,14 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
     caller must not read g afterwards)."""
     B, T, _ = x.shape
     spans = token_spans(b, opt, B, T)
-    rows = None
+    rows = p = None
     if kept is None:
         q, k, v, pre = attention_inputs(b, x, spans, packing)
-        o = _attend(b, q, k, v, opt, packing)
-        mx.eval(o)
+        if keeps_probs(b, opt, T):
+            o, p = _attend(b, q, k, v, opt, packing, probs=True)
+        else:
+            o = _attend(b, q, k, v, opt, packing)
+        mx.eval(o, *([] if p is None else [p]))
     else:
         q, k, v, pre, o, rows = kept.take()
 
@@ -408,8 +441,8 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
     dq, dk, dv = attention_backward_rows(
         lambda t0, t1: (do[:, :, t0:t1], delta[:, :, t0:t1]), q, k, v, b.scale,
         _chunk(opt, b.H, T), window=b.window, softcap=b.softcap,
-        segments=_segments(packing))
-    del do, delta, q, k, v
+        segments=_segments(packing), p=p)
+    del do, delta, q, k, v, p
     if not need_dx and not _has_lora(b.qkv):
         return dh                                           # unused by the caller
 

@@ -30,7 +30,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
-from .block import block_backward, block_forward, block_width, kept_bytes, layer_mask
+from .block import (block_backward, block_forward, block_width, kept_bytes, layer_mask,
+                    probs_bytes)
 from .checkpoints import open_checkpoints
 from .families import read_spec
 from .ops.loss_head import loss_head_value_and_grad
@@ -55,6 +56,7 @@ class EngineOptions:
     activation_budget: int = 0        # extra bytes for blocks that skip their recompute (mesp)
     checkpoints: str = "memory"       # block inputs kept in "memory" or on "disk" (a temp file)
     checkpoint_dir: Optional[str] = None  # directory of the "disk" file (None: the temp dir)
+    keep_probs: bool = False          # recompute keeps P for the backward (set by the plan)
 
 
 def head_tiles(opt: EngineOptions, N: int, V: int):
@@ -110,9 +112,16 @@ def describe_plan(plan, n_blocks: int, chunk_rows: Optional[int] = None) -> str:
 
 
 def planned(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
-    """(plan, the options the blocks run with, the widened chunk rows or None)."""
+    """(plan, the options the blocks run with, the widened chunk rows or None).
+    What the kept blocks leave of the budget first buys keeping P from a recomputed
+    block's attention for its backward (one block's P, B·H·T² fp32, where that
+    attention is one query block: block.keeps_probs), then wider token chunks."""
     plan = activation_plan(spec, opt, B, T, itemsize)
-    wide = chunk_plan(spec, opt, B, T, opt.activation_budget - sum(n for _, n in plan))
+    spare = opt.activation_budget - sum(n for _, n in plan)
+    pb = max(probs_bytes(b, opt, B, T) for b in spec.blocks)
+    if 0 < pb <= spare and len(plan) < len(spec.blocks) - spec.first:
+        opt, spare = replace(opt, keep_probs=True), spare - pb
+    wide = chunk_plan(spec, opt, B, T, spare)
     if wide is None:
         return plan, opt, None
     return plan, replace(opt, token_chunk_bytes=wide[1]), wide[0]
@@ -187,6 +196,7 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
         stats["kept_blocks"] = sorted(plan)
         stats["kept_bytes"] = sum(plan.values())
         stats["token_chunk_rows"] = wide          # None: the minimal schedule's chunks
+        stats["keep_probs"] = opt.keep_probs
     clock.lap("forward_s")
 
     # 2. loss head

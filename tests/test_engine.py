@@ -354,13 +354,16 @@ def test_token_chunks_flatten_the_growth_in_T():
 
 
 def _plan_budgets(model, T, B=2):
-    """Budgets for: nothing kept, the last block only, two blocks, every block, and
-    every block plus 3 wider chunk rows (schedule.chunk_plan) or plus plenty."""
-    from mesp_mlx.block import block_width, kept_bytes
+    """Budgets for: nothing kept, only the recompute's P (block.probs_bytes), the
+    last block only, two blocks, every block, and every block plus 3 wider chunk
+    rows (schedule.chunk_plan) or plus plenty."""
+    from mesp_mlx.block import block_width, kept_bytes, probs_bytes
     spec = mesp_mlx.schedule.model_spec(model, "mesp", T)
     sizes = [kept_bytes(b, B, T, 4) for b in spec.blocks][::-1]
     row = mesp_mlx.schedule.WIDE_ROW_BYTES * 4 * B * block_width(spec.blocks[-1])
-    return {"minimal": 0, "last block": sizes[0], "two blocks": sum(sizes[:2]),
+    pb = max(probs_bytes(b, EngineOptions(), B, T) for b in spec.blocks)
+    assert pb < sizes[0]             # 0 where P cannot be kept (gemma2's softcap)
+    return {"minimal": 0, "P only": pb, "last block": sizes[0], "two blocks": sum(sizes[:2]),
             "everything": sum(sizes), "everything, 3 rows wider": sum(sizes) + 3 * row,
             "everything, wide": sum(sizes) + 200 * row}
 
@@ -374,14 +377,18 @@ def test_every_activation_plan_is_exact(family):
     model = make(dict(num_hidden_layers=3), family=family)
     x, y, mask = batch(13)
     loss_ref, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
-    for name, budget in _plan_budgets(model, 13).items():
+    budgets = _plan_budgets(model, 13)
+    assert (budgets["P only"] > 0) == (family != "gemma2")
+    for name, budget in budgets.items():
         for chunks in (None, 5):
             kw = dict(activation_budget=budget)
             opt = _chunk_opts(model, 2, chunks, **kw) if chunks else EngineOptions(**kw)
             st = {}
             loss, g = mesp_mlx.value_and_grad(model, x, y, mask, options=opt, stats=st)
-            assert len(st["kept_blocks"]) == {"minimal": 0, "last block": 1,
+            assert len(st["kept_blocks"]) == {"minimal": 0, "P only": 0, "last block": 1,
                                               "two blocks": 2}.get(name, 3)
+            if chunks is None and name in ("minimal", "P only", "last block"):
+                assert st["keep_probs"] == (name == "P only" and budget > 0), (name, st)
             wide = {"everything, 3 rows wider": 8, "everything, wide": 13}.get(name)
             assert st["token_chunk_rows"] == (wide if chunks else None), (name, st)
             assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())

@@ -8,8 +8,8 @@ from mlx_lm.models.base import create_causal_mask
 
 from gradcheck import Rng, assert_all_close, assert_close, ref_vjp
 from mesp_mlx.ops.attention import (attention, attention_backward,
-                                    attention_backward_chunked, attention_chunked,
-                                    attention_ref)
+                                    attention_backward_chunked, attention_backward_rows,
+                                    attention_chunked, attention_delta, attention_ref)
 
 HD = 16
 GQA = [(2, 2), (6, 1), (14, 2)]          # (H, K): ratios 1:1, 6:1, 7:1
@@ -220,3 +220,31 @@ def test_segments_fused_bool_mask():
     o = mx.fast.scaled_dot_product_attention(q, k, v, scale=sc, mask=mask)
     assert mask.shape == (2, 1, 13, 13)
     assert_close("o fused", o, o_ref)
+
+
+@pytest.mark.parametrize("window,segs", [(None, None), (3, None), (None, SEGS)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_rows_backward_reuses_the_forward_probs(window, segs, dtype):
+    """The block's recompute keeps P of one all-T query block (block._keeps_probs):
+    the backward from that P equals the one that recomputes it, bit for bit, and
+    both match autodiff; a P that cannot serve (several blocks, softcap) is refused."""
+    q, k, v, do, sc = _attn_case(13, 6, 2, seed=5)
+    q, k, v, do = (a.astype(dtype) for a in (q, k, v, do))
+    kw = dict(window=window, segments=segs)
+    o, P = attention(q, k, v, sc, **kw)
+    rows = lambda t0, t1: (do[:, :, t0:t1], attention_delta(do[:, :, t0:t1], o[:, :, t0:t1]))
+    kept = attention_backward_rows(rows, q, k, v, sc, 13, p=P, **kw)
+    again = attention_backward_rows(rows, q, k, v, sc, 13, **kw)
+    for a, b in zip(kept, again):
+        assert mx.array_equal(a, b).item()
+    f32 = lambda t: t.astype(mx.float32)
+    ref = (lambda q, k, v: attention_ref(q, k, v, sc, **kw)) if segs is None else \
+        (lambda q, k, v: _per_segment(q, k, v, sc, segs, window=window))
+    _, grads = ref_vjp(ref, tuple(f32(a) for a in (q, k, v)), f32(do))
+    if dtype == mx.float32:
+        assert_all_close(("dq", "dk", "dv"), kept, grads)
+    else:
+        assert_all_close(("dq", "dk", "dv"), kept, [g.astype(dtype) for g in grads])
+    for bad in (dict(chunk=5), dict(chunk=13, softcap=2.0)):
+        with pytest.raises(ValueError, match="one query block"):
+            attention_backward_rows(rows, q, k, v, sc, bad.pop("chunk"), p=P, **bad, **kw)

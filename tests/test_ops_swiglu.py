@@ -5,7 +5,7 @@ import mlx.nn as nn
 import pytest
 
 from gradcheck import Rng, assert_all_close, assert_close, ref_vjp
-from mesp_mlx.ops.swiglu import swiglu, swiglu_backward, swiglu_ref
+from mesp_mlx.ops.swiglu import swiglu, swiglu_backward, swiglu_ref, swiglu_saving
 
 F = 96
 
@@ -35,3 +35,14 @@ def test_bf16_matches_fp32_truth():
     assert_close("y", swiglu(gate, up), to16(y_ref))
     assert_all_close(("dgate", "dup"), swiglu_backward(dy, gate, up),
                      [to16(t) for t in grads_ref])
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_saving_forward_is_the_forward_and_feeds_the_backward(dtype):
+    """The recompute's swiglu_saving gives swiglu's values bit for bit (the block's
+    output must not depend on which one ran) and its σ gives the same backward."""
+    gate, up, dy = _case(37, dtype)
+    y, sig = swiglu_saving(gate, up)
+    assert mx.array_equal(y, swiglu(gate, up)).item()
+    for a, b in zip(swiglu_backward(dy, gate, up, sig), swiglu_backward(dy, gate, up)):
+        assert mx.array_equal(a, b).item()

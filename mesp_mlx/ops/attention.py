@@ -135,13 +135,18 @@ def attention_backward_chunked(do, q, k, v, o, scale, chunk, *, window=None,
 
 
 def attention_backward_rows(do_rows, q, k, v, scale, chunk, *, window=None, softcap=None,
-                            segments=None):
+                            segments=None, p=None):
     """attention_backward_chunked with dO made per query block: do_rows(t0, t1) ->
     (dO [B,H,t1−t0,hd], δ [B,H,t1−t0,1]). The block driver builds dO there from
-    the output projection's backward, so neither dO nor O is kept for all T."""
+    the output projection's backward, so neither dO nor O is kept for all T.
+    p: P of all T rows ([B,K,G·T,T], `attention`'s), when the forward it came from
+    was one query block: then it is not recomputed (no softcap: its capped scores
+    would be needed too)."""
     B, H, T, hd = q.shape
     K = k.shape[1]
     G = H // K
+    if p is not None and (chunk < T or softcap is not None):
+        raise ValueError("a stored P serves one query block of all T rows, uncapped")
     dq = None
     dk = mx.zeros(k.shape, k.dtype)
     dv = mx.zeros(v.shape, v.dtype)
@@ -151,9 +156,14 @@ def attention_backward_rows(do_rows, q, k, v, scale, chunk, *, window=None, soft
         doc, delta = do_rows(t0, t1)
         qc, doc, delta = (_rows(a, K) for a in (q[:, :, t0:t1], doc, delta))
         kc, vc = k[:, :, k0:t1], v[:, :, k0:t1]
-        s, capped = _scores(qc, kc, scale, G, t0, k0, window, softcap, segments)
-        p = mx.softmax(s, axis=-1, precise=True)
-        dqc, dkc, dvc = _backward_rows(doc, qc, kc, vc, delta, p, scale, capped, softcap)
+        if p is None:
+            s, capped = _scores(qc, kc, scale, G, t0, k0, window, softcap, segments)
+            pc = mx.softmax(s, axis=-1, precise=True)
+            del s
+        else:
+            pc, capped, p = p, None, None
+        dqc, dkc, dvc = _backward_rows(doc, qc, kc, vc, delta, pc, scale, capped, softcap)
+        del pc
         if t1 - t0 == T:
             dq = _heads(dqc, H)
         else:
