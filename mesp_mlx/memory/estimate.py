@@ -152,16 +152,19 @@ def _full_head(a: Arch, N: int) -> int:
 def _mesp_block(a: Arch, N: int, B: int, T: int, opt) -> int:
     """One block's recompute + backward (block.py): kept for all T are q, k, v and
     o (then do), plus dq, dk, dv in the attention backward; the rest lives for one
-    token chunk (MLP: gate, up, product and their gradients, ~4F + 6D per row, the
-    LoRA products evaluated one projection at a time) or one attention query block
-    (of scores, probs, dP, dS about 3 × attn_chunk_bytes alive at once)."""
+    token chunk (MLP: gate, up, σ(gate), the product and their gradients, ~5F + 6D
+    per row alive at once, measured with swiglu's fused kernels; the LoRA products
+    evaluated one projection at a time) or one attention query block
+    (of scores, probs, dP, dS about 2.25 × attn_chunk_bytes alive at once, measured)."""
     qkvo = N * a.s * (2 * a.H * a.d + 2 * a.K * a.d)
     dqkv = N * a.s * (a.H * a.d + 2 * a.K * a.d) + N * a.H * 4      # + δ (fp32)
     rows = B * max(t1 - t0 for t0, t1 in spans(T, max(1, opt.token_chunk_bytes
                                                        // (4 * B * a.F))))
-    mlp = rows * (4 * a.F + 6 * a.D) * 4
-    attn = 3 * min(opt.attn_chunk_bytes, B * a.H * T * T * 4)
+    mlp = rows * (5 * a.F + 6 * a.D) * 4
+    attn = 9 * min(opt.attn_chunk_bytes, B * a.H * T * T * 4) // 4
     return qkvo + max(mlp, dqkv + attn)
+
+
 def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool,
                  checkpoints: str = "memory") -> tuple:
     """(checkpoints, activations) bytes for one step of `method`; checkpoints on
