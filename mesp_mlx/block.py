@@ -37,7 +37,7 @@ from .ops.geglu import geglu, geglu_backward
 from .ops.lora_linear import lora_linear, lora_linear_backward
 from .ops.rmsnorm import rmsnorm_backward
 from .ops.rope import rope_apply, rope_apply_at, rope_apply_at_backward, rope_apply_backward
-from .ops.swiglu import swiglu, swiglu_backward, swiglu_saving
+from .ops.swiglu import swiglu, swiglu_backward, swiglu_from_saved, swiglu_saving
 from .spec import BlockSpec, Fused, Norm
 
 
@@ -45,14 +45,15 @@ def _none_saved(f):
     return lambda a, u: (f(a, u), None)
 
 
-# act: (forward, forward that also returns what its backward can reuse, backward)
-ACTS = {"silu": (swiglu, swiglu_saving, swiglu_backward),
+# act: (forward, forward that also returns what its backward can reuse, backward,
+#       the forward's value from that (None: nothing worth keeping))
+ACTS = {"silu": (swiglu, swiglu_saving, swiglu_backward, swiglu_from_saved),
         "gelu_tanh": (lambda a, u: geglu(a, u, True),
                       _none_saved(lambda a, u: geglu(a, u, True)),
-                      lambda d, a, u, _: geglu_backward(d, a, u, True)),
+                      lambda d, a, u, _: geglu_backward(d, a, u, True), None),
         "gelu": (lambda a, u: geglu(a, u, False),
                  _none_saved(lambda a, u: geglu(a, u, False)),
-                 lambda d, a, u, _: geglu_backward(d, a, u, False))}
+                 lambda d, a, u, _: geglu_backward(d, a, u, False), None)}
 
 
 # ------------------------------------------------------------ projections
@@ -327,19 +328,22 @@ def _residual_in(b: BlockSpec, x, o, at):
 class Kept:
     """What a block's forward kept so that its backward skips the recompute
     (EngineOptions.activation_budget): q, k, v (after RoPE), pre-norm q/k, o, and
-    per token chunk (r1 if N_ao, h, gate, up, r2 if N_mo). m_in = N_mi(h) and
-    m = act(gate) ⊙ up are elementwise, so they are recomputed even then."""
+    per token chunk (r1 if N_ao, h, gate, up, r2 if N_mo, σ(gate) with extras).
+    m_in = N_mi(h) and m = act(gate) ⊙ up are elementwise, so they are recomputed
+    even then. With extras (`extra_bytes`) also P of the attention and σ(gate)
+    (SwiGLU), so the backward runs no exp at all, like autodiff's."""
     q: mx.array
     k: mx.array
     v: mx.array
     pre: tuple
     o: mx.array
     rows: list = field(default_factory=list)
+    p: Optional[mx.array] = None
 
     def take(self):
         """The tensors, handed over: the backward then owns (and frees) them."""
-        out = (self.q, self.k, self.v, self.pre, self.o, self.rows)
-        self.q = self.k = self.v = self.o = self.pre = self.rows = None
+        out = (self.q, self.k, self.v, self.pre, self.o, self.rows, self.p)
+        self.q = self.k = self.v = self.o = self.pre = self.rows = self.p = None
         return out
 
 
@@ -353,26 +357,41 @@ def kept_bytes(b: BlockSpec, B: int, T: int, itemsize: int) -> int:
     return B * T * per_token * itemsize
 
 
-def block_forward(b: BlockSpec, x, opt, keep: bool = False, packing=None):
+def extra_bytes(b: BlockSpec, opt, B: int, T: int, itemsize: int) -> int:
+    """Bytes a Kept holds beyond kept_bytes with extras: P (probs_bytes) and σ(gate)
+    (SwiGLU only: B·T·F)."""
+    sig = B * T * block_width(b) * itemsize if ACTS[b.act][3] is not None else 0
+    return probs_bytes(b, opt, B, T) + sig
+
+
+def block_forward(b: BlockSpec, x, opt, keep: bool = False, packing=None,
+                  extras: bool = False):
     """The block's output through the same ops as its recompute; with keep, also
-    the Kept its backward reads instead of recomputing: (out, Kept)."""
+    the Kept its backward reads instead of recomputing: (out, Kept); with extras,
+    the Kept also holds P and σ(gate) (`extra_bytes`)."""
     B, T, _ = x.shape
     spans = token_spans(b, opt, B, T)
     q, k, v, pre = attention_inputs(b, x, spans, packing)
-    o = _attend(b, q, k, v, opt, packing)
-    kept = Kept(q, k, v, pre, o) if keep else None
-    del q, k, v, pre
+    p = None
+    if keep and extras and probs_bytes(b, opt, B, T) > 0:
+        o, p = _attend(b, q, k, v, opt, packing, probs=True)
+    else:
+        o = _attend(b, q, k, v, opt, packing)
+    kept = Kept(q, k, v, pre, o, p=p) if keep else None
+    del q, k, v, pre, p
+    saving = keep and extras and ACTS[b.act][3] is not None
     out = None
     for t0, t1 in spans:
         at = (t0, T)
         r1, h = _residual_in(b, x[:, t0:t1], o[:, :, t0:t1], at)
-        _, gate, up, m = mlp_half(b, h, at)
+        _, gate, up, m = mlp_half(b, h, at, saving=saving)
+        m, sig = m if saving else (m, None)
         r2 = lin(b.down, m, at)
         out = _put(out, h + _scaled(_norm(b.mlp_out, r2), b.residual), t0, t1, T, 1)
         if keep:
             kept.rows.append((r1 if b.attn_out is not None else None, h, gate, up,
-                              r2 if b.mlp_out is not None else None))
-        del r1, h, gate, up, m, r2
+                              r2 if b.mlp_out is not None else None, sig))
+        del r1, h, gate, up, m, r2, sig
         if len(spans) > 1 or keep:
             mx.eval(out, *([a for a in kept.rows[-1] if a is not None] if keep else []))
     return (out, kept) if keep else out
@@ -385,8 +404,11 @@ def _mlp_chunk_backward(paths, b: BlockSpec, x, o, g, flat, at, row=None):
         r1, h = _residual_in(b, x, o, at)
         m_in, gate, up, (m, saved) = mlp_half(b, h, at, saving=True)
         r2 = lin(b.down, m, at) if b.mlp_out is not None else None
+    elif row[5] is not None:                       # σ(gate) kept (extras)
+        r1, h, gate, up, r2, saved = row
+        m_in, m = _norm(b.mlp_in, h), ACTS[b.act][3](gate, up, saved)
     else:
-        r1, h, gate, up, r2 = row
+        r1, h, gate, up, r2, _ = row
         m_in, (m, saved) = _norm(b.mlp_in, h), ACTS[b.act][1](gate, up)
     dr2 = _scaled(g, b.residual)
     if b.mlp_out is not None:
@@ -419,7 +441,7 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
             o = _attend(b, q, k, v, opt, packing)
         mx.eval(o, *([] if p is None else [p]))
     else:
-        q, k, v, pre, o, rows = kept.take()
+        q, k, v, pre, o, rows, p = kept.take()
 
     # phase 2: dh over G's buffer, do over o's, δ = rowsum(do ⊙ o)
     take = _take if len(spans) > 1 else _rows

@@ -30,8 +30,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
-from .block import (block_backward, block_forward, block_width, kept_bytes, layer_mask,
-                    probs_bytes)
+from .block import (block_backward, block_forward, block_width, extra_bytes, kept_bytes,
+                    layer_mask, probs_bytes)
 from .checkpoints import open_checkpoints
 from .families import read_spec
 from .ops.loss_head import loss_head_value_and_grad
@@ -100,31 +100,45 @@ def chunk_plan(spec, opt: EngineOptions, B: int, T: int, spare: int):
 
 def describe_plan(plan, n_blocks: int, chunk_rows: Optional[int] = None) -> str:
     """One line: which blocks skip their recompute and what they keep (and the
-    token-chunk rows the rest of the budget bought, if any)."""
+    token-chunk rows the rest of the budget bought, if any); plan as `planned`'s."""
     wide = "" if chunk_rows is None else f"; token chunks widened to {chunk_rows} rows"
     if not plan:
         return f"activation plan: minimal (every one of {n_blocks} blocks recomputed){wide}"
-    idx = sorted(i for i, _ in plan)
+    idx = sorted(i for i, *_ in plan)
     span = f"{idx[0]}" if len(idx) == 1 else f"{idx[0]}-{idx[-1]}"
+    n_extra = sum(1 for *_, e in plan if e)
+    extra = f"; {n_extra} of them also keep P and σ(gate)" if n_extra else ""
     return (f"activation plan: {len(idx)} of {n_blocks} blocks ({span}) keep their "
-            f"forward tensors ({sum(n for _, n in plan) / 1e6:.1f} MB) and skip "
-            f"their recompute{wide}")
+            f"forward tensors ({sum(n for _, n, _ in plan) / 1e6:.1f} MB) and skip "
+            f"their recompute{extra}{wide}")
 
 
 def planned(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
     """(plan, the options the blocks run with, the widened chunk rows or None).
-    What the kept blocks leave of the budget first buys keeping P from a recomputed
-    block's attention for its backward (one block's P, B·H·T² fp32, where that
-    attention is one query block: block.keeps_probs), then wider token chunks."""
+    plan: [(block, bytes, extras)]. What the kept blocks leave of the budget buys,
+    in this order: P of a recomputed block's attention for its backward (one block's
+    P, B·H·T² fp32, where that attention is one query block: block.keeps_probs),
+    wider token chunks, then extras for kept blocks, head side first (block.extra_bytes:
+    P and σ(gate), so their backward runs no exp; at 3B T 256 the kept backward was
+    267 ms a block without them, against 202 ms for autodiff's: bench/RESULTS.md)."""
     plan = activation_plan(spec, opt, B, T, itemsize)
     spare = opt.activation_budget - sum(n for _, n in plan)
     pb = max(probs_bytes(b, opt, B, T) for b in spec.blocks)
     if 0 < pb <= spare and len(plan) < len(spec.blocks) - spec.first:
         opt, spare = replace(opt, keep_probs=True), spare - pb
     wide = chunk_plan(spec, opt, B, T, spare)
-    if wide is None:
-        return plan, opt, None
-    return plan, replace(opt, token_chunk_bytes=wide[1]), wide[0]
+    if wide is not None:
+        F = max(block_width(b) for b in spec.blocks)
+        base = max(1, opt.token_chunk_bytes // (4 * B * F))       # as in chunk_plan
+        spare -= (wide[0] - base) * WIDE_ROW_BYTES * 4 * B * F
+        opt = replace(opt, token_chunk_bytes=wide[1])
+    out = []
+    for i, n in plan:
+        e = extra_bytes(spec.blocks[i], opt, B, T, itemsize)
+        take = 0 < e <= spare
+        spare -= e if take else 0
+        out.append((i, n + (e if take else 0), take))
+    return out, opt, None if wide is None else wide[0]
 
 
 def model_spec(model, method: str, T: int, opt: Optional[EngineOptions] = None):
@@ -175,7 +189,7 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
     plan, wide = {}, None
     if method == "mesp":
         plan, opt, wide = planned(spec, opt, h.shape[0], T, h.dtype.size)
-        plan = dict(plan)
+        plan = {i: (n, e) for i, n, e in plan}
     n_ckpt, kept = 0, {}
     for i, b in enumerate(spec.blocks):
         if i >= spec.first:
@@ -183,7 +197,8 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
             n_ckpt += 1
         with weights.block(b):
             if i in plan:
-                h, kept[i] = block_forward(b, h, opt, keep=True, packing=packing)
+                h, kept[i] = block_forward(b, h, opt, keep=True, packing=packing,
+                                           extras=plan[i][1])
             elif method == "mesp":
                 h = block_forward(b, h, opt, packing=packing)
             else:
@@ -194,7 +209,8 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
         stats["n_checkpoints"] = n_ckpt
         stats["checkpoints"] = store.kind
         stats["kept_blocks"] = sorted(plan)
-        stats["kept_bytes"] = sum(plan.values())
+        stats["kept_bytes"] = sum(n for n, _ in plan.values())
+        stats["kept_extras"] = sorted(i for i, (_, e) in plan.items() if e)
         stats["token_chunk_rows"] = wide          # None: the minimal schedule's chunks
         stats["keep_probs"] = opt.keep_probs
     clock.lap("forward_s")

@@ -391,6 +391,11 @@ def test_every_activation_plan_is_exact(family):
                 assert st["keep_probs"] == (name == "P only" and budget > 0), (name, st)
             wide = {"everything, 3 rows wider": 8, "everything, wide": 13}.get(name)
             assert st["token_chunk_rows"] == (wide if chunks else None), (name, st)
+            if name in ("minimal", "P only", "last block", "two blocks", "everything"):
+                assert st["kept_extras"] == [], (name, st)
+            if name == "everything, wide":     # what is left buys P and σ (extras;
+                assert st["kept_extras"] == ([] if family == "gemma2"   # neither: gelu,
+                                             else [0, 1, 2]), (name, st)  # softcap)
             assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
             compare(g, g_ref, mx.float32)
 

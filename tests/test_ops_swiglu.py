@@ -5,7 +5,8 @@ import mlx.nn as nn
 import pytest
 
 from gradcheck import Rng, assert_all_close, assert_close, ref_vjp
-from mesp_mlx.ops.swiglu import swiglu, swiglu_backward, swiglu_ref, swiglu_saving
+from mesp_mlx.ops.swiglu import (swiglu, swiglu_backward, swiglu_from_saved, swiglu_ref,
+                                 swiglu_saving)
 
 F = 96
 
@@ -46,3 +47,19 @@ def test_saving_forward_is_the_forward_and_feeds_the_backward(dtype):
     assert mx.array_equal(y, swiglu(gate, up)).item()
     for a, b in zip(swiglu_backward(dy, gate, up, sig), swiglu_backward(dy, gate, up)):
         assert mx.array_equal(a, b).item()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_forward_from_a_kept_sigma(dtype):
+    """A kept block's backward rebuilds m from its kept σ without an exp: bit-equal to
+    swiglu in fp32; in bf16 (σ kept in bf16) within one bf16 rounding of it."""
+    gate, up, _ = _case(37, dtype)
+    y, sig = swiglu_saving(gate, up)
+    m = swiglu_from_saved(gate, up, sig)
+    assert m.dtype == y.dtype
+    if dtype == mx.float32:
+        assert mx.array_equal(m, y).item()
+    else:
+        err = mx.abs(m.astype(mx.float32) - y.astype(mx.float32))
+        assert (err <= 2 ** -7 * mx.abs(y.astype(mx.float32)) + 1e-6).all().item(), \
+            f"max {err.max().item():.3g}"
