@@ -32,7 +32,7 @@ from .inputs import check_batch, vocab_sizes
 from .block import block_forward
 from .ops.dequant_matmul import tile_barriers
 from .ops.loss_head import loss_head_value
-from .schedule import EngineOptions, head_tiles, model_spec
+from .schedule import EngineOptions, cache_policy, head_tiles, model_spec
 from .stream import weight_source
 
 MEZO_LR = 1e-4         # MeZO paper, LoRA: lr 1e-4 or 5e-5 (REFERENCE §1)
@@ -183,7 +183,7 @@ def _spsa_lm(model, inputs, targets, mask, eps, seed, options, stats):
 
 
 def _done(options):
-    if (options or EngineOptions()).clear_cache in ("block", "step"):
+    if cache_policy(options or EngineOptions()) in ("block", "step"):
         mx.clear_cache()
 
 

@@ -449,3 +449,24 @@ def _peak_opt(model, x, y, opt, stats):
     loss, g = mesp_mlx.value_and_grad(model, x, y, options=opt, stats=stats)
     mx.eval(loss, g)
     return mx.get_peak_memory() - base
+
+
+def test_cache_is_kept_between_steps_only_with_a_budget():
+    """clear_cache="auto": cleared after a minimal-schedule step (smallest footprint),
+    kept after a budgeted one (its buffers serve the next step); explicit values win."""
+    from mesp_mlx.schedule import cache_policy
+    assert cache_policy(EngineOptions()) == "step"
+    assert cache_policy(EngineOptions(activation_budget=1)) == "none"
+    assert cache_policy(EngineOptions(activation_budget=1, clear_cache="step")) == "step"
+    model = make(dict(num_hidden_layers=2))
+    x, y, mask = batch(13)
+    cache = {}
+    for budget in (0, 1 << 30):
+        mx.clear_cache()
+        st = {}
+        loss, g = mesp_mlx.value_and_grad(model, x, y, mask, stats=st,
+                                          options=EngineOptions(activation_budget=budget))
+        mx.eval(loss, g)
+        cache[budget] = mx.get_cache_memory()
+    # the kept tensors, freed in the backward, stay cached; cleared, almost nothing is
+    assert cache[1 << 30] >= st["kept_bytes"] > cache[0], (cache, st["kept_bytes"])

@@ -286,8 +286,9 @@ def test_runtime_is_measured_and_shown_apart(capsys, tmp_path):
     arch = arch_from_config(SMALL, mx.float32)
     est = estimate(arch, "mesp", 64, 1)
     assert est.runtime == runtime_bytes() and est.runtime != 100 * 10**6
-    if process_footprint().current:
-        assert 0 < est.runtime < process_footprint().current
+    if process_footprint().current:    # fixed at its first measurement, while the
+        # process footprint moves (glibc trims, tests free): the same order, not below it
+        assert 0 < est.runtime < 2 * process_footprint().current
     assert est.mlx_bytes == est.total_bytes - est.runtime
     assert estimate(arch, "mesp", 64, 1, runtime=0).total_bytes == est.mlx_bytes
     text = str(est)
