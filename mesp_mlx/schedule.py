@@ -131,8 +131,8 @@ def planned(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
     in this order: P of a recomputed block's attention for its backward (one block's
     P, B·H·T² fp32, where that attention is one query block: block.keeps_probs),
     wider token chunks, then extras for kept blocks, head side first (block.extra_bytes:
-    P and σ(gate), so their backward runs no exp; at 3B T 256 the kept backward was
-    267 ms a block without them, against 202 ms for autodiff's: bench/RESULTS.md)."""
+    P and σ(gate), so their backward runs no exp; Qwen2.5-3B T 256, one block, one
+    chunk: 282 ms without them, 222 ms with, autodiff's ~252: bench/block_profile.py)."""
     plan = activation_plan(spec, opt, B, T, itemsize)
     spare = opt.activation_budget - sum(n for _, n in plan)
     pb = max(probs_bytes(b, opt, B, T) for b in spec.blocks)
