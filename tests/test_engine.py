@@ -400,6 +400,12 @@ def test_every_activation_plan_is_exact(family):
             compare(g, g_ref, mx.float32)
 
 
+# The same plan's measured peak varies between runs in one process by up to 64 KiB
+# (when a transient buffer is released relative to the next allocation): 3.6% of this
+# model's minimal peak. Peak relations below allow this much of the minimal peak.
+PEAK_SLACK = 0.05
+
+
 def _peak_model():
     """A 4-block model and a T 128 batch (B 1) whose plans differ measurably in peak."""
     cfg = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
@@ -422,7 +428,7 @@ def test_activation_plan_peak_within_budget():
         peaks[name] = _peak_opt(model, x, y, opt, st)
         assert st["kept_bytes"] <= budget
     for name, budget in budgets.items():
-        assert peaks[name] <= peaks["minimal"] + budget, (name, peaks)
+        assert peaks[name] <= peaks["minimal"] * (1 + PEAK_SLACK) + budget, (name, peaks)
     assert peaks["everything"] > peaks["minimal"], peaks
 
 
@@ -439,7 +445,8 @@ def test_wider_chunks_peak_within_budget():
         st = {}
         peaks[name] = _peak_opt(model, x, y, opt, st)
         assert st["token_chunk_rows"] == {"everything, wide": 128}.get(name), st
-        assert peaks[name] <= peaks["minimal"] + budgets[name], (name, peaks)
+        assert peaks[name] <= peaks["minimal"] * (1 + PEAK_SLACK) + budgets[name], \
+            (name, peaks)
 
 
 def _peak_opt(model, x, y, opt, stats):
