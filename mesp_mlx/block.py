@@ -24,7 +24,7 @@ example and a block-diagonal causal mask; None is the plain path, unchanged.
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,19 +41,23 @@ from .ops.swiglu import swiglu, swiglu_backward, swiglu_from_saved, swiglu_savin
 from .spec import BlockSpec, Fused, Norm
 
 
-def _none_saved(f):
-    return lambda a, u: (f(a, u), None)
+class Act(NamedTuple):
+    """A GLU activation's ops: m = act(gate) ⊙ up, its backward, and what a
+    recompute can hand from the forward to the backward (`saved`, e.g. σ(gate))."""
+    forward: Callable            # (a, u) -> m
+    saving: Callable             # (a, u) -> (m, saved or None)
+    backward: Callable           # (dm, a, u, saved or None) -> (da, du)
+    from_saved: Optional[Callable] = None   # (a, u, saved) -> m; None: nothing to keep
 
 
-# act: (forward, forward that also returns what its backward can reuse, backward,
-#       the forward's value from that (None: nothing worth keeping))
-ACTS = {"silu": (swiglu, swiglu_saving, swiglu_backward, swiglu_from_saved),
-        "gelu_tanh": (lambda a, u: geglu(a, u, True),
-                      _none_saved(lambda a, u: geglu(a, u, True)),
-                      lambda d, a, u, _: geglu_backward(d, a, u, True), None),
-        "gelu": (lambda a, u: geglu(a, u, False),
-                 _none_saved(lambda a, u: geglu(a, u, False)),
-                 lambda d, a, u, _: geglu_backward(d, a, u, False), None)}
+def _geglu_act(approx: bool) -> Act:
+    fwd = lambda a, u: geglu(a, u, approx)                       # noqa: E731
+    return Act(fwd, lambda a, u: (fwd(a, u), None),
+               lambda d, a, u, _: geglu_backward(d, a, u, approx))
+
+
+ACTS = {"silu": Act(swiglu, swiglu_saving, swiglu_backward, swiglu_from_saved),
+        "gelu_tanh": _geglu_act(True), "gelu": _geglu_act(False)}
 
 
 # ------------------------------------------------------------ projections
@@ -315,7 +319,8 @@ def mlp_half(b: BlockSpec, h, at=None, saving=False):
     saving: m is (m, what the act's backward reuses, e.g. σ(gate))."""
     m_in = _norm(b.mlp_in, h)
     gate, up = proj(b.gate_up, m_in, at)
-    return m_in, gate, up, ACTS[b.act][1 if saving else 0](gate, up)
+    act = ACTS[b.act]
+    return m_in, gate, up, (act.saving if saving else act.forward)(gate, up)
 
 
 def _residual_in(b: BlockSpec, x, o, at):
@@ -360,7 +365,7 @@ def kept_bytes(b: BlockSpec, B: int, T: int, itemsize: int) -> int:
 def extra_bytes(b: BlockSpec, opt, B: int, T: int, itemsize: int) -> int:
     """Bytes a Kept holds beyond kept_bytes with extras: P (probs_bytes) and σ(gate)
     (SwiGLU only: B·T·F)."""
-    sig = B * T * block_width(b) * itemsize if ACTS[b.act][3] is not None else 0
+    sig = B * T * block_width(b) * itemsize if ACTS[b.act].from_saved is not None else 0
     return probs_bytes(b, opt, B, T) + sig
 
 
@@ -379,7 +384,7 @@ def block_forward(b: BlockSpec, x, opt, keep: bool = False, packing=None,
         o = _attend(b, q, k, v, opt, packing)
     kept = Kept(q, k, v, pre, o, p=p) if keep else None
     del q, k, v, pre, p
-    saving = keep and extras and ACTS[b.act][3] is not None
+    saving = keep and extras and ACTS[b.act].from_saved is not None
     out = None
     for t0, t1 in spans:
         at = (t0, T)
@@ -406,15 +411,15 @@ def _mlp_chunk_backward(paths, b: BlockSpec, x, o, g, flat, at, row=None):
         r2 = lin(b.down, m, at) if b.mlp_out is not None else None
     elif row[5] is not None:                       # σ(gate) kept (extras)
         r1, h, gate, up, r2, saved = row
-        m_in, m = _norm(b.mlp_in, h), ACTS[b.act][3](gate, up, saved)
+        m_in, m = _norm(b.mlp_in, h), ACTS[b.act].from_saved(gate, up, saved)
     else:
         r1, h, gate, up, r2, _ = row
-        m_in, (m, saved) = _norm(b.mlp_in, h), ACTS[b.act][1](gate, up)
+        m_in, (m, saved) = _norm(b.mlp_in, h), ACTS[b.act].saving(gate, up)
     dr2 = _scaled(g, b.residual)
     if b.mlp_out is not None:
         dr2 = _norm_bwd(b.mlp_out, dr2, r2)
     dm = lin_bwd(paths, b.down, dr2, m, flat, at=at)
-    dgate, dup = ACTS[b.act][2](dm, gate, up, saved)
+    dgate, dup = ACTS[b.act].backward(dm, gate, up, saved)
     del m, dm, dr2, gate, up, r2, saved
     dh = g + _norm_bwd(b.mlp_in, proj_bwd(paths, b.gate_up, [dgate, dup], m_in, flat,
                                           at=at), h)

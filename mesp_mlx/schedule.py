@@ -96,18 +96,20 @@ def activation_plan(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
 
 
 def chunk_plan(spec, opt: EngineOptions, B: int, T: int, spare: int):
-    """(rows, token_chunk_bytes) of wider token chunks bought by what the kept blocks
-    leave of the budget (`spare`), up to one chunk of all T; None if it buys no row.
+    """(rows, token_chunk_bytes, bytes spent) of wider token chunks bought by what the
+    kept blocks leave of the budget (`spare`), up to one chunk of all T; None if it
+    buys no row.
     Fewer, wider chunks mean fewer barriers and copies: bench/pareto.jsonl against
     pareto_before_wide_chunks.jsonl, Qwen2.5-3B T 256 with every block kept, 95 → 256
     rows went from 1.29× to 1.13× autodiff for +49.7 MB of peak (7.4 · 4·F per row;
     WIDE_ROW_BYTES is the bound the peak tests hold on a small model)."""
     F = max(block_width(b) for b in spec.blocks)
     rows = max(1, opt.token_chunk_bytes // (4 * B * F))
-    extra = min(T - rows, max(0, spare) // (WIDE_ROW_BYTES * 4 * B * F))
+    row = WIDE_ROW_BYTES * 4 * B * F
+    extra = min(T - rows, max(0, spare) // row)
     if extra <= 0:
         return None
-    return rows + extra, 4 * B * F * (rows + extra)
+    return rows + extra, 4 * B * F * (rows + extra), extra * row
 
 
 def describe_plan(plan, n_blocks: int, chunk_rows: Optional[int] = None) -> str:
@@ -140,10 +142,7 @@ def planned(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
         opt, spare = replace(opt, keep_probs=True), spare - pb
     wide = chunk_plan(spec, opt, B, T, spare)
     if wide is not None:
-        F = max(block_width(b) for b in spec.blocks)
-        base = max(1, opt.token_chunk_bytes // (4 * B * F))       # as in chunk_plan
-        spare -= (wide[0] - base) * WIDE_ROW_BYTES * 4 * B * F
-        opt = replace(opt, token_chunk_bytes=wide[1])
+        opt, spare = replace(opt, token_chunk_bytes=wide[1]), spare - wide[2]
     out = []
     for i, n in plan:
         e = extra_bytes(spec.blocks[i], opt, B, T, itemsize)
