@@ -217,8 +217,8 @@ def probs_bytes(b: BlockSpec, opt, B: int, T: int) -> int:
     """Bytes of P a recompute could keep for its backward (0: it cannot): on the
     unfused path, uncapped, when all T query rows are one attention block (H·T²
     fp32 within opt.attn_chunk_bytes). Kept, the backward skips that block's QKᵀ
-    and softmax (exp costs about 16 ns an element on the CPU backend, as much as a
-    matmul of the MLP: bench/RESULTS.md, issue 13)."""
+    and softmax (exp costs 9 ns an element on the CPU backend:
+    bench/elementwise_timing.py)."""
     if b.softcap is not None or T == 1 or fused_attention_ok(opt) or _chunk(opt, b.H, T) < T:
         return 0
     return 4 * B * b.H * T * T

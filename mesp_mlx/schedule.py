@@ -64,8 +64,8 @@ def cache_policy(opt: EngineOptions) -> str:
     """When the allocator cache is cleared. "auto": after each step (the smallest
     footprint between steps), but never with an activation budget: the cache then
     holds at most the planned peak, and the next step reuses its buffers instead of
-    faulting in fresh pages (Qwen2.5-3B T 256, 1.65 GB kept: 16.6 s/step against
-    19.3 s when cleared per step; bench/RESULTS.md)."""
+    faulting in fresh pages (Qwen2.5-3B T 256, 1.65 GB kept: 16.2 s/step against
+    19.5 s when cleared per step, same peak: bench/cache_policy.py)."""
     if opt.clear_cache == "auto":
         return "none" if opt.activation_budget > 0 else "step"
     return opt.clear_cache

@@ -155,7 +155,8 @@ def _mesp_block(a: Arch, N: int, B: int, T: int, opt) -> int:
     token chunk (MLP: gate, up, σ(gate), the product and their gradients, ~5F + 6D
     per row alive at once, measured with swiglu's fused kernels; the LoRA products
     evaluated one projection at a time) or one attention query block
-    (of scores, probs, dP, dS about 2.25 × attn_chunk_bytes alive at once, measured)."""
+    (of scores, probs, dP, dS about 2.25 × attn_chunk_bytes alive at once, measured;
+    held to 10% by tests/test_memory.py and bench/estimate_check.py)."""
     qkvo = N * a.s * (2 * a.H * a.d + 2 * a.K * a.d)
     dqkv = N * a.s * (a.H * a.d + 2 * a.K * a.d) + N * a.H * 4      # + δ (fp32)
     rows = B * max(t1 - t0 for t0, t1 in spans(T, max(1, opt.token_chunk_bytes
