@@ -177,8 +177,8 @@ SAFETY = 0.10      # of the budget, left free for what the pre-flight estimate m
 
 def _activation_plan(model, cfg, budget, est, T, log):
     """EngineOptions for training: with a budget, mesp spends the headroom left
-    after the minimal schedule's estimate (less SAFETY) on blocks that keep their
-    forward tensors and skip the recompute, then on wider token chunks
+    after the minimal schedule's estimate (less SAFETY) on wider token chunks, then
+    on blocks that keep their forward tensors and skip the recompute
     (EngineOptions.activation_budget; schedule.planned)."""
     import mlx.core as mx
 

@@ -31,7 +31,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from .block import (block_backward, block_forward, block_width, extra_bytes, kept_bytes,
-                    layer_mask, probs_bytes)
+                    layer_mask, probs_bytes, spans)
 from .checkpoints import open_checkpoints
 from .families import read_spec
 from .ops.loss_head import loss_head_value_and_grad
@@ -80,36 +80,44 @@ def head_tiles(opt: EngineOptions, N: int, V: int):
 WIDE_ROW_BYTES = 12   # × 4·B·F: peak allowed per extra token-chunk row (chunk_plan)
 
 
-def activation_plan(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
+def activation_plan(spec, budget: int, B: int, T: int, itemsize: int):
     """[(block, bytes)]: the blocks whose forward keeps what their backward reads
     (block.Kept), head side first (their backward runs first), while the total
-    fits opt.activation_budget. Every kept block skips its recompute; all of them
-    are alive together at the loss head, so the peak grows by at most the total."""
+    fits `budget`. Every kept block skips its recompute; all of them are alive
+    together at the loss head, so the peak grows by at most the total."""
     out, used = [], 0
     for i in range(len(spec.blocks) - 1, spec.first - 1, -1):
         n = kept_bytes(spec.blocks[i], B, T, itemsize)
-        if used + n > opt.activation_budget:
+        if used + n > budget:
             break
         out.append((i, n))
         used += n
     return out
 
 
+def _widest(T: int, rows: int) -> int:
+    return max(t1 - t0 for t0, t1 in spans(T, rows))
+
+
 def chunk_plan(spec, opt: EngineOptions, B: int, T: int, spare: int):
-    """(rows, token_chunk_bytes, bytes spent) of wider token chunks bought by what the
-    kept blocks leave of the budget (`spare`), up to one chunk of all T; None if it
-    buys no row.
-    Fewer, wider chunks mean fewer barriers and copies: bench/pareto.jsonl against
-    pareto_before_wide_chunks.jsonl, Qwen2.5-3B T 256 with every block kept, 95 → 256
-    rows went from 1.29× to 1.13× autodiff for +49.7 MB of peak (7.4 · 4·F per row;
+    """(rows, token_chunk_bytes, bytes spent): the fewest token chunks that `spare`
+    buys, each of about T / n rows, up to one chunk of all T; None if it buys no
+    fewer chunks (rows that leave the count as it is would buy nothing).
+    Fewer chunks mean fewer passes over every block's weights, in the forward, the
+    recompute and the backward: Qwen2.5-3B T 256 with every block kept, 95 → 256 rows
+    went from 1.29× to 1.13× autodiff for +49.7 MB of peak (bench/pareto.jsonl against
+    pareto_before_wide_chunks.jsonl; 7.4 · 4·F per row of the widest chunk;
     WIDE_ROW_BYTES is the bound the peak tests hold on a small model)."""
     F = max(block_width(b) for b in spec.blocks)
     rows = max(1, opt.token_chunk_bytes // (4 * B * F))
+    n0, widest0 = len(spans(T, rows)), _widest(T, rows)
     row = WIDE_ROW_BYTES * 4 * B * F
-    extra = min(T - rows, max(0, spare) // row)
-    if extra <= 0:
-        return None
-    return rows + extra, 4 * B * F * (rows + extra), extra * row
+    for n in range(1, n0):
+        r = -(-T // n)
+        cost = max(0, _widest(T, r) - widest0) * row
+        if len(spans(T, r)) < n0 and cost <= spare:
+            return r, 4 * B * F * r, cost
+    return None
 
 
 def describe_plan(plan, n_blocks: int, chunk_rows: Optional[int] = None) -> str:
@@ -129,20 +137,27 @@ def describe_plan(plan, n_blocks: int, chunk_rows: Optional[int] = None) -> str:
 
 def planned(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
     """(plan, the options the blocks run with, the widened chunk rows or None).
-    plan: [(block, bytes, extras)]. What the kept blocks leave of the budget buys,
-    in this order: P of a recomputed block's attention for its backward (one block's
-    P, B·H·T² fp32, where that attention is one query block: block.keeps_probs),
-    wider token chunks, then extras for kept blocks, head side first (block.extra_bytes:
-    P and σ(gate), so their backward runs no exp; Qwen2.5-3B T 256, one block, one
-    chunk: 282 ms without them, 222 ms with, autodiff's ~252: bench/block_profile.py)."""
-    plan = activation_plan(spec, opt, B, T, itemsize)
-    spare = opt.activation_budget - sum(n for _, n in plan)
-    pb = max(probs_bytes(b, opt, B, T) for b in spec.blocks)
-    if 0 < pb <= spare and len(plan) < len(spec.blocks) - spec.first:
-        opt, spare = replace(opt, keep_probs=True), spare - pb
+    plan: [(block, bytes, extras)]. The budget buys, in this order:
+      1. fewer, wider token chunks (chunk_plan): they speed up every block, a kept
+         block only itself. Qwen2.5-3B T 256: 3 chunks → 1, ≤ 85 MB, saved 109 ms in
+         each of 36 blocks (forward 284 → 238, recompute and backward 522 → 459 ms:
+         bench/block_profile.py), where a kept block costs 29 MB and saves one
+         block's recompute (459 → 282 ms at one chunk);
+      2. blocks that keep their forward tensors, head side first (activation_plan);
+      3. P of a recomputed block's attention for its backward (one block's P,
+         B·H·T² fp32, where that attention is one query block: block.keeps_probs);
+      4. extras for kept blocks, head side first (block.extra_bytes: P and σ(gate), so
+         their backward runs no exp; Qwen2.5-3B T 256, one block, one chunk: 282 ms
+         without them, 222 ms with, autodiff's ~252: bench/block_profile.py)."""
+    spare = opt.activation_budget
     wide = chunk_plan(spec, opt, B, T, spare)
     if wide is not None:
         opt, spare = replace(opt, token_chunk_bytes=wide[1]), spare - wide[2]
+    plan = activation_plan(spec, spare, B, T, itemsize)
+    spare -= sum(n for _, n in plan)
+    pb = max(probs_bytes(b, opt, B, T) for b in spec.blocks)
+    if 0 < pb <= spare and len(plan) < len(spec.blocks) - spec.first:
+        opt, spare = replace(opt, keep_probs=True), spare - pb
     out = []
     for i, n in plan:
         e = extra_bytes(spec.blocks[i], opt, B, T, itemsize)

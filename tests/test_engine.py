@@ -353,51 +353,75 @@ def test_token_chunks_flatten_the_growth_in_T():
     assert 0 < growth["64 tokens"] < 0.5 * growth["one chunk"], growth
 
 
-def _plan_budgets(model, T, B=2):
+def _plan_budgets(model, T, B=2, widen=0):
     """Budgets for: nothing kept, only the recompute's P (block.probs_bytes), the
-    last block only, two blocks, every block, and every block plus 3 wider chunk
-    rows (schedule.chunk_plan) or plus plenty."""
+    last block only, two blocks, every block, and every block plus plenty (extras);
+    each but the minimal one after `widen` rows of wider token chunks, which the plan
+    buys first (schedule.chunk_plan), and "2 rows wider" buys only those."""
     from mesp_mlx.block import block_width, kept_bytes, probs_bytes
     spec = mesp_mlx.schedule.model_spec(model, "mesp", T)
     sizes = [kept_bytes(b, B, T, 4) for b in spec.blocks][::-1]
     row = mesp_mlx.schedule.WIDE_ROW_BYTES * 4 * B * block_width(spec.blocks[-1])
     pb = max(probs_bytes(b, EngineOptions(), B, T) for b in spec.blocks)
     assert pb < sizes[0]             # 0 where P cannot be kept (gemma2's softcap)
-    return {"minimal": 0, "P only": pb, "last block": sizes[0], "two blocks": sum(sizes[:2]),
-            "everything": sum(sizes), "everything, 3 rows wider": sum(sizes) + 3 * row,
-            "everything, wide": sum(sizes) + 200 * row}
+    w = widen * row
+    return {"minimal": 0, "2 rows wider": 2 * row, "P only": w + pb,
+            "last block": w + sizes[0], "two blocks": w + sum(sizes[:2]),
+            "everything": w + sum(sizes), "everything, extras": w + sum(sizes) + 200 * row}
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "gemma3_text", "phi3",
                                     "olmo2"])
 def test_every_activation_plan_is_exact(family):
-    """Budget 0, partial and everything kept, and the leftover spent on wider token
-    chunks (5-row chunks widened to 8 rows, or to all 13): the same gradients as
-    autodiff (and as the minimal schedule), with and without token chunks."""
+    """Budget 0, wider token chunks only, partial and everything kept (with and
+    without token chunks: 5-row chunks, 5+5+3, become 7+6 for 2 rows, then one chunk
+    of 13 before any block is kept): the same gradients as autodiff."""
     model = make(dict(num_hidden_layers=3), family=family)
     x, y, mask = batch(13)
     loss_ref, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
-    budgets = _plan_budgets(model, 13)
-    assert (budgets["P only"] > 0) == (family != "gemma2")
-    for name, budget in budgets.items():
-        for chunks in (None, 5):
+    for chunks in (None, 5):
+        budgets = _plan_budgets(model, 13, widen=8 if chunks else 0)
+        if not chunks:
+            assert (budgets["P only"] > 0) == (family != "gemma2")
+        for name, budget in budgets.items():
+            if name == "2 rows wider" and not chunks:
+                continue
             kw = dict(activation_budget=budget)
             opt = _chunk_opts(model, 2, chunks, **kw) if chunks else EngineOptions(**kw)
             st = {}
             loss, g = mesp_mlx.value_and_grad(model, x, y, mask, options=opt, stats=st)
-            assert len(st["kept_blocks"]) == {"minimal": 0, "P only": 0, "last block": 1,
-                                              "two blocks": 2}.get(name, 3)
-            if chunks is None and name in ("minimal", "P only", "last block"):
-                assert st["keep_probs"] == (name == "P only" and budget > 0), (name, st)
-            wide = {"everything, 3 rows wider": 8, "everything, wide": 13}.get(name)
-            assert st["token_chunk_rows"] == (wide if chunks else None), (name, st)
-            if name in ("minimal", "P only", "last block", "two blocks", "everything"):
+            assert len(st["kept_blocks"]) == {"minimal": 0, "2 rows wider": 0, "P only": 0,
+                                              "last block": 1, "two blocks": 2}.get(name, 3)
+            if name in ("minimal", "P only", "last block"):
+                assert st["keep_probs"] == (name == "P only" and family != "gemma2"), \
+                    (name, st)
+            wide = None if not chunks or name == "minimal" else \
+                7 if name == "2 rows wider" else 13
+            assert st["token_chunk_rows"] == wide, (name, st)
+            if name != "everything, extras":
                 assert st["kept_extras"] == [], (name, st)
-            if name == "everything, wide":     # what is left buys P and σ (extras;
+            else:                          # what is left buys P and σ (extras;
                 assert st["kept_extras"] == ([] if family == "gemma2"   # neither: gelu,
                                              else [0, 1, 2]), (name, st)  # softcap)
             assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
             compare(g, g_ref, mx.float32)
+
+
+def test_widening_comes_before_kept_blocks():
+    """A budget that covers wider chunks or one kept block buys the chunks, which
+    speed up every block (schedule.planned); the next block's bytes buy the block."""
+    from mesp_mlx.block import block_width, kept_bytes
+    from mesp_mlx.schedule import WIDE_ROW_BYTES, planned
+    model = make(dict(num_hidden_layers=3))
+    spec = mesp_mlx.schedule.model_spec(model, "mesp", 13)
+    wide = 8 * WIDE_ROW_BYTES * 4 * 2 * block_width(spec.blocks[-1])
+    one = kept_bytes(spec.blocks[-1], 2, 13, 4)
+    for budget, kept, rows in ((wide, 0, 13), (wide + one, 1, 13), (wide - 1, None, 7)):
+        plan, opt, got = planned(spec, _chunk_opts(model, 2, 5, activation_budget=budget),
+                                 2, 13, 4)
+        assert got == rows and kept in (None, len(plan)), (budget, plan, got)
+        assert opt.token_chunk_bytes == 4 * 2 * block_width(spec.blocks[-1]) * rows
+        assert sum(n for _, n, _ in plan) <= budget - (rows - 5) * wide // 8
 
 
 # The same plan's measured peak varies between runs in one process by up to 64 KiB
@@ -433,18 +457,19 @@ def test_activation_plan_peak_within_budget():
 
 
 def test_wider_chunks_peak_within_budget():
-    """What the kept blocks leave of the budget widens the token chunks (8 rows →
-    one chunk of 128): the measured peak stays within the minimal peak + the budget
+    """The budget widens the token chunks first (8 rows → 10, or one chunk of 128,
+    then kept blocks): the measured peak stays within the minimal peak + the budget
     (WIDE_ROW_BYTES must not undercount)."""
     model, x, y = _peak_model()
-    budgets = _plan_budgets(model, 128, B=1)
+    budgets = _plan_budgets(model, 128, B=1, widen=120)
     peaks = {}
-    for name in ("minimal", "everything", "everything, wide"):
+    for name in ("minimal", "2 rows wider", "last block", "everything"):
         opt = _chunk_opts(model, 1, 8, activation_budget=budgets[name])
         mesp_mlx.value_and_grad(model, x[:, :8], y[:, :8], options=opt)
         st = {}
         peaks[name] = _peak_opt(model, x, y, opt, st)
-        assert st["token_chunk_rows"] == {"everything, wide": 128}.get(name), st
+        rows = {"minimal": None, "2 rows wider": 10}.get(name, 128)
+        assert st["token_chunk_rows"] == rows, (name, st)
         assert peaks[name] <= peaks["minimal"] * (1 + PEAK_SLACK) + budgets[name], \
             (name, peaks)
 
