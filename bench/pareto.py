@@ -33,7 +33,9 @@ FRACTIONS = (0.0, 1 / 16, 0.25, 0.5, 1.0)
 EXTRA_BUDGETS = {("Qwen2.5-0.5B", 256): (2e9,)}   # the issue's absolute budget
 DEFAULT_GOAL = {("Qwen2.5-0.5B", 256): 1.10, ("Qwen2.5-3B", 256): 1.25}   # issue 13
 EARLIER = (HERE / "pareto_2026-12-02.jsonl",     # earlier idle runs, kept for their spread
-           HERE / "pareto_before_wide_chunks.jsonl")  # 0212a87: before schedule.chunk_plan
+           HERE / "pareto_before_wide_chunks.jsonl",  # 0212a87: before schedule.chunk_plan
+           HERE / "pareto_2026-12-04_89c2f92.jsonl",  # blocks kept before chunks widened
+           HERE / "pareto_2026-12-06_ce2ae83_xeon.jsonl")  # a slower Intel host, 3B only
 
 
 def spec_of(model, T, method, budget, steps, tag):
@@ -110,8 +112,9 @@ def render(rows, env):
     out += [""] + goal_lines(groups, "This run")
     for path in EARLIER:
         if path.exists():
-            out += goal_lines(_groups(_read(path)), f"Earlier idle run (`bench/{path.name}`, "
-                              f"{_read(path)[0].get('time', '?')[:10]}, same command)")
+            rows = _read(path)          # the date of its newest rows, which the lines use
+            out += goal_lines(_groups(rows), f"Earlier idle run (`bench/{path.name}`, "
+                              f"{max(r.get('time', '?') for r in rows)[:10]}, same command)")
     out += ["", bench_report.environment_line(env), ""]
     return "\n".join(out)
 
@@ -167,6 +170,12 @@ def goal_lines(groups, who):
         if q(b1) is not None:
             parts.append(f"budget = autodiff's extra {qs(b1)} (goal ≤ 1.00×: "
                          + ("met" if q(b1) <= 1 else "missed") + ")")
+        least = [r for r in ok.values() if goal and min(r["step_times_s"]) / ad <= goal]
+        if goal and least and q(b0) is not None and q(b0) > goal:
+            r = min(least, key=lambda r: r["options"]["activation_budget"])
+            parts.append(f"the smallest measured budget within {goal:.2f}×: "
+                         f"{r['options']['activation_budget'] / MB:.0f} MB ({r['tag']}), "
+                         f"{qs(r['tag'])} at {r['peak_above_bytes'] / MB:.0f} MB above weights")
         if b0 in ok:
             parts.append(f"phases forward/head/backward s: budget 0 {_phases(ok[b0])}, "
                          f"{len(full['phases']['kept_blocks'])} blocks kept "
