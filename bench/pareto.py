@@ -7,8 +7,8 @@
 For each (model, T): autodiff, then mesp with EngineOptions(activation_budget =
 f × autodiff's measured extra memory) for f in 0, 1/16, 1/4, 1/2, 1 (1/16: a plan
 that keeps only some blocks, where 1/4 already keeps all), 2 GB at 0.5B T 256 (the
-issue's absolute budget), then autodiff again
-(so every ratio has an autodiff step on each side). Each point times `--steps` warm
+issue's absolute budget), budget 0 with one token chunk at 3B T 256 (what the
+default's chunks cost in time and save in memory), then autodiff again (so every ratio has an autodiff step on each side). Each point times `--steps` warm
 steps after a warm-up; a row's time is its fastest step, and a ratio's spread is
 fastest/fastest against slowest/slowest of the two autodiff points.
 Rows go to pareto.jsonl, the table to RESULTS.md. MB = 2^20 bytes.
@@ -25,12 +25,17 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
 import bench_report  # noqa: E402
+import flop_floor  # noqa: E402
 import memory_bench  # noqa: E402
+from mesp_mlx.arch import config_for  # noqa: E402
 
 MB = 2**20
 JSON = HERE / "pareto.jsonl"
 FRACTIONS = (0.0, 1 / 16, 0.25, 0.5, 1.0)
 EXTRA_BUDGETS = {("Qwen2.5-0.5B", 256): (2e9,)}   # the issue's absolute budget
+# budget 0 with one token chunk of all T: what the default's chunks cost in time and save
+# in memory (3B T 256: 95-row chunks, three passes over each MLP weight instead of one)
+ONE_CHUNK = {("Qwen2.5-3B", 256): 12 << 20}      # ≥ 4 · T · F bytes
 DEFAULT_GOAL = {("Qwen2.5-0.5B", 256): 1.10, ("Qwen2.5-3B", 256): 1.25}   # issue 13
 EARLIER = (HERE / "pareto_2026-12-02.jsonl",     # earlier idle runs, kept for their spread
            HERE / "pareto_before_wide_chunks.jsonl",  # 0212a87: before schedule.chunk_plan
@@ -38,11 +43,11 @@ EARLIER = (HERE / "pareto_2026-12-02.jsonl",     # earlier idle runs, kept for t
            HERE / "pareto_2026-12-06_ce2ae83_xeon.jsonl")  # a slower Intel host, 3B only
 
 
-def spec_of(model, T, method, budget, steps, tag):
+def spec_of(model, T, method, budget, steps, tag, **options):
     s = dict(model=model, T=T, r=8, method=method, steps=steps, dtype="float32",
              scale=20.0, seed=0, tag=tag)
     if budget is not None:
-        s["options"] = {"activation_budget": int(budget)}
+        s["options"] = {"activation_budget": int(budget), **options}
     return s
 
 
@@ -70,6 +75,9 @@ def run(models, Ts, steps, timeout):
                         for b in EXTRA_BUDGETS.get((model, T), ())]
             for tag, b in budgets:
                 run_one(spec_of(model, T, "mesp", b, steps, tag), timeout)
+            if (model, T) in ONE_CHUNK:
+                run_one(spec_of(model, T, "mesp", 0, steps, "budget 0, one token chunk",
+                                token_chunk_bytes=ONE_CHUNK[model, T]), timeout)
             run_one(spec_of(model, T, "autodiff", None, steps, "autodiff (after)"),
                     timeout)
 
@@ -158,8 +166,10 @@ def goal_lines(groups, who):
         parts = []
         goal = DEFAULT_GOAL.get((model, T))
         if goal and q(b0) is not None:
+            fl = flop_floor.floor(config_for(model), T)["ratio"]
             parts.append(f"default (budget 0) {qs(b0)} (goal ≤ {goal:.2f}×: "
-                         + ("met" if q(b0) <= goal else "missed") + ")")
+                         + ("met" if q(b0) <= goal else "missed") + f"; its multiply-adds "
+                         f"are {fl:.2f}× autodiff's, bench/flop_floor.py)")
         if q("budget 2 GB") is not None:
             r = ok["budget 2 GB"]
             parts.append(f"budget 2 GB {qs('budget 2 GB')} at "

@@ -226,3 +226,23 @@ def test_packing_bench_measures_the_same_examples():
     assert rows[1]["steps"] < rows[0]["steps"] and rows[1]["shape"] <= 48
     assert abs(rows[0]["loss"] - rows[1]["loss"]) <= 1e-5 * rows[0]["loss"]
     assert "unpacked (bucketed)" in "\n".join(packing_bench.table("x", rows))
+
+
+def test_flop_floor_counts_the_real_projections():
+    """bench/flop_floor.py's per-token projection count is the block's own weights
+    (a lazily built Qwen2.5-0.5B, nothing allocated), and the minimal schedule's
+    ratio lies between 1 and 1 + the recompute share."""
+    import flop_floor
+    from mlx.utils import tree_flatten
+    from mesp_mlx.arch import build_model, config_for
+    cfg = config_for("Qwen2.5-0.5B")
+    model = build_model(cfg, lazy=True)
+    weights = {k: v.size for k, v in tree_flatten(model.layers[0].parameters())
+               if k.endswith("proj.weight")}
+    p = flop_floor.per_token(cfg, 256)
+    assert p["projections"] == sum(weights.values())
+    assert p["projections"] - p["recompute"] + 2 * 256 * cfg["hidden_size"] == \
+        weights["mlp.down_proj.weight"]
+    f = flop_floor.floor(cfg, 256)
+    assert 1 < f["ratio"] < 1 + f["recompute_share"]
+    assert f["ratio"] == pytest.approx(1.264, abs=1e-3)     # the README's figure
