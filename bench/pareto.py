@@ -41,7 +41,8 @@ EARLIER = (HERE / "pareto_2026-12-02.jsonl",     # earlier idle runs, kept for t
            HERE / "pareto_before_wide_chunks.jsonl",  # 0212a87: before schedule.chunk_plan
            HERE / "pareto_2026-12-04_89c2f92.jsonl",  # blocks kept before chunks widened
            HERE / "pareto_2026-12-06_ce2ae83_xeon.jsonl",  # a slower Intel host, 3B only
-           HERE / "pareto_2026-12-07_30d280a_3b.jsonl")   # 3B before the one-chunk point
+           HERE / "pareto_2026-12-07_30d280a_3b.jsonl",   # 3B before the one-chunk point
+           HERE / "pareto_2026-12-07_30d280a_05b.jsonl")  # 0.5B T 256, first of two here
 
 
 def spec_of(model, T, method, budget, steps, tag, **options):
