@@ -4,6 +4,7 @@ and on disk, one fresh process per point (bench_point.py), rows in long_context.
     python bench/long_context.py                      # the grid below, then the table
     python bench/long_context.py --only full          # only the full-depth points
     python bench/long_context.py --render-only
+    python bench/long_context.py --only full --again --methods mesp mesp@disk   # remeasure
 
 A full-depth step of Qwen2.5-0.5B at T 8192 takes about an hour on this 2-core CPU,
 so the long points are measured at 2 and 4 of the model's real blocks (real widths,
@@ -70,14 +71,16 @@ def load():
     return rows
 
 
-def run(points, timeout):
+def run(points, timeout, again=False):
+    """Measure the points without an ok row (every point with `again`: the newest row
+    of a point is the one rendered, the older ones stay in the file)."""
     done = load()
     for i, pt in enumerate(points, 1):
         spec = spec_of(*pt)
-        if key(spec) in done and done[key(spec)].get("status") == "ok":
+        if not again and key(spec) in done and done[key(spec)].get("status") == "ok":
             continue
         t0 = time.time()
-        row = memory_bench.run_point(spec, timeout)
+        row = dict(memory_bench.run_point(spec, timeout), commit=bench_report.git_commit())
         with JSON.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"[{i}/{len(points)}] {pt}: {row.get('status')} "
@@ -247,6 +250,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["full", "lines"], default=None)
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--again", action="store_true",
+                   help="measure points that already have a row again")
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="only these methods (e.g. mesp mesp@disk)")
     p.add_argument("--ab-tree", type=Path, default=None,
                    help="an older checkout: time its mesp at T 1024 against this one's")
     p.add_argument("--ab-pairs", type=int, default=2)
@@ -257,7 +264,8 @@ def main(argv=None):
         run_ab(args.ab_tree.resolve(), args.ab_pairs, args.timeout)
     elif not args.render_only:
         pts = (FULL if args.only != "lines" else []) + (LINES if args.only != "full" else [])
-        run(pts, args.timeout)
+        pts = [pt for pt in pts if args.methods is None or pt[2] in args.methods]
+        run(pts, args.timeout, args.again)
     env = bench_report.collect_env("float32")
     env["command"] = ("python bench/long_context.py --only full; python bench/long_context.py "
                       "--only lines; python bench/long_context.py --ab-tree <a checkout of "
