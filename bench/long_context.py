@@ -5,6 +5,7 @@ and on disk, one fresh process per point (bench_point.py), rows in long_context.
     python bench/long_context.py --only full          # only the full-depth points
     python bench/long_context.py --render-only
     python bench/long_context.py --only full --again --methods mesp mesp@disk   # remeasure
+    python bench/long_context.py --only lines --again --models Qwen2.5-0.5B
 
 A full-depth step of Qwen2.5-0.5B at T 8192 takes about an hour on this 2-core CPU,
 so the long points are measured at 2 and 4 of the model's real blocks (real widths,
@@ -254,6 +255,8 @@ def main(argv=None):
                    help="measure points that already have a row again")
     p.add_argument("--methods", nargs="*", default=None,
                    help="only these methods (e.g. mesp mesp@disk)")
+    p.add_argument("--models", nargs="*", default=None,
+                   help="only these models (e.g. Qwen2.5-0.5B)")
     p.add_argument("--ab-tree", type=Path, default=None,
                    help="an older checkout: time its mesp at T 1024 against this one's")
     p.add_argument("--ab-pairs", type=int, default=2)
@@ -264,7 +267,8 @@ def main(argv=None):
         run_ab(args.ab_tree.resolve(), args.ab_pairs, args.timeout)
     elif not args.render_only:
         pts = (FULL if args.only != "lines" else []) + (LINES if args.only != "full" else [])
-        pts = [pt for pt in pts if args.methods is None or pt[2] in args.methods]
+        pts = [pt for pt in pts if (args.methods is None or pt[2] in args.methods)
+               and (args.models is None or pt[0] in args.models)]
         run(pts, args.timeout, args.again)
     env = bench_report.collect_env("float32")
     env["command"] = ("python bench/long_context.py --only full; python bench/long_context.py "
