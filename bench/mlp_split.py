@@ -16,26 +16,16 @@ before the next (as the block schedule does).
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 
+from block_profile import fastest  # noqa: E402  (also puts the repo on sys.path)
 from mesp_mlx.arch import config_for  # noqa: E402
 from mesp_mlx.ops.swiglu import swiglu  # noqa: E402
 from mesp_mlx.schedule import EngineOptions  # noqa: E402
-
-
-def fastest(f, n=3):
-    f()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return min(ts) * 1e3
 
 
 def main(argv=None):

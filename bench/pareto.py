@@ -8,8 +8,9 @@ For each (model, T): autodiff, then mesp with EngineOptions(activation_budget =
 f × autodiff's measured extra memory) for f in 0, 1/16, 1/4, 1/2, 1 (1/16: a plan
 that keeps only some blocks, where 1/4 already keeps all), 2 GB at 0.5B T 256 (the
 issue's absolute budget), budget 0 with one token chunk at 3B T 256 (what the
-default's chunks cost in time and save in memory), then autodiff again (so every ratio has an autodiff step on each side). Each point times `--steps` warm
-steps after a warm-up; a row's time is its fastest step, and a ratio's spread is
+default's chunks cost in time and save in memory), then autodiff again (so every ratio
+has an autodiff step on each side). Each point times `--steps` warm steps after a
+warm-up; a row's time is its fastest step, and a ratio's spread is
 fastest/fastest against slowest/slowest of the two autodiff points.
 Rows go to pareto.jsonl, the table to RESULTS.md. MB = 2^20 bytes.
 """
