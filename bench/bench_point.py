@@ -99,14 +99,14 @@ def _ours(model, spec, batch):
                         dtype=spec.get("lora_dtype"))
     inputs, targets = batch[:, :-1], batch[:, 1:]
     if spec["method"].partition("@")[0] == "mezo":
-        from mesp_mlx import mezo
+        from mesp_mlx.engine import mezo
 
         def mezo_step():
             res = mezo.mezo_step(model, inputs, targets, lr=mezo.MEZO_LR, eps=mezo.MEZO_EPS)
             return mx.array(res.loss), []
         return mezo_step
 
-    from mesp_mlx.schedule import EngineOptions
+    from mesp_mlx.engine.plan import EngineOptions
 
     method, _, policy = spec["method"].partition("@")     # e.g. "mesp@block"
     fields = dict(VARIANTS[policy]) if policy else {}
@@ -157,7 +157,7 @@ def _mlx_lm(model, spec, batch):
 def _inference(model, batch, weights_bytes) -> dict:
     """MeZO's reference: one forward-only pass at θ (same blocks and loss head)."""
     import mlx.core as mx
-    from mesp_mlx import mezo
+    from mesp_mlx.engine import mezo
 
     inputs, targets = batch[:, :-1], batch[:, 1:]
     mask = mx.ones(inputs.shape)
@@ -174,7 +174,7 @@ def _model(spec, row):
     """The model: built with random weights, or loaded from spec["model_dir"] (resident,
     or lazily and streamed for a method@stream)."""
     import mlx.core as mx
-    from mesp_mlx.arch import build_model
+    from mesp_mlx.models.configs import build_model
 
     if not spec.get("model_dir"):
         q = {"group_size": 64, "bits": spec["quantize"]} if spec.get("quantize") else None
@@ -183,7 +183,7 @@ def _model(spec, row):
     from pathlib import Path
 
     from mlx_lm.utils import load_model
-    from mesp_mlx.stream import stream_weights
+    from mesp_mlx.engine.stream import stream_weights
     streamed = spec["method"].endswith("@stream")
     model = load_model(Path(spec["model_dir"]), lazy=streamed)[0]
     if streamed:

@@ -18,10 +18,11 @@ import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 import mesp_mlx  # noqa: E402
-from mesp_mlx.arch import build_model, config_for  # noqa: E402
-from mesp_mlx.block import block_backward, block_forward, layer_mask  # noqa: E402
-from mesp_mlx.layers import LoRALinear  # noqa: E402
-from mesp_mlx.schedule import EngineOptions, model_spec  # noqa: E402
+from mesp_mlx.models.configs import build_model, config_for  # noqa: E402
+from mesp_mlx.engine.block import block_backward, block_forward, layer_mask  # noqa: E402
+from mesp_mlx.engine.lora_layers import LoRALinear  # noqa: E402
+from mesp_mlx.engine.plan import EngineOptions  # noqa: E402
+from mesp_mlx.engine.walk import model_spec
 
 
 def fastest(f, n=3):

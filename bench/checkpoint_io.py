@@ -30,7 +30,7 @@ def rss_peak():
 
 
 def with_pwrite(xs, directory):
-    from mesp_mlx.checkpoints import DiskCheckpoints
+    from mesp_mlx.engine.checkpoints import DiskCheckpoints
     st = DiskCheckpoints(directory, sum(x.nbytes for x in xs))
     t0 = time.perf_counter()
     for i, x in enumerate(xs):

@@ -4,7 +4,7 @@
     python bench/convergence.py --model DIR --data DIR --iters 100
 
 Every method starts from the same LoRA init and sees the same batches (same
-seed) through mesp_mlx.trainer.train. The exact methods share one optimizer
+seed) through mesp_mlx.train.loop.train. The exact methods share one optimizer
 and learning rate, so their curves must coincide: max |loss_mesp − loss_autodiff|
 per step is asserted ≤ --tolerance (fp32). mezo uses MeZO-SGD at its own
 learning rate. Writes a PNG (needs matplotlib) and a marked RESULTS.md section.
@@ -28,10 +28,10 @@ sys.path.insert(1, str(HERE.parent))
 import mlx.core as mx  # noqa: E402
 
 import bench_report  # noqa: E402
-from mesp_mlx import data, trainer  # noqa: E402
-from mesp_mlx.config import TrainConfig  # noqa: E402
-from mesp_mlx.layers import apply_lora  # noqa: E402
-from mesp_mlx.models import load_model  # noqa: E402
+from mesp_mlx.train import data, loop as trainer  # noqa: E402
+from mesp_mlx.train.config import TrainConfig  # noqa: E402
+from mesp_mlx.engine.lora_layers import apply_lora  # noqa: E402
+from mesp_mlx.models.loading import load_model  # noqa: E402
 
 START, END = "<!-- convergence:start -->", "<!-- convergence:end -->"
 METHODS = ("autodiff", "mebp", "mesp", "mezo")

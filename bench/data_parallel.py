@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         _worker_allreduce(int(argv[1]))
         return 0
     import bench_report
-    from mesp_mlx.arch import CONFIGS
+    from mesp_mlx.models.configs import CONFIGS
 
     n_params = lora_params(CONFIGS["Qwen2.5-0.5B"], 8)
     nbytes = 4 * n_params

@@ -24,7 +24,7 @@ MB = 2**20
 
 def check(model, T, timeout=3600):
     import mlx.core as mx
-    from mesp_mlx.arch import config_for
+    from mesp_mlx.models.configs import config_for
     from mesp_mlx.memory.estimate import arch_from_config, estimate
     arch = arch_from_config(config_for(model), mx.float32)
     for ck, method in (("memory", "mesp"), ("disk", "mesp@disk")):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mesp_mlx.arch import config_for  # noqa: E402
+from mesp_mlx.models.configs import config_for  # noqa: E402
 
 MODELS = ("Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-3B")
 

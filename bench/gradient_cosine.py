@@ -35,8 +35,8 @@ from mlx.utils import tree_flatten  # noqa: E402
 import bench_point  # noqa: E402
 import bench_report  # noqa: E402
 import mesp_mlx  # noqa: E402
-from mesp_mlx import mezo  # noqa: E402
-from mesp_mlx.arch import build_model, config_for  # noqa: E402
+from mesp_mlx.engine import mezo  # noqa: E402
+from mesp_mlx.models.configs import build_model, config_for  # noqa: E402
 
 START, END = "<!-- gradient_cosine:start -->", "<!-- gradient_cosine:end -->"
 SHORT = {"0.5B": "Qwen2.5-0.5B", "1.5B": "Qwen2.5-1.5B", "3B": "Qwen2.5-3B"}

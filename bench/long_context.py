@@ -48,7 +48,7 @@ NOT_RUN = [(m, T, meth) for m, T in ((Q05, 4096), (Q05, 8192), (Q15, 4096), (Q3,
 
 
 def spec_of(model, T, method, layers, steps):
-    from mesp_mlx.arch import config_for
+    from mesp_mlx.models.configs import config_for
     cfg = config_for(model)
     full = cfg["num_hidden_layers"]
     if layers is not None:
@@ -150,7 +150,7 @@ def fit_lines(rows, env):
     (measured or line) at T ≥ 2048, and the longest T the 8 GB profiles allow (SGD:
     no optimizer state; + fp32 weights, LoRA and the idle-MLX runtime): an
     extrapolation of the fit, not a measurement."""
-    from mesp_mlx.arch import config_for
+    from mesp_mlx.models.configs import config_for
     from mesp_mlx.memory.estimate import arch_from_config
     from mesp_mlx.memory.footprint import runtime_bytes
     from mesp_mlx.memory.profiles import DEVICE_PROFILES

@@ -33,7 +33,7 @@ ALL_METHODS_HERE = ("mesp", "mebp", "autodiff", "mezo", "mlx-lm", "mlx-lm+ckpt",
 
 
 def _model_name(name):
-    from mesp_mlx.arch import config_for
+    from mesp_mlx.models.configs import config_for
     name = SHORT.get(name, name)
     config_for(name)                                  # clear ValueError if unknown
     return name

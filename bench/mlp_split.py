@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mlx.core as mx  # noqa: E402
 
 from block_profile import fastest  # noqa: E402  (also puts the repo on sys.path)
-from mesp_mlx.arch import config_for  # noqa: E402
+from mesp_mlx.models.configs import config_for  # noqa: E402
 from mesp_mlx.ops.swiglu import swiglu  # noqa: E402
-from mesp_mlx.schedule import EngineOptions  # noqa: E402
+from mesp_mlx.engine.plan import EngineOptions  # noqa: E402
 
 
 def main(argv=None):

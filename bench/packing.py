@@ -30,7 +30,7 @@ START, END = "<!-- packing:start -->", "<!-- packing:end -->"
 def skewed(n: int, vocab: int, longest: int, seed: int = 0):
     """A Dataset of n random-token examples, lengths lognormal (median ~24 tokens),
     clipped to [4, longest]."""
-    from mesp_mlx.data import Dataset
+    from mesp_mlx.train.data import Dataset
     rng = np.random.default_rng(seed)
     lens = np.clip(rng.lognormal(np.log(24), 0.9, n).astype(int), 4, longest)
     toks = [rng.integers(0, vocab, int(k)).tolist() for k in lens]
@@ -38,13 +38,14 @@ def skewed(n: int, vocab: int, longest: int, seed: int = 0):
 
 
 def demo_task(tokenizer, max_seq_length: int):
-    from mesp_mlx import data
+    from mesp_mlx.train import data
     return data.load_splits("demo", tokenizer, max_seq_length, mask_prompt=True)["train"]
 
 
 def measure(model, ds, batch_size: int, pack: int, method: str = "mesp") -> dict:
     """One epoch of engine steps over ds (after one warm-up step)."""
-    from mesp_mlx import data, engine
+    from mesp_mlx.train import data
+    from mesp_mlx import engine
     make, groups = data._plan(ds, batch_size, pack)
     batches = [make(ds, g) for g in groups]
     step = lambda b: engine.value_and_grad(model, b.inputs, b.targets, b.mask,
@@ -83,7 +84,8 @@ def table(name: str, rows) -> list:
 
 def main():
     from bench_report import collect_env, environment_line, write_section
-    from mesp_mlx import apply_lora, models
+    from mesp_mlx import apply_lora
+    from mesp_mlx.models import loading as models
 
     env = collect_env("float32 (demo model as stored)")
     model, tokenizer, _ = models.load_model("demo", log=lambda *a: None)

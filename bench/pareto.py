@@ -28,7 +28,7 @@ sys.path.insert(1, str(HERE.parent))
 import bench_report  # noqa: E402
 import flop_floor  # noqa: E402
 import memory_bench  # noqa: E402
-from mesp_mlx.arch import config_for  # noqa: E402
+from mesp_mlx.models.configs import config_for  # noqa: E402
 
 MB = 2**20
 JSON = HERE / "pareto.jsonl"

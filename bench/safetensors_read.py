@@ -16,7 +16,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from mesp_mlx.safetensors_io import SafetensorsFile
+from mesp_mlx.engine.safetensors_io import SafetensorsFile
 
 
 def _pread(f, name, r0=None, r1=None, ids=None):

@@ -53,7 +53,7 @@ def prepare(spec_json: str) -> int:
     """Worker: build the random 4-bit model and save it as an mlx-lm directory."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mesp_mlx.arch import build_model, config_for
+    from mesp_mlx.models.configs import build_model, config_for
 
     spec = json.loads(spec_json)
     out, q = Path(spec["dir"]), {"group_size": 64, "bits": 4}

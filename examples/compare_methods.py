@@ -27,10 +27,10 @@ from mlx.utils import tree_flatten
 
 import mesp_mlx
 from mesp_mlx import demo
-from mesp_mlx.adapters import adapter_weights
-from mesp_mlx.config import UserError
+from mesp_mlx.train.adapters import adapter_weights
+from mesp_mlx.errors import UserError
 from mesp_mlx.memory import device_facts
-from mesp_mlx.mezo import mezo_step
+from mesp_mlx.engine.mezo import mezo_step
 
 MB = 2**20
 METHODS = ("autodiff", "mebp", "mesp", "mezo")

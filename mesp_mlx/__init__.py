@@ -1,17 +1,17 @@
 """mesp_mlx: exact-gradient LoRA fine-tuning for MLX at a fraction of the memory."""
 
-from .engine import METHODS, value_and_grad
-from .schedule import EngineOptions
-from .layers import LoRALinear, apply_lora
-from .mezo import mezo_gradient_estimate
-from .stream import stream_weights
+from .engine.step import METHODS, value_and_grad
+from .engine.plan import EngineOptions
+from .engine.lora_layers import LoRALinear, apply_lora
+from .engine.mezo import mezo_gradient_estimate
+from .engine.stream import stream_weights
 
 # training API (notebooks): the CLI's job is run(TrainConfig(...)); the parts below
-from .adapters import load_adapter_dir, save_adapters
-from .config import TrainConfig
-from .data import fixed_batches, iterate_batches, load_splits
-from .models import load_model
-from .trainer import TrainResult, evaluate, train
+from .train.adapters import load_adapter_dir, save_adapters
+from .train.config import TrainConfig
+from .train.data import fixed_batches, iterate_batches, load_splits
+from .models.loading import load_model
+from .train.loop import TrainResult, evaluate, train
 
 __all__ = ["apply_lora", "value_and_grad", "EngineOptions", "LoRALinear", "METHODS",
            "mezo_gradient_estimate",
@@ -23,5 +23,5 @@ __version__ = "0.1.0"
 
 def run(config: TrainConfig, log=print) -> dict:
     """The `python -m mesp_mlx.lora` job from Python (see mesp_mlx.lora.run)."""
-    from .lora import run as _run      # lazy: keeps `python -m mesp_mlx.lora` clean
+    from .lora import run as _run  # lazy: keeps `python -m mesp_mlx.lora` clean
     return _run(config, log)

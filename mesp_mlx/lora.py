@@ -15,11 +15,11 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .config import (GRAD_CHECKPOINT_NOTE, ConfigError, Parser, TrainConfig, UserError,
-                     add_arguments, resolve)
+from .train.config import GRAD_CHECKPOINT_NOTE, TrainConfig, add_arguments, resolve
+from .errors import ConfigError, Parser, UserError
 
 from .memory import MemoryBudgetError
-from .safetensors_io import WeightsFileError
+from .engine.safetensors_io import WeightsFileError
 
 EPILOG = """\
 methods: mesp = per-block recompute + hand-derived backward (least memory),
@@ -46,8 +46,10 @@ def run(cfg: TrainConfig, log=print) -> dict:
     {"train": TrainResult or None, "test_loss": float or None, "model": model}."""
     import mlx.core as mx
 
-    from . import adapters, checks, data, data_parallel, distributed, models, reporting, trainer
-    from .inputs import vocab_sizes
+    from .train import adapters, prechecks as checks, data, reporting, loop as trainer
+    from .parallel import data_parallel, group as distributed
+    from .models import loading as models
+    from .engine.batch import vocab_sizes
 
     cfg.validate()
     if cfg.train:
@@ -140,8 +142,8 @@ def _vocab(sizes):
 
 def _apply_lora(model, cfg):
     """apply_lora with the CLI's names in its errors."""
-    from .checks import check_num_layers
-    from .layers import apply_lora
+    from .train.prechecks import check_num_layers
+    from .engine.lora_layers import apply_lora
 
     check_num_layers(model, cfg.num_layers)
     try:
@@ -166,7 +168,7 @@ def _memory(model, cfg, budget, log, T):
     log(f"Memory estimate (longest batch T={T}, B={cfg.batch_size}):\n{est}")
     if budget:
         log(f"Memory budget {budget / 1e6:.0f} MB, enforced with mx.set_memory_limit")
-    from .stream import resident_weight_bytes, streamed_weight_bytes
+    from .engine.stream import resident_weight_bytes, streamed_weight_bytes
     return MemoryMonitor(log_path=cfg.memory_log, budget_bytes=budget,
                          weights_bytes=resident_weight_bytes(model),
                          streamed_bytes=streamed_weight_bytes(model)), est
@@ -182,8 +184,9 @@ def _activation_plan(model, cfg, budget, est, T, log):
     (EngineOptions.activation_budget; schedule.planned)."""
     import mlx.core as mx
 
-    from .schedule import describe_plan, model_spec, planned
-    from .trainer import engine_options
+    from .engine.plan import describe_plan, planned
+    from .engine.walk import model_spec
+    from .train.loop import engine_options
 
     opts = engine_options(cfg)
     if not budget or cfg.method != "mesp":
@@ -214,7 +217,7 @@ def main(argv: Optional[list] = None) -> int:
         cfg = resolve(vars(args), cfg_path)
         run(cfg)
     except (UserError, MemoryBudgetError, WeightsFileError) as e:
-        from .distributed import where
+        from .parallel.group import where
         print(f"error{where()}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

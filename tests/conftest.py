@@ -52,7 +52,7 @@ def tiny_model_dir(tmp_path_factory):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mesp_mlx.arch import build_model, tiny_config
+    from mesp_mlx.models.configs import build_model, tiny_config
 
     path = tmp_path_factory.mktemp("tiny_model")
     vocab, eos = _tokenizer(path)
@@ -66,13 +66,13 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def make_model_dir(path, family: str, quantize=None, **overrides):
-    """A loadable model directory of any tiny family (mesp_mlx.arch.TINY): config.json,
+    """A loadable model directory of any tiny family (mesp_mlx.models.configs.TINY): config.json,
     model.safetensors (random fp32 weights; quantized like mlx-lm with e.g.
     quantize={"group_size": 32, "bits": 4}) and a BPE tokenizer with a chat template."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mesp_mlx.arch import build_model, tiny_config
+    from mesp_mlx.models.configs import build_model, tiny_config
 
     path.mkdir(parents=True, exist_ok=True)
     vocab, eos = _tokenizer(path)

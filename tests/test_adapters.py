@@ -7,9 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mesp_mlx import adapters
-from mesp_mlx.adapters import AdapterError
-from mesp_mlx.layers import apply_lora
+from mesp_mlx.train import adapters
+from mesp_mlx.train.adapters import AdapterError
+from mesp_mlx.engine.lora_layers import apply_lora
 
 
 def _trained_lora_model(model_dir, rank=4, num_layers=None, keys=None):

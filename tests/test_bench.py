@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mesp_mlx.arch import tiny_config
+from mesp_mlx.models.configs import tiny_config
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
@@ -197,8 +197,8 @@ def test_data_parallel_all_reduce_size_and_speedup_model():
     from mlx.utils import tree_flatten
 
     import data_parallel
-    from mesp_mlx.arch import CONFIGS, build_model, tiny_config
-    from mesp_mlx.layers import apply_lora
+    from mesp_mlx.models.configs import CONFIGS, build_model, tiny_config
+    from mesp_mlx.engine.lora_layers import apply_lora
 
     cfg = tiny_config()
     model = apply_lora(build_model(cfg, seed=0), rank=3)
@@ -216,7 +216,7 @@ def test_packing_bench_measures_the_same_examples():
     tokens and give the same mean loss; the table names its baseline."""
     import mesp_mlx
     import packing as packing_bench
-    from mesp_mlx.arch import build_model
+    from mesp_mlx.models.configs import build_model
 
     model = build_model(tiny_config(), seed=0)
     mesp_mlx.apply_lora(model, rank=4)
@@ -234,7 +234,7 @@ def test_flop_floor_counts_the_real_projections():
     ratio lies between 1 and 1 + the recompute share."""
     import flop_floor
     from mlx.utils import tree_flatten
-    from mesp_mlx.arch import build_model, config_for
+    from mesp_mlx.models.configs import build_model, config_for
     cfg = config_for("Qwen2.5-0.5B")
     model = build_model(cfg, lazy=True)
     weights = {k: v.size for k, v in tree_flatten(model.layers[0].parameters())

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from test_trainer import _cfg, _model, loaded  # noqa: F401  (fixture)
 
-from mesp_mlx import best, trainer
-from mesp_mlx.config import ConfigError
+from mesp_mlx.train import early_stop as best, loop as trainer
+from mesp_mlx.errors import ConfigError
 
 # lr 5e-2 makes the tiny model's validation loss go up and down (measured: 6.25,
 # 4.84, 6.55, 5.06), so patience 2 stops the run early

@@ -8,9 +8,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mesp_mlx
-from mesp_mlx import checkpoints, schedule
-from mesp_mlx.checkpoints import CheckpointSpaceError, DiskCheckpoints
-from mesp_mlx.schedule import EngineOptions
+from mesp_mlx.engine import checkpoints, backprop as schedule
+from mesp_mlx.engine.checkpoints import CheckpointSpaceError, DiskCheckpoints
+from mesp_mlx.engine.plan import EngineOptions
 from test_engine import batch, make
 
 

@@ -7,8 +7,8 @@ import pytest
 from conftest import sentence, write_jsonl
 from test_cli import base, cli
 
-from mesp_mlx import checks
-from mesp_mlx.config import ConfigError
+from mesp_mlx.train import prechecks as checks
+from mesp_mlx.errors import ConfigError
 
 HUB = "nobody/no-such-model"        # loading it would fail (offline): it must not be reached
 

@@ -179,7 +179,7 @@ def test_over_long_sequences_warn_once_with_count(tiny_model_dir, tmp_path):
 
 
 def test_model_names_resolve_to_published_repos():
-    from mesp_mlx.models import ModelLoadError, resolve_model_name
+    from mesp_mlx.models.loading import ModelLoadError, resolve_model_name
     assert resolve_model_name("Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     assert resolve_model_name("Qwen2.5-3B-Instruct") == "Qwen/Qwen2.5-3B-Instruct"
     assert resolve_model_name("qwen2.5-1.5b-instruct-4bit") == \

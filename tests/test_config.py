@@ -6,7 +6,8 @@ import io
 
 import pytest
 
-from mesp_mlx.config import ConfigError, TrainConfig, resolve
+from mesp_mlx.errors import ConfigError
+from mesp_mlx.train.config import TrainConfig, resolve
 from mesp_mlx.lora import main
 
 BASE = {"model": "m", "data": "d", "train": True}

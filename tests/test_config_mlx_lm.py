@@ -13,8 +13,9 @@ import yaml
 from conftest import make_model_dir, sentence, write_jsonl
 from test_cli import cli
 
-from mesp_mlx import checks, trainer
-from mesp_mlx.config import ConfigError, TrainConfig, load_yaml, resolve
+from mesp_mlx.train import prechecks as checks, loop as trainer
+from mesp_mlx.errors import ConfigError
+from mesp_mlx.train.config import TrainConfig, load_yaml, resolve
 from mesp_mlx.lora import build_parser
 
 # The content of ml-explore/mlx-lm's mlx_lm/examples/lora_config.yaml (MIT

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import sentence, write_jsonl
 
-from mesp_mlx import data
-from mesp_mlx.data import DataError, Dataset, TruncationWarning
+from mesp_mlx.train import data
+from mesp_mlx.train.data import DataError, Dataset, TruncationWarning
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import pytest
 from conftest import sentence, write_jsonl
 from mlx_launch import launch, launcher
 
-from mesp_mlx import data, data_parallel
-from mesp_mlx.distributed import World
+from mesp_mlx.train import data
+from mesp_mlx.parallel import data_parallel
+from mesp_mlx.parallel.group import World
 from mesp_mlx.lora import main
 
 pytestmark = pytest.mark.skipif(launcher() is None, reason="mlx.launch not found")
@@ -64,8 +65,8 @@ def numbers(text, what):
 
 def initial_adapters(model_dir, rank=4, scale=2.0, seed=3):
     import mlx_lm
-    from mesp_mlx.adapters import adapter_weights
-    from mesp_mlx.layers import apply_lora
+    from mesp_mlx.train.adapters import adapter_weights
+    from mesp_mlx.engine.lora_layers import apply_lora
     model, _ = mlx_lm.load(str(model_dir))
     mx.random.seed(seed)                      # as lora.run: seed, then apply_lora
     return adapter_weights(apply_lora(model, rank, scale))
@@ -151,7 +152,8 @@ def test_indivisible_global_batch_is_a_clear_error(tiny_model_dir, uneven_data, 
 
 
 def test_check_batch_size_and_rank_options_in_process():
-    from mesp_mlx.config import ConfigError, TrainConfig
+    from mesp_mlx.errors import ConfigError
+    from mesp_mlx.train.config import TrainConfig
 
     data_parallel.check_batch_size(World(), 3)                     # one process: any B
     cfg = TrainConfig(adapter_path="ad", memory_log="m.jsonl")

@@ -12,7 +12,7 @@ import pytest
 import mesp_mlx
 from mesp_mlx import demo
 from mesp_mlx.demo import make_data
-from mesp_mlx.engine import masked_ce
+from mesp_mlx.engine.step import masked_ce
 
 SPLITS = ("train", "valid", "test")
 KEYS = {"corpus": {"text"}, "task": {"prompt", "completion"}}

@@ -7,9 +7,9 @@ import pytest
 from conftest import sentence, write_jsonl
 from mlx_launch import launch, launcher
 
-from mesp_mlx import distributed
-from mesp_mlx.config import ConfigError
-from mesp_mlx.distributed import World
+from mesp_mlx.parallel import group as distributed
+from mesp_mlx.errors import ConfigError
+from mesp_mlx.parallel.group import World
 
 needs_launch = pytest.mark.skipif(launcher() is None, reason="mlx.launch not found")
 

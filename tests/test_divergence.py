@@ -8,9 +8,10 @@ import pytest
 from mlx.utils import tree_map
 from test_cli import base, cli
 
-from mesp_mlx import engine, trainer
-from mesp_mlx.config import TrainConfig
-from mesp_mlx.divergence import DivergenceError, all_finite, first_nonfinite
+from mesp_mlx import engine
+from mesp_mlx.train import loop as trainer
+from mesp_mlx.train.config import TrainConfig
+from mesp_mlx.train.divergence import DivergenceError, all_finite, first_nonfinite
 
 
 def _all_saved_finite(folder):
@@ -46,7 +47,8 @@ def test_divergence_before_any_save_says_so(tiny_model_dir, text_data, tmp_path)
 def test_non_finite_gradient_is_caught(monkeypatch, tiny_model_dir, text_data):
     from mlx_lm import load
 
-    from mesp_mlx import apply_lora, data
+    from mesp_mlx import apply_lora
+    from mesp_mlx.train import data
     model, tok = load(str(tiny_model_dir))
     apply_lora(model, rank=2)
     ds = data.load_splits(str(text_data), tok, 128)["train"]

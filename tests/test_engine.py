@@ -14,10 +14,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mesp_mlx
-from mesp_mlx.arch import TINY, build_model, tiny_config
-from mesp_mlx.families import UnsupportedModelError
-from mesp_mlx.layers import lora_layers
-from mesp_mlx.schedule import EngineOptions
+from mesp_mlx.models.configs import TINY, build_model, tiny_config
+from mesp_mlx.engine.families import UnsupportedModelError
+from mesp_mlx.engine.lora_layers import lora_layers
+from mesp_mlx.engine.plan import EngineOptions
 
 CASES = {
     "gqa2-tied": dict(cfg={}, T=13),
@@ -162,7 +162,7 @@ def test_matches_mlx_lm_lora_layers():
     x, y, mask = batch(11)
 
     def loss_fn(m):
-        return mesp_mlx.engine.masked_ce(m(x), y, mask)
+        return mesp_mlx.engine.step.masked_ce(m(x), y, mask)
 
     _, g_ref = nn.value_and_grad(ref, loss_fn)(ref)
     _, g = mesp_mlx.value_and_grad(model, x, y, mask, method="mesp")
@@ -208,8 +208,8 @@ def test_out_of_reach_family_names_autodiff(method):
 
 def test_spec_mismatch_is_caught():
     """A spec that disagrees with the model (wrong window) stops before any gradient."""
-    from mesp_mlx import families
-    from mesp_mlx.verify import SpecMismatchError
+    from mesp_mlx.engine import families
+    from mesp_mlx.engine.verify import SpecMismatchError
 
     model = make({}, family="gemma3_text")
     x, y, mask = batch(13)
@@ -280,13 +280,13 @@ def test_options_do_not_change_gradients(opts, family):
 
 def _chunk_opts(model, B, rows, **kw):
     """EngineOptions whose token chunks are `rows` tokens (the bytes of [B, rows, F])."""
-    F = mesp_mlx.schedule.model_spec(model, "mesp", 8).blocks[-1].down
-    F = mesp_mlx.block._frozen(F).shape[1]
+    F = mesp_mlx.engine.walk.model_spec(model, "mesp", 8).blocks[-1].down
+    F = mesp_mlx.engine.block._frozen(F).shape[1]
     return EngineOptions(token_chunk_bytes=4 * B * F * rows, **kw)
 
 
 def test_spans_merge_a_short_tail():
-    from mesp_mlx.block import spans
+    from mesp_mlx.engine.block import spans
     assert spans(13, 4) == [(0, 4), (4, 8), (8, 12), (12, 13)]   # tail 1 = 4/4: kept
     assert spans(13, 6) == [(0, 6), (6, 13)]                      # tail 1 < 6/4: merged
     assert spans(256, 215) == [(0, 256)] and spans(5, 8) == [(0, 5)]
@@ -298,12 +298,12 @@ def test_spans_merge_a_short_tail():
 def test_token_chunks_are_exact(family, rows):
     """Token-chunked recompute/backward = unchunked mesp (fp32 rounding) = autodiff,
     for chunk sizes that do not divide T, on every family."""
-    from mesp_mlx.block import token_spans
+    from mesp_mlx.engine.block import token_spans
 
     model = make({}, family=family)
     x, y, mask = batch(13)
     opt = _chunk_opts(model, 2, rows)
-    spec = mesp_mlx.schedule.model_spec(model, "mesp", 13)
+    spec = mesp_mlx.engine.walk.model_spec(model, "mesp", 13)
     assert len(token_spans(spec.blocks[0], opt, 2, 13)) == {5: 3, 4: 4, 6: 2}[rows]
     loss_ref, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
     loss_one, g_one = mesp_mlx.value_and_grad(model, x, y, mask, method="mesp")
@@ -358,10 +358,10 @@ def _plan_budgets(model, T, B=2, widen=0):
     last block only, two blocks, every block, and every block plus plenty (extras);
     each but the minimal one after `widen` rows of wider token chunks, which the plan
     buys first (schedule.chunk_plan), and "2 rows wider" buys only those."""
-    from mesp_mlx.block import block_width, kept_bytes, probs_bytes
-    spec = mesp_mlx.schedule.model_spec(model, "mesp", T)
+    from mesp_mlx.engine.block import block_width, kept_bytes, probs_bytes
+    spec = mesp_mlx.engine.walk.model_spec(model, "mesp", T)
     sizes = [kept_bytes(b, B, T, 4) for b in spec.blocks][::-1]
-    row = mesp_mlx.schedule.WIDE_ROW_BYTES * 4 * B * block_width(spec.blocks[-1])
+    row = mesp_mlx.engine.plan.WIDE_ROW_BYTES * 4 * B * block_width(spec.blocks[-1])
     pb = max(probs_bytes(b, EngineOptions(), B, T) for b in spec.blocks)
     assert pb < sizes[0]             # 0 where P cannot be kept (gemma2's softcap)
     w = widen * row
@@ -410,10 +410,10 @@ def test_every_activation_plan_is_exact(family):
 def test_widening_comes_before_kept_blocks():
     """A budget that covers wider chunks or one kept block buys the chunks, which
     speed up every block (schedule.planned); the next block's bytes buy the block."""
-    from mesp_mlx.block import block_width, kept_bytes
-    from mesp_mlx.schedule import WIDE_ROW_BYTES, planned
+    from mesp_mlx.engine.block import block_width, kept_bytes
+    from mesp_mlx.engine.plan import WIDE_ROW_BYTES, planned
     model = make(dict(num_hidden_layers=3))
-    spec = mesp_mlx.schedule.model_spec(model, "mesp", 13)
+    spec = mesp_mlx.engine.walk.model_spec(model, "mesp", 13)
     wide = 8 * WIDE_ROW_BYTES * 4 * 2 * block_width(spec.blocks[-1])
     one = kept_bytes(spec.blocks[-1], 2, 13, 4)
     for budget, kept, rows in ((wide, 0, 13), (wide + one, 1, 13), (wide - 1, None, 7)):
@@ -486,7 +486,7 @@ def _peak_opt(model, x, y, opt, stats):
 def test_cache_is_kept_between_steps_only_with_a_budget():
     """clear_cache="auto": cleared after a minimal-schedule step (smallest footprint),
     kept after a budgeted one (its buffers serve the next step); explicit values win."""
-    from mesp_mlx.schedule import cache_policy
+    from mesp_mlx.engine.plan import cache_policy
     assert cache_policy(EngineOptions()) == "step"
     assert cache_policy(EngineOptions(activation_budget=1)) == "none"
     assert cache_policy(EngineOptions(activation_budget=1, clear_cache="step")) == "step"

@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 from test_cli import base, cli, losses
 
-from mesp_mlx.arch import TINY
+from mesp_mlx.models.configs import TINY
 
 FAMILIES = [f for f in TINY if f not in ("llama-yarn", "llama-linear", "llama-dynamic")]
 
@@ -15,7 +15,8 @@ FAMILIES = [f for f in TINY if f not in ("llama-yarn", "llama-linear", "llama-dy
 def test_train_and_load_in_mlx_lm(family, family_model_dir, text_data, tmp_path):
     import mlx_lm
 
-    from mesp_mlx import adapters, load_model
+    from mesp_mlx.train import adapters
+    from mesp_mlx import load_model
 
     model_dir = family_model_dir(family)
     ad = tmp_path / "ad"
@@ -42,6 +43,6 @@ def test_train_and_load_in_mlx_lm(family, family_model_dir, text_data, tmp_path)
     ("someone/custom-model", "someone/custom-model"),
 ])
 def test_short_names(short, repo):
-    from mesp_mlx.models import resolve_model_name, short_names
+    from mesp_mlx.models.loading import resolve_model_name, short_names
     assert resolve_model_name(short) == repo
     assert "Phi-3.5-mini-instruct-4bit" in short_names()

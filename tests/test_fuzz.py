@@ -17,9 +17,10 @@ import yaml                                                      # noqa: E402
 from hypothesis import HealthCheck, given, settings              # noqa: E402
 from hypothesis import strategies as st                          # noqa: E402
 
-from mesp_mlx import data                                        # noqa: E402
-from mesp_mlx.config import UserError, fields, TrainConfig, resolve  # noqa: E402
-from mesp_mlx.lora import main                                   # noqa: E402
+from mesp_mlx.train import data  # noqa: E402
+from mesp_mlx.errors import UserError  # noqa: E402
+from mesp_mlx.train.config import fields, TrainConfig, resolve
+from mesp_mlx.lora import main  # noqa: E402
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -5,8 +5,8 @@ import mlx.core as mx
 import pytest
 
 import mesp_mlx
-from mesp_mlx.arch import build_model, tiny_config
-from mesp_mlx.inputs import vocab_sizes
+from mesp_mlx.models.configs import build_model, tiny_config
+from mesp_mlx.engine.batch import vocab_sizes
 
 V = 64
 

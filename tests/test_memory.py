@@ -10,10 +10,10 @@ from mlx.utils import tree_flatten
 import pytest
 
 import mesp_mlx
-from mesp_mlx.arch import build_model, tiny_config
-from mesp_mlx.memory import (DEVICE_PROFILES, MemoryBudgetError, MemoryMonitor,
-                             preflight, process_footprint, resolve_budget)
-from mesp_mlx.memory.__main__ import main
+from mesp_mlx.models.configs import build_model, tiny_config
+from mesp_mlx.memory import (DEVICE_PROFILES, MemoryBudgetError, MemoryMonitor, preflight,
+                             process_footprint, resolve_budget)
+from mesp_mlx.memory.cli import main
 from mesp_mlx.memory.estimate import arch_from_config, arch_from_model, estimate
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
@@ -253,7 +253,7 @@ def test_every_advice_fits_when_rerun(capsys, argv):
 
 
 def test_model_suffix_sets_dtype_and_quantization(capsys):
-    from mesp_mlx.memory.__main__ import variant
+    from mesp_mlx.memory.cli import variant
     assert variant("Qwen2.5-3B-Instruct-4bit") == ("bfloat16", 4)
     assert variant("mlx-community/gemma-3-1b-it-8bit") == ("bfloat16", 8)
     assert variant("Qwen3-0.6B-bf16") == ("bfloat16", None)
@@ -274,8 +274,8 @@ def test_model_suffix_sets_dtype_and_quantization(capsys):
 
 
 def test_memory_cli_defaults_to_the_training_optimizer(capsys):
-    from mesp_mlx.config import TrainConfig
-    from mesp_mlx.memory.__main__ import _parser
+    from mesp_mlx.train.config import TrainConfig
+    from mesp_mlx.memory.cli import _parser
     assert _parser().parse_args([]).optimizer == TrainConfig().optimizer == "adam"
     rc, out = _run(capsys, "--model", "Qwen2.5-0.5B", "--no-measure")
     assert ", adam;" in out and not re.search(r"\| optimizer state \| 0\.0 \|", out)
@@ -308,7 +308,7 @@ def test_estimate_table_is_printed_once(capsys, tmp_path):
 def test_estimate_vs_measured_token_chunks(checkpoints, tmp_path):
     """At T 1024 this model runs 4 token chunks per block (F 4096): the estimate of
     the chunked schedule, checkpoints in memory or on disk, within 10% of measured."""
-    from mesp_mlx.schedule import EngineOptions
+    from mesp_mlx.engine.plan import EngineOptions
     model = _lora_model(tiny_config(hidden_size=64, intermediate_size=4096,
                                     num_hidden_layers=6, vocab_size=4096))
     opt = EngineOptions(checkpoints=checkpoints, checkpoint_dir=str(tmp_path))

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from mesp_mlx.arch import tiny_config
+from mesp_mlx.models.configs import tiny_config
 from mesp_mlx.memory import fit
-from mesp_mlx.memory.__main__ import main
+from mesp_mlx.memory.cli import main
 from mesp_mlx.memory.estimate import SPARE, arch_from_config, estimate
 
 
@@ -43,7 +43,7 @@ CASES = [  # (target, model, method, T, B, rank, budget)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_find_answers_the_largest_value_that_fits(capsys, case):
     from mesp_mlx.memory import resolve_budget
-    from mesp_mlx.memory.__main__ import _DTYPES, _config, _parser, _resolve_variant
+    from mesp_mlx.memory.cli import _DTYPES, _config, _parser, _resolve_variant
     target, model, method, T, B, r, budget = case
     flag = "--device-profile" if budget.startswith("iphone") else "--memory-budget"
     argv = ["--model", model, "--method", method, "--max-seq-length", T,

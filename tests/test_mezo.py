@@ -9,9 +9,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mesp_mlx
-from mesp_mlx import engine, mezo
-from mesp_mlx.arch import build_model, tiny_config
-from mesp_mlx.layers import lora_layers
+from mesp_mlx import engine
+from mesp_mlx.engine import mezo
+from mesp_mlx.models.configs import build_model, tiny_config
+from mesp_mlx.engine.lora_layers import lora_layers
 
 SMALL = tiny_config(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                     vocab_size=4096)

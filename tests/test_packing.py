@@ -7,10 +7,10 @@ import mlx.core as mx
 import pytest
 
 import mesp_mlx
-from mesp_mlx import block, packing
-from mesp_mlx.arch import TINY
-from mesp_mlx.packing import Packing, check_segments
-from mesp_mlx.schedule import EngineOptions
+from mesp_mlx.engine import block, packing
+from mesp_mlx.models.configs import TINY
+from mesp_mlx.engine.packing import Packing, check_segments
+from mesp_mlx.engine.plan import EngineOptions
 from test_engine import compare, make
 
 LENGTHS = [[5, 3, 4], [2, 6, 4]]   # two rows of T 13: 12 example positions + 1 pad
@@ -107,7 +107,7 @@ def _qk_packed_vs_alone(model):
     (RoPE is relative, so the loss alone cannot see positions that fail to restart:
     q_i·k_j depends on i − j only. The restart keeps angles small and dynamic-NTK
     limits per example, and is checked here on the rotated q and k themselves.)"""
-    spec = mesp_mlx.schedule.model_spec(model, "mesp", T, EngineOptions(verify=False))
+    spec = mesp_mlx.engine.walk.model_spec(model, "mesp", T, EngineOptions(verify=False))
     b = spec.blocks[0]
     x, _, _, seg = packed(examples())
     h = spec.embed_ids(x)

@@ -17,12 +17,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 
 import mesp_mlx
-from mesp_mlx import mezo
-from mesp_mlx.arch import TINY, build_model, tiny_config
-from mesp_mlx.layers import lora_layers
-from mesp_mlx.safetensors_io import SafetensorsFile, WeightsFileError
-from mesp_mlx.schedule import EngineOptions, head_tiles
-from mesp_mlx.stream import is_streamed, stream_weights
+from mesp_mlx.engine import mezo
+from mesp_mlx.models.configs import TINY, build_model, tiny_config
+from mesp_mlx.engine.lora_layers import lora_layers
+from mesp_mlx.engine.safetensors_io import SafetensorsFile, WeightsFileError
+from mesp_mlx.engine.plan import EngineOptions, head_tiles
+from mesp_mlx.engine.stream import is_streamed, stream_weights
 
 Q4 = dict(group_size=32, bits=4)
 
@@ -104,7 +104,7 @@ def test_streamed_mebp_mezo_and_eval_match(quant, tmp_path):
     e1 = mesp_mlx.mezo_gradient_estimate(res, x, y, m, seed=3)
     e2 = mesp_mlx.mezo_gradient_estimate(st, x, y, m, seed=3)
     assert_identical(e2, e1)
-    from mesp_mlx.data import Batch
+    from mesp_mlx.train.data import Batch
     b = Batch(x, y, m, x.size, int(m.sum().item()))
     r, s = mesp_mlx.evaluate(res, [b]), mesp_mlx.evaluate(st, [b])
     assert abs(r - s) <= 1e-5 * abs(r), (r, s)

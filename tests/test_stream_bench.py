@@ -4,7 +4,7 @@ and the table/goal lines its RESULTS.md section is built from."""
 import sys
 from pathlib import Path
 
-from mesp_mlx.arch import tiny_config
+from mesp_mlx.models.configs import tiny_config
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))

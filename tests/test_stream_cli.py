@@ -86,8 +86,8 @@ def test_report_and_memory_log_count_the_weights(q4_dir, text_data, tmp_path):
 def test_memory_cli_streams_and_prints_the_accounting(tmp_path, capsys):
     import json
 
-    from mesp_mlx.arch import tiny_config
-    from mesp_mlx.memory.__main__ import main as memory_main
+    from mesp_mlx.models.configs import tiny_config
+    from mesp_mlx.memory.cli import main as memory_main
 
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(tiny_config("qwen2", vocab_size=1024)))

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from mesp_mlx import data, engine, trainer
-from mesp_mlx.config import ConfigError, TrainConfig
-from mesp_mlx.layers import apply_lora
+from mesp_mlx.train import data, loop as trainer
+from mesp_mlx import engine
+from mesp_mlx.errors import ConfigError
+from mesp_mlx.train.config import TrainConfig
+from mesp_mlx.engine.lora_layers import apply_lora
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 
-from mesp_mlx import tuner
-from mesp_mlx.layers import LoRALinear
+from mesp_mlx.compat import mlx_lm_tuner as tuner
+from mesp_mlx.engine.lora_layers import LoRALinear
 
 MLX_IMPORT = "from mlx_lm.tuner.trainer import train"
 SCRIPT = '''\
@@ -80,7 +80,7 @@ def test_an_mlx_lm_script_runs_with_one_import_changed(tiny_model_dir, text_data
                              monkeypatch)
     ours, got = run_script(ours_text, tmp_path, "mesp", tiny_model_dir, text_data,
                            monkeypatch)
-    assert got["layers"] == ["mesp_mlx.layers"] and ref["layers"] == ["mlx_lm.tuner.lora"]
+    assert got["layers"] == ["mesp_mlx.engine.lora_layers"] and ref["layers"] == ["mlx_lm.tuner.lora"]
     for hook in ("train", "val"):                 # the same reports, the same keys
         assert [sorted(r) for r in got[hook]] == [sorted(r) for r in ref[hook]], hook
         assert [r["iteration"] for r in got[hook]] == [r["iteration"] for r in ref[hook]]

@@ -13,9 +13,10 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..block import spans
-from ..schedule import EngineOptions, head_tiles
+from ..engine.block import spans
+from ..engine.plan import EngineOptions, head_tiles
 from .footprint import runtime_bytes
+from ..errors import MemoryBudgetError
 
 MB = 1e6
 OPT_STATE = {"sgd": 0, "adam": 2, "adamw": 2}   # fp32 state tensors per LoRA parameter (others: 2)
@@ -49,7 +50,7 @@ def _text_args(model):
 
 def _lora_count(model, rank: int) -> int:
     """r (d_in + d_out) over every linear layer of every block (the default keys)."""
-    from ..layers import block_linears
+    from ..engine.lora_layers import block_linears
     from ..ops.frozen import FrozenWeight
     n = 0
     for blk in model.layers:
@@ -71,7 +72,7 @@ def _arch(model, weight_bytes, lora_bytes, s, bits) -> Arch:
 def arch_from_config(cfg: dict, dtype=mx.float32, quant_bits: Optional[int] = None,
                      rank: int = 8) -> Arch:
     """Arch of a config, built lazily (shapes only, nothing allocated)."""
-    from ..arch import build_model
+    from ..models.configs import build_model
     s = mx.zeros((), dtype).itemsize
     q = {"group_size": 64, "bits": quant_bits} if quant_bits else None
     model = build_model(cfg, dtype=dtype, quantize=q, lazy=True)
@@ -81,7 +82,7 @@ def arch_from_config(cfg: dict, dtype=mx.float32, quant_bits: Optional[int] = No
 
 def arch_from_model(model, rank: int = 8) -> Arch:
     """Arch of a built mlx-lm model; LoRA from its trainable parameters if applied."""
-    from ..families import OUT_OF_REACH, family_of
+    from ..engine.families import OUT_OF_REACH, family_of
     fam = family_of(model)
     if fam in OUT_OF_REACH:
         raise ValueError(f"the memory estimate does not model {fam!r} ({OUT_OF_REACH[fam]}); "
@@ -94,7 +95,7 @@ def arch_from_model(model, rank: int = 8) -> Arch:
     _, lm = _text_args(model)
     embed = lm.model.embed_tokens
     bits = getattr(embed, "bits", None) if "scales" in embed else None
-    from ..stream import is_streamed, resident_weight_bytes, weight_source
+    from ..engine.stream import is_streamed, resident_weight_bytes, weight_source
     weights = total - lora
     if is_streamed(model):       # resident part + the largest block + one head tile
         ws = weight_source(model)
@@ -211,15 +212,6 @@ def estimate(arch: Arch, method: str, seq_len: int, batch_size: int = 1,
     return Estimate(method, seq_len, batch_size, arch.weight_bytes, arch.lora_bytes,
                     grads, states * arch.lora_bytes, ckpt, act,
                     runtime_bytes() if runtime is None else runtime)
-
-
-class MemoryBudgetError(RuntimeError):
-    """The pre-flight estimate exceeds the memory budget; .estimate, .advice
-    (what would fit) and .summary (one line) for callers that format it."""
-
-    def __init__(self, msg, estimate=None, advice=(), summary=""):
-        super().__init__(msg)
-        self.estimate, self.advice, self.summary = estimate, list(advice), summary
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,202 @@
+"""Per-block schedules for exact LoRA gradients: MeBP and MeSP.
+
+Both run the same explicit schedule (REFERENCE §3: tight lifetimes in MLX need
+evaluation barriers outside transforms, not a layer inside one lazy graph):
+  1. forward: run the blocks, evaluating and keeping only each block's input
+     (the checkpoints, L × B × T × D × itemsize bytes);
+  2. loss head on the final hidden state → loss and dL/dh;
+  3. for each block in reverse: recompute it from its checkpoint, backprop the
+     incoming gradient, evaluate, drop the checkpoint and the block's tensors.
+"mebp": step 3 is mx.vjp of the mlx-lm block itself (autodiff, with the mask the
+        model would build), the head is autodiff on full logits.
+"mesp": step 3 is the generic hand-derived backward (block.py) of the block's
+        spec, the head is chunked (ops/loss_head.py).
+The driver knows no model family: families.py reads a ModelSpec, verify.py
+checks it against the model's own forward once.
+Packed rows ("mesp" only): `segments` [B, T] gives each position's example; the
+positions within examples are derived once here (packing.Packing) and every
+block runs RoPE and attention per example.
+Streamed weights (stream.py): each block runs inside `weights.block(b)` (its
+frozen arrays read, then released), and the spec's head/embedding read the file
+by tiles and rows; resident: no-ops.
+"""
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
+
+from ..ops.dequant_matmul import tile_barriers
+from ..ops.loss_head import loss_head_value_and_grad
+from ..ops.rmsnorm import rmsnorm_backward
+from .block import block_backward, block_forward, layer_mask
+from .checkpoints import open_checkpoints
+from .packing import Packing
+from .plan import EngineOptions, cache_policy, head_tiles, planned
+from .stream import weight_source
+from .walk import model_spec, walk
+
+
+def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] = None,
+        stats: Optional[dict] = None, segments=None):
+    """Loss and LoRA gradients (tree of model.trainable_parameters()); segments
+    [B, T]: packed examples (method "mesp")."""
+    if segments is not None and method != "mesp":
+        raise ValueError(f"packed rows (segments) need method 'mesp', got {method!r}")
+    packing = None if segments is None else Packing.of(segments)
+    opt = options or EngineOptions()
+    B, T = inputs.shape
+    spec = model_spec(model, method, T, opt)
+    clock = _Clock(stats)
+
+    h = spec.embed_ids(inputs)
+    mx.eval(h)
+    store = open_checkpoints(opt.checkpoints, opt.checkpoint_dir,
+                             (len(spec.blocks) - spec.first) * h.nbytes)
+    hs = [h]                              # handed over, so _run can free h
+    del h
+    try:
+        # mesp runs outside any transform: evaluate per W0 tile (mebp runs under
+        # mx.vjp / value_and_grad, where barriers would keep everything: 5.8 GB)
+        with tile_barriers() if method == "mesp" else nullcontext():
+            return _run(model, spec, store, hs, targets, mask, method, opt, stats, clock,
+                        packing, weight_source(model))
+    finally:
+        store.close()                     # a disk file goes on success, error and Ctrl-C
+
+
+def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packing,
+         weights):
+    h = hs.pop()
+    T = h.shape[1]
+    # 1. forward, keeping block inputs from the lowest LoRA block up (and, for the
+    #    blocks the activation plan names, what their backward reads)
+    plan, wide = {}, None
+    if method == "mesp":
+        plan, opt, wide = planned(spec, opt, h.shape[0], T, h.dtype.size)
+        plan = {i: (n, e) for i, n, e in plan}
+    n_ckpt, kept = 0, {}
+
+    def forward(i, b, h):
+        nonlocal n_ckpt
+        if i >= spec.first:
+            store.put(i, h)
+            n_ckpt += 1
+        if i in plan:
+            h, kept[i] = block_forward(b, h, opt, keep=True, packing=packing,
+                                       extras=plan[i][1])
+            return h
+        if method == "mesp":
+            return block_forward(b, h, opt, packing=packing)
+        return b.module(h, layer_mask(b, T))
+
+    h = walk(spec, h, forward, weights)
+    if stats is not None:
+        stats["checkpoint_bytes"] = n_ckpt * h.nbytes
+        stats["n_checkpoints"] = n_ckpt
+        stats["checkpoints"] = store.kind
+        stats["kept_blocks"] = sorted(plan)
+        stats["kept_bytes"] = sum(n for n, _ in plan.values())
+        stats["kept_extras"] = sorted(i for i, (_, e) in plan.items() if e)
+        stats["token_chunk_rows"] = wide          # None: the minimal schedule's chunks
+        stats["keep_probs"] = opt.keep_probs
+    clock.lap("forward_s")
+
+    # 2. loss head
+    if method == "mesp":
+        loss, dh = _chunked_head(spec, h, targets, mask, opt)
+    else:
+        def head(h):
+            logits = spec.logits(spec.norm(h)).astype(mx.float32)
+            ce = nn.losses.cross_entropy(logits, targets) * mask
+            return ce.sum() / mx.maximum(mask.sum(), 1.0)
+
+        loss, dh = mx.value_and_grad(head)(h)
+    del h
+    mx.eval(loss, dh)
+    clock.lap("head_s")
+
+    # 3. backward, block by block in reverse
+    flat = {}
+    for i in range(len(spec.blocks) - 1, spec.first - 1, -1):
+        x, b = store.pop(i), spec.blocks[i]
+        with weights.block(b):
+            if method == "mesp":
+                dh = block_backward(spec.paths, b, x, dh, flat, opt,
+                                    need_dx=i > spec.first, kept=kept.pop(i, None),
+                                    packing=packing)
+            else:
+                dh = _mebp_block(spec.paths, b, x, dh, flat, layer_mask(b, T))
+            del x
+            mx.eval(dh, *flat.values())
+        if cache_policy(opt) == "block":
+            mx.clear_cache()
+    if cache_policy(opt) in ("block", "step"):
+        mx.clear_cache()
+    clock.lap("backward_s")
+    if stats is not None:
+        stats["grad_bytes"] = sum(g.nbytes for g in flat.values())
+    grads = tree_map_with_path(lambda p, _: flat[p], model.trainable_parameters())
+    return loss, grads
+
+
+def _chunked_head(spec, h, targets, mask, opt):
+    """Final norm + tiled head/loss, one row tile at a time (never the [N, V] logits,
+    nor more than a tile of normed rows); (loss, dL/dh)."""
+    B, T, D = h.shape
+    N, V = B * T, spec.head.shape[0]
+    rows, vocab = head_tiles(opt, N, V)
+    hf, y, m = h.reshape(N, D), targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
+    denom = mx.maximum(m.sum(), 1.0)
+    loss, dh = mx.array(0.0, mx.float32), None
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        hc = hf[n0:n1]
+        lc, dhn = loss_head_value_and_grad(spec.norm(hc), spec.head, y[n0:n1], m[n0:n1],
+                                           rows, vocab, softcap=spec.final_softcap,
+                                           logit_scale=spec.logit_scale, denom=denom)
+        dhc = rmsnorm_backward(dhn, hc, spec.norm.w, spec.norm.eps)
+        loss = loss + lc
+        if n1 - n0 == N:
+            dh = dhc
+        else:
+            dh = mx.zeros(hf.shape, hf.dtype) if dh is None else dh
+            dh[n0:n1] = dhc
+        del dhn, dhc
+        mx.eval(loss, dh)
+    return loss, dh.reshape(h.shape)
+
+
+class _Clock:
+    """Wall time per phase and the MLX peak so far into `stats` (no-op without stats)."""
+
+    def __init__(self, stats):
+        self.stats, self.t = stats, time.perf_counter()
+
+    def lap(self, name):
+        if self.stats is not None:
+            now = time.perf_counter()
+            self.stats[name] = now - self.t
+            self.stats["peak_after_" + name[:-2]] = mx.get_peak_memory()  # monotone
+            self.t = now
+
+
+def _mebp_block(paths, b, x, g, flat, mask):
+    """Recompute the mlx-lm block under mx.vjp; autodiff gives dx and the LoRA grads."""
+    blk = b.module
+    names, params = zip(*tree_flatten(blk.trainable_parameters()))
+
+    def f(x, *ps):
+        blk.update(tree_unflatten(list(zip(names, ps))))
+        return blk(x, mask)
+
+    _, vjps = mx.vjp(f, [x, *params], [g])
+    blk.update(tree_unflatten(list(zip(names, params))))
+    prefix = paths[id(blk)]
+    for n, d in zip(names, vjps[1:]):
+        flat[f"{prefix}.{n}"] = d
+    return vjps[0]

@@ -1,0 +1,178 @@
+"""Family readers: mlx-lm modules -> ModelSpec (ARCHITECTURES.md §1, §4).
+
+Each reader is a few attribute reads; the block math lives in block.py once.
+A family is named by the mlx-lm module that defines the model class
+(`mlx_lm.models.llama` also serves `mistral`, which mlx-lm remaps to llama).
+Adding a family = adding a reader here plus its tests, never a block copy.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .lora_layers import LoRALinear
+from ..ops.frozen import FrozenWeight
+from ..ops.rmsnorm import effective_weight
+from ..ops.rope import rope_from_module
+from .spec import BlockSpec, Fused, ModelSpec, Norm
+from ..errors import UnsupportedModelError
+
+# out of reach of a dense generic block (ARCHITECTURES.md §1): why, per family
+OUT_OF_REACH = {
+    "qwen3_moe": "a mixture-of-experts MLP (router + SwitchGLU)",
+    "qwen3_next": "linear-attention (gated delta) layers",
+    "qwen3_5": "linear-attention (gated delta) layers",
+    "qwen3_5_moe": "linear-attention layers and a mixture-of-experts MLP",
+    "gemma3n": "AltUp streams and Laurel blocks",
+    "gemma4": "KV shared across layers and per-layer inputs",
+}
+
+
+def family_of(model) -> str:
+    """Name of the mlx-lm module defining the model class (e.g. 'llama')."""
+    return type(model).__module__.rsplit(".", 1)[-1]
+
+
+def _norm(mod) -> Norm:
+    # mlx-lm's gemma RMSNorm classes scale by 1 + w; nn.RMSNorm by w
+    kind = "1+w" if type(mod).__module__.startswith("mlx_lm.models.gemma") else "w"
+    if type(mod) is not nn.RMSNorm and kind == "w":
+        raise UnsupportedModelError(f"unknown norm class {type(mod).__name__}")
+    return Norm(effective_weight(mod.weight, kind), mod.eps)
+
+
+def _out_dim(mod) -> int:
+    return FrozenWeight.of(mod.linear if isinstance(mod, LoRALinear) else mod).shape[0]
+
+
+def _block(blk, *, norms, act="silu", window=None, residual=1.0, softcap=None,
+           mask_array=False, qk_norm="none") -> BlockSpec:
+    """Read the attention/MLP modules shared by every family's block."""
+    a, mlp = blk.self_attn, blk.mlp
+    H, K = a.n_heads, a.n_kv_heads
+    if "qkv_proj" in a:
+        hd = _out_dim(a.qkv_proj) // (H + 2 * K)
+        qkv = Fused(a.qkv_proj, (H * hd, K * hd, K * hd))
+    else:
+        hd = _out_dim(a.q_proj) // H
+        qkv = (a.q_proj, a.k_proj, a.v_proj)
+    if "gate_up_proj" in mlp:
+        F = _out_dim(mlp.gate_up_proj) // 2
+        gate_up = Fused(mlp.gate_up_proj, (F, F))
+    else:
+        gate_up = (mlp.gate_proj, mlp.up_proj)
+    qn = dict(q_norm=_norm(a.q_norm), k_norm=_norm(a.k_norm),
+              qk_norm_full=qk_norm == "full") if qk_norm != "none" else {}
+    return BlockSpec(blk, qkv, a.o_proj, gate_up, mlp.down_proj, H, K, hd, a.scale,
+                     rope=rope_from_module(a.rope), softcap=softcap, window=window,
+                     act=act, residual=residual, mask_array=mask_array,
+                     **{k: _norm(getattr(blk, n)) for k, n in norms.items()}, **qn)
+
+
+PRE = dict(attn_in="input_layernorm", mlp_in="post_attention_layernorm")
+SANDWICH = dict(attn_in="input_layernorm", attn_out="post_attention_layernorm",
+                mlp_in="pre_feedforward_layernorm", mlp_out="post_feedforward_layernorm")
+POST = dict(attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
+
+
+def _qwen2(model, lm, inner):
+    return [_block(b, norms=PRE) for b in inner.layers], {}
+
+
+def _qwen3(model, lm, inner):
+    return [_block(b, norms=PRE, qk_norm="head") for b in inner.layers], {}
+
+
+def _llama(model, lm, inner):        # also mistral and smollm3 (NoPE layers: rope None)
+    W = inner.sliding_window
+    return [_block(b, norms=PRE, window=W if b.use_sliding else None)
+            for b in inner.layers], {}
+
+
+def _gemma(model, lm, inner):
+    return ([_block(b, norms=PRE, act="gelu") for b in inner.layers],
+            dict(embed_scale=lm.args.hidden_size ** 0.5))
+
+
+def _gemma2(model, lm, inner):
+    return ([_block(b, norms=SANDWICH, act="gelu_tanh", mask_array=True,
+                    softcap=b.self_attn.attn_logit_softcapping) for b in inner.layers],
+            dict(embed_scale=lm.args.hidden_size ** 0.5,
+                 final_softcap=lm.final_logit_softcapping))
+
+
+def _gemma3_text(model, lm, inner):
+    W = lm.args.sliding_window
+    scale = mx.array(lm.args.hidden_size ** 0.5, mx.bfloat16).item()   # as mlx-lm rounds it
+    return ([_block(b, norms=SANDWICH, act="gelu_tanh", qk_norm="head",
+                    window=W if b.self_attn.is_sliding else None) for b in inner.layers],
+            dict(embed_scale=scale))
+
+
+def _phi3(model, lm, inner):
+    return [_block(b, norms=PRE) for b in inner.layers], {}
+
+
+def _granite(model, lm, inner):
+    return ([_block(b, norms=PRE, residual=b.residual_multiplier) for b in inner.layers],
+            dict(embed_scale=inner.embedding_multiplier, logit_scale=lm.logits_scaling))
+
+
+def _olmo2(model, lm, inner):
+    return [_block(b, norms=POST, qk_norm="full") for b in inner.layers], {}
+
+
+READERS = {"qwen2": _qwen2, "qwen3": _qwen3, "llama": _llama, "smollm3": _llama,
+           "gemma": _gemma, "gemma2": _gemma2, "gemma3_text": _gemma3_text,
+           "gemma3": _gemma3_text, "phi3": _phi3, "granite": _granite, "olmo2": _olmo2}
+
+
+def language_model(model):
+    """The text model: VLM wrappers (gemma3) keep it in `language_model`."""
+    return model.language_model if "language_model" in model else model
+
+
+def read_spec(model) -> ModelSpec:
+    """ModelSpec of an mlx-lm model; UnsupportedModelError names what works instead."""
+    fam = family_of(model)
+    if fam in OUT_OF_REACH:
+        raise UnsupportedModelError(
+            f"model family {fam!r} has {OUT_OF_REACH[fam]}, which the per-block "
+            "engines (mesp, mebp) do not implement; use method='autodiff' "
+            "(--method autodiff), which is exact for any model")
+    if fam not in READERS:
+        raise UnsupportedModelError(
+            f"model family {fam!r} is not supported by the per-block engines (supported: "
+            f"{', '.join(sorted(set(READERS) | {'mistral'}))}); use method='autodiff' "
+            "(--method autodiff)")
+    lm = language_model(model)
+    inner = lm.model
+    try:
+        blocks, extra = READERS[fam](model, lm, inner)
+    except (AttributeError, KeyError) as e:
+        raise UnsupportedModelError(
+            f"{fam} model does not have the layout its reader expects ({e}); "
+            "use method='autodiff'") from None
+    head_mod = lm.lm_head if "lm_head" in lm else inner.embed_tokens
+    paths = {id(m): p for p, m in model.named_modules()}
+    lora_blocks = [i for i, b in enumerate(inner.layers)
+                   if any(isinstance(m, LoRALinear) for _, m in b.named_modules())]
+    _check_trainable(model)
+    return ModelSpec(fam, inner, inner.embed_tokens, blocks, _norm(inner.norm),
+                     FrozenWeight.of(head_mod),
+                     head_mod if head_mod is not inner.embed_tokens else head_mod.as_linear,
+                     paths, lora_blocks[0] if lora_blocks else len(blocks), **extra)
+
+
+def _check_trainable(model):
+    bad = [k for k, _ in tree_flatten(model.trainable_parameters())
+           if not k.endswith((".lora_a", ".lora_b"))]
+    if bad:
+        raise ValueError(f"the per-block schedules train LoRA parameters only, but "
+                         f"{bad[:3]} are trainable; freeze them or use method='autodiff'")
+    foreign = [p for p, m in model.named_modules()
+               if "lora_a" in m and not isinstance(m, LoRALinear)]
+    if foreign:
+        raise ValueError(f"{foreign[0]} is a LoRA layer of another library; convert it with "
+                         "mesp_mlx.apply_lora (same parameter names) or use "
+                         "method='autodiff'")

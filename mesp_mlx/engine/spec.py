@@ -1,0 +1,102 @@
+"""What the per-block engine needs to know about a model, as data.
+
+A family reader (families.py) turns mlx-lm modules into a `ModelSpec`; the
+generic block (block.py) and the driver (schedule.py) walk it and know no
+family. One block, by role (not by mlx-lm attribute name):
+
+    a  = N_attn_in(x)                      (pre-norm; olmo2 has none)
+    q, k, v = proj(a)  → [N_q/N_k full width] → heads → [N_q/N_k per head] → RoPE
+    r1 = o_proj(attention(q, k, v; scale, softcap, window))
+    h  = x + α · N_attn_out(r1)            (sandwich / post-norm; α granite's residual)
+    r2 = down(act(gate(N_mlp_in(h))) ⊙ up(N_mlp_in(h)))
+    out = h + α · N_mlp_out(r2)
+Embedding: h0 = embed(ids) · embed_scale. Head: z = (N_final(h) W_headᵀ) / logit_scale,
+then z' = c · tanh(z / c) with c the final softcap.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..ops.frozen import FrozenWeight
+from ..ops.rmsnorm import rmsnorm
+from ..ops.rope import Rope
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A frozen RMSNorm: y = x · rsqrt(mean(x²) + eps) ⊙ w (w None: no weight).
+    w is the *effective* weight (w or 1 + w, as the family computes it)."""
+    w: Optional[mx.array]
+    eps: float
+
+    def __call__(self, x):
+        return rmsnorm(x, self.w, self.eps)
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One projection whose output is split into parts (phi3's qkv_proj, gate_up_proj)."""
+    module: nn.Module
+    sizes: Tuple[int, ...]          # output widths of the parts, in order
+
+
+Proj = Union[Tuple[nn.Module, ...], Fused]     # separate projections, or one fused
+
+
+@dataclass
+class BlockSpec:
+    module: nn.Module               # the mlx-lm block itself (mebp runs it)
+    qkv: Proj                       # (q, k, v) or Fused
+    o: nn.Module
+    gate_up: Proj                   # (gate, up) or Fused
+    down: nn.Module
+    H: int                          # query heads
+    K: int                          # kv heads
+    hd: int                         # head dim
+    scale: float                    # attention logit scale
+    attn_in: Optional[Norm] = None
+    attn_out: Optional[Norm] = None
+    mlp_in: Optional[Norm] = None
+    mlp_out: Optional[Norm] = None
+    q_norm: Optional[Norm] = None
+    k_norm: Optional[Norm] = None
+    qk_norm_full: bool = False      # q/k norm over the full projection width (olmo2)
+    rope: Optional[Rope] = None     # None: no positional rotation (smollm3 NoPE layers)
+    softcap: Optional[float] = None  # attention logits c·tanh(s/c) (gemma2)
+    window: Optional[int] = None    # sliding window W: keys i − W < j ≤ i
+    act: str = "silu"               # GLU activation: silu | gelu_tanh | gelu
+    residual: float = 1.0           # α on both sub-layer outputs (granite)
+    mask_array: bool = False        # mlx-lm hands this block a bool-array mask (gemma2)
+
+
+@dataclass
+class ModelSpec:
+    family: str
+    inner: nn.Module                # the module holding embed_tokens / layers / norm
+    embed: nn.Module
+    blocks: list                    # [BlockSpec]
+    norm: Norm                      # final norm
+    head: FrozenWeight              # (V, D): tied embedding or LM head
+    head_module: object             # callable hn -> raw logits (autodiff heads)
+    paths: dict                     # id(module) -> dotted path in the model
+    first: int                      # lowest block holding a LoRA layer
+    embed_scale: Optional[float] = None   # multiplies the embedding (exactly as the model)
+    logit_scale: Optional[float] = None   # logits are divided by this (granite)
+    final_softcap: Optional[float] = None  # z' = c·tanh(z/c) (gemma2)
+    extra: dict = field(default_factory=dict)
+
+    def embed_ids(self, ids):
+        h = self.embed(ids)
+        return h if self.embed_scale is None else h * self.embed_scale
+
+    def logits(self, hn):
+        """Full logits of the normed hidden state (autodiff/mebp heads, MeZO checks)."""
+        z = self.head_module(hn)
+        if self.logit_scale is not None:
+            z = z / self.logit_scale
+        if self.final_softcap is not None:
+            z = mx.tanh(z / self.final_softcap) * self.final_softcap
+        return z

@@ -1,0 +1,103 @@
+"""The one forward walk over a model's blocks, shared by every per-block path.
+
+    spec = model_spec(model, method, T, options)       # read + verified once
+    h = walk(spec, spec.embed_ids(inputs), run)       # embedding -> blocks
+    total = loss_sum(model, inputs, targets, mask)    # Σ CE · mask, forward only
+
+`walk` runs blocks [start, stop) of a ModelSpec, each inside `weights.block(b)`
+(streamed frozen weights are read just before a block runs and released after it)
+and with an evaluation barrier after it, so at most one block's tensors are alive.
+The backprop driver (backprop.py), MeZO's two forwards (mezo.py) and evaluation
+all go through it; `run(i, b, h)` says what a block does (plain forward, forward
+that keeps tensors, perturbed forward).
+`loss_sum` ends with the tiled loss head (ops/loss_head.py), never the [N, V]
+logits. A model whose family the engine does not read (autodiff-only) is evaluated
+through its own forward, one row and `EVAL_ROWS` positions of logits at a time.
+"""
+
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import UnsupportedModelError
+from ..ops.dequant_matmul import tile_barriers
+from ..ops.loss_head import loss_head_value
+from .block import block_forward
+from .families import read_spec
+from .plan import EngineOptions, head_tiles
+from .stream import is_streamed, weight_source
+from .verify import verify_spec
+
+EVAL_ROWS = 512     # positions per logits chunk when evaluating through the model itself
+
+
+def model_spec(model, method: str, T: int, opt: Optional[EngineOptions] = None):
+    """The model's ModelSpec, checked against the model's own forward (once); with
+    streamed weights, its head and embedding read the weights file."""
+    opt = opt or EngineOptions()
+    spec = read_spec(model)
+    weights = weight_source(model)
+    if opt.verify:
+        verify_spec(model, spec, method, T, opt, weights)
+    return weights.spec(spec)
+
+
+def walk(spec, h, run: Callable, weights=None, start: int = 0, stop: Optional[int] = None,
+         around: Optional[Callable] = None):
+    """h after blocks [start, stop): h = run(i, block, h) for each, inside the block's
+    weights (and `around(i, block)`, a context manager, if given), evaluated."""
+    stop = len(spec.blocks) if stop is None else stop
+    for i in range(start, stop):
+        b = spec.blocks[i]
+        with (weights.block(b) if weights is not None else nullcontext()), \
+                (around(i, b) if around is not None else nullcontext()):
+            h = run(i, b, h)
+            mx.eval(h)
+    return h
+
+
+def head_mean(spec, h, targets, mask, opt: EngineOptions) -> mx.array:
+    """Σ CE · mask / Σ mask of the final hidden state h [B, T, D], tile by tile."""
+    V, D = spec.head.shape
+    rows, vocab = head_tiles(opt, targets.size, V)
+    return loss_head_value(spec.norm(h.reshape(-1, D)), spec.head, targets.reshape(-1),
+                           mask.reshape(-1).astype(mx.float32), rows, vocab,
+                           softcap=spec.final_softcap, logit_scale=spec.logit_scale)
+
+
+def loss_sum(model, inputs, targets, mask, options: Optional[EngineOptions] = None) -> float:
+    """Σ CE · mask over the batch, forward only (dropout as the model's mode says)."""
+    opt = options or EngineOptions()
+    try:
+        spec = model_spec(model, "mesp", inputs.shape[1], opt)
+    except UnsupportedModelError:
+        if is_streamed(model):
+            raise
+        return _own_forward_sum(model, inputs, targets, mask)
+    with tile_barriers():               # outside any transform: evaluate per W0 tile
+        h = spec.embed_ids(inputs)
+        mx.eval(h)
+        h = walk(spec, h, lambda i, b, h: block_forward(b, h, opt), weight_source(model))
+        n = max(mask.astype(mx.float32).sum().item(), 1.0)
+        return head_mean(spec, h, targets, mask, opt).item() * n
+
+
+def _own_forward_sum(model, inputs, targets, mask) -> float:
+    """Σ CE · mask through the model's own forward, never the full [B, T, V] logits."""
+    body = getattr(model, "model", None)
+    if body is None or not hasattr(body, "embed_tokens"):
+        ce = nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
+        return (ce * mask).sum().item()
+    head = model.lm_head if hasattr(model, "lm_head") else body.embed_tokens.as_linear
+    total = mx.array(0.0)
+    for r in range(inputs.shape[0]):
+        h = body(inputs[r:r + 1])                               # [1, T, D]
+        for t in range(0, h.shape[1], EVAL_ROWS):
+            s = slice(t, t + EVAL_ROWS)
+            ce = nn.losses.cross_entropy(head(h[:, s]).astype(mx.float32),
+                                         targets[r:r + 1, s])
+            total = total + (ce * mask[r:r + 1, s]).sum()
+            mx.eval(total)
+    return total.item()
