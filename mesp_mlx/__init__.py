@@ -11,6 +11,7 @@ from .train.adapters import load_adapter_dir, save_adapters
 from .train.config import TrainConfig
 from .train.data import fixed_batches, iterate_batches, load_splits
 from .models.loading import load_model
+from .train import job
 from .train.loop import TrainResult, evaluate, train
 
 __all__ = ["apply_lora", "value_and_grad", "EngineOptions", "LoRALinear", "METHODS",
@@ -21,7 +22,7 @@ __all__ = ["apply_lora", "value_and_grad", "EngineOptions", "LoRALinear", "METHO
 __version__ = "0.1.0"
 
 
-def run(config: TrainConfig, log=print) -> dict:
-    """The `python -m mesp_mlx.lora` job from Python (see mesp_mlx.lora.run)."""
-    from .lora import run as _run  # lazy: keeps `python -m mesp_mlx.lora` clean
-    return _run(config, log)
+def run(config: TrainConfig, log=None) -> dict:
+    """The `python -m mesp_mlx.lora` job from Python (train/job.py); log: where
+    progress lines go (None: print)."""
+    return job.run(config, log)

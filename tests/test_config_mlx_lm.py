@@ -158,8 +158,8 @@ def test_mlx_optimizers_muon_and_adafactor_train(tiny_model_dir, text_data, tmp_
 
 def test_clear_cache_threshold_reaches_the_trainer(tiny_model_dir, text_data,
                                                    monkeypatch, tmp_path):
-    seen, real = [], trainer._clear_cache
-    monkeypatch.setattr(trainer, "_clear_cache", seen.append)
+    seen, real = [], trainer.clear_cache
+    monkeypatch.setattr(trainer, "clear_cache", seen.append)
     rc, _, err = cli("--model", tiny_model_dir, "--data", text_data, "--train",
                      "--iters", 2, "--clear-cache-threshold", "1MB", "--adapter-path",
                      tmp_path / "ad", "--rank", 2, "--max-seq-length", 32,

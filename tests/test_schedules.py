@@ -50,8 +50,8 @@ def test_cli_lr_schedule_and_warmup():
                                       "--grad-accumulation-steps", "2"])
     cfg = resolve(vars(args)).validate()
     assert cfg.lr_schedule == {"name": "cosine_decay"} and cfg.warmup == 3
-    from mesp_mlx.train.loop import _learning_rate
-    got = lrs(_learning_rate(cfg), 12)        # 23 // 2 = 11 updates: 3 warmup, 8 decay
+    from mesp_mlx.train.loop import _lr_schedule
+    got = lrs(_lr_schedule(cfg), 12)        # 23 // 2 = 11 updates: 3 warmup, 8 decay
     assert got[0] == 0.0 and got[3] == pytest.approx(1e-3)
     assert got[11] == pytest.approx(0.0, abs=1e-9) and got[10] > 0
 

@@ -70,13 +70,12 @@ def test_accumulation_is_exact_token_weighted_mean(tiny_model_dir):
     ds = data.Dataset("x", [list(range(3, 3 + n)) for n in (5, 9, 12, 20)], [0, 2, 0, 4])
     _, g_all = engine.value_and_grad(model, *_io(data.make_batch(ds, [0, 1, 2, 3])),
                                      method="autodiff")
-    cfg = _cfg(grad_accumulation_steps=2)
-    acc, n = None, 0
+    acc = trainer.Accumulator(every=2)
     for idx in ([0, 1], [2, 3]):
         b = data.make_batch(ds, idx)
         _, g = engine.value_and_grad(model, *_io(b), method="autodiff")
-        acc, n = trainer._accumulate(acc, n, g, b, cfg)
-    mean = tree_map(lambda x: x / n, acc)
+        acc.add(g, b.n_targets)
+    mean = tree_map(lambda x: x / acc.n, acc.grads)
     for (k, a), (_, b) in zip(tree_flatten(mean), tree_flatten(g_all)):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-6,
                                    err_msg=k)
@@ -89,7 +88,6 @@ def _io(b):
 def test_evaluate_matches_full_logits_loss(tiny_model_dir, loaded, monkeypatch):
     model = _model(tiny_model_dir)
     batches = data.fixed_batches(loaded["valid"], 3, -1)
-    monkeypatch.setattr(trainer, "HEAD_CHUNK", 7)         # force several head chunks
     got = trainer.evaluate(model, batches)
     tot = sum(engine.masked_ce(model(b.inputs), b.targets, b.mask).item() * b.n_targets
               for b in batches)

@@ -25,18 +25,27 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner import trainer as mlt
 from mlx_lm.tuner.lora import LoRALinear as MLXLoRALinear
 from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, default_loss
 
-from ..train import adapters, data, reporting
 from .. import engine
+from ..engine.batch import Batch
 from ..engine.lora_layers import LoRALinear
+from ..log import say
+from ..log import to as say_to
+from ..train import adapters, data, loop, reporting
 
 iterate_batches = mlt.iterate_batches
-__all__ = ["train", "TrainingArgs", "TrainingCallback", "default_loss",
-           "iterate_batches", "convert_lora_layers", "AutodiffFallback"]
+# the rest of mlx_lm.tuner.trainer's names, as they are there
+CacheDataset, TrainUI, average_gradients = mlt.CacheDataset, mlt.TrainUI, mlt.average_gradients
+grad_checkpoint = mlt.grad_checkpoint
+maybe_set_recommended_wired_limit = mlt.maybe_set_recommended_wired_limit
+__all__ = ["train", "evaluate", "TrainingArgs", "TrainingCallback", "default_loss",
+           "iterate_batches", "convert_lora_layers", "AutodiffFallback", "CacheDataset",
+           "TrainUI", "average_gradients", "grad_checkpoint",
+           "maybe_set_recommended_wired_limit"]
 
 
 class AutodiffFallback(UserWarning):
@@ -64,14 +73,14 @@ def _engine_blockers(model) -> list:
             if k.rsplit(".", 1)[-1] not in ("lora_a", "lora_b")]
 
 
-def to_batch(batch: mx.array, lengths: mx.array) -> data.Batch:
+def to_batch(batch: mx.array, lengths: mx.array) -> Batch:
     """mlx-lm's (tokens [B, W], lengths [B, 2] = (offset, length)) as our Batch:
     target j is trained for offset - 1 <= j <= length - 2 (never a padding target)."""
     lens = np.array(lengths)
     T = batch.shape[1] - 1
     j = np.arange(T)[None]
     mask = ((j >= np.maximum(lens[:, :1] - 1, 0)) & (j <= lens[:, 1:] - 2)).astype(np.float32)
-    return data.Batch(batch[:, :-1], batch[:, 1:], mx.array(mask),
+    return Batch(batch[:, :-1], batch[:, 1:], mx.array(mask),
                       int(np.minimum(lens[:, 1] - 1, T).clip(0).sum()), int(mask.sum()))
 
 
@@ -87,17 +96,17 @@ def _datasets(ds):
     return ds
 
 
-def _method(method, args, log):
+def _method(method, args):
     if method is not None:
         return method
     if getattr(args, "grad_checkpoint", False):
-        log("grad_checkpoint: method mebp (per-block checkpointing); method='mesp' "
+        say("grad_checkpoint: method mebp (per-block checkpointing); method='mesp' "
             "needs less memory still")
         return "mebp"
     return "mesp"
 
 
-def _fallback(model, loss, method, log) -> Optional[str]:
+def _fallback(model, loss, method) -> Optional[str]:
     """Why plain autodiff must run (None: the engine can)."""
     why = None
     if loss is not default_loss:
@@ -105,7 +114,7 @@ def _fallback(model, loss, method, log) -> Optional[str]:
     elif _engine_blockers(model):
         why = f"trainable weights other than LoRA ({_engine_blockers(model)[0]}, ...)"
     if why is not None and method != "autodiff":
-        warnings.warn(f"mesp_mlx.compat.mlx_lm_tuner.train: {why} cannot run on method {method!r}; "
+        warnings.warn(f"mesp_mlx.tuner.train: {why} cannot run on method {method!r}; "
                       "using plain MLX autodiff (exact, but mlx-lm's memory)",
                       AutodiffFallback, stacklevel=3)
     return why
@@ -120,31 +129,55 @@ def _save(model, path, use_lora_names):
     return p
 
 
+def evaluate(model, dataset, batch_size, num_batches, max_seq_length=2048,
+             loss: callable = default_loss, iterate_batches: callable = iterate_batches,
+             clear_cache_threshold: int = 0, progress_callback=None):
+    """mlx_lm.tuner.trainer.evaluate's signature and batches, our padding-exact,
+    chunked loss (mlx-lm's own for a custom `loss`)."""
+    if loss is not default_loss:
+        return mlt.evaluate(model, dataset, batch_size, num_batches, max_seq_length, loss,
+                            iterate_batches, clear_cache_threshold, progress_callback)
+    batches = iterate_batches(dataset=_datasets(dataset), batch_size=batch_size,
+                              max_seq_length=max_seq_length)
+    n = range(num_batches) if num_batches != -1 else iter(int, 1)
+    loss_ = loop.evaluate(model, (to_batch(*b) for _, b in zip(n, batches)),
+                          progress=progress_callback)
+    loop.clear_cache(clear_cache_threshold)
+    return loss_
+
+
 def train(model, optimizer, train_dataset, val_dataset=None,
           args: TrainingArgs = TrainingArgs(), loss: callable = default_loss,
           iterate_batches: callable = iterate_batches,
           training_callback: TrainingCallback = None, *, method: Optional[str] = None,
-          log=print):
+          log=None):
     """mlx_lm.tuner.trainer.train with mesp_mlx's engine (method: mesp by default,
-    mebp when args.grad_checkpoint, or any of engine.METHODS). Returns the
-    per-iteration losses."""
+    mebp when args.grad_checkpoint, or any of engine.METHODS but mezo). Returns the
+    per-iteration losses. log: where progress lines go (None: print)."""
+    with say_to(log):
+        return _train(model, optimizer, train_dataset, val_dataset, args, loss,
+                      iterate_batches, training_callback, method)
+
+
+def _train(model, optimizer, train_dataset, val_dataset, args, loss, iterate_batches,
+           training_callback, method):
     world = mx.distributed.init()
     if world.size() > 1:
-        raise NotImplementedError("mesp_mlx.compat.mlx_lm_tuner.train runs in one process; for data "
+        raise NotImplementedError("mesp_mlx.tuner.train runs in one process; for data "
                                   "parallelism use python -m mesp_mlx.lora under mlx.launch")
-    method = _method(method, args, log)
+    method = _method(method, args)
     if method not in engine.METHODS or method == "mezo":
         raise ValueError(f"method must be one of autodiff, mebp, mesp, got {method!r}")
     if args.grad_accumulation_steps < 1:
         raise ValueError("grad_accumulation_steps must be at least 1")
     n_converted = convert_lora_layers(model)
-    fallback = _fallback(model, loss, method, log)
+    fallback = _fallback(model, loss, method)
     method = "autodiff" if fallback else method
     custom = loss is not default_loss
     lora_only = not _engine_blockers(model)
-    train_dataset, val_dataset = _datasets(train_dataset), _datasets(val_dataset)
+    train_dataset = _datasets(train_dataset)
     if n_converted:
-        log(f"mesp_mlx: {n_converted} mlx-lm LoRA layers run on method {method}")
+        say(f"mesp_mlx: {n_converted} mlx-lm LoRA layers run on method {method}")
     value_and_grad = nn.value_and_grad(model, loss) if custom else None
 
     def step(batch, lengths):
@@ -158,57 +191,39 @@ def train(model, optimizer, train_dataset, val_dataset=None,
         lv, g = engine.value_and_grad(model, b.inputs, b.targets, b.mask, method=method)
         return lv.item(), b.n_targets, g
 
-    def validate():
-        """mlx-lm's batches; our chunked, padding-exact loss (or the custom one)."""
-        if custom:
-            return mlt.evaluate(model, val_dataset, args.batch_size, args.val_batches,
-                                args.max_seq_length, loss, iterate_batches)
-        from ..train.loop import evaluate
-        batches = iterate_batches(dataset=val_dataset, batch_size=args.batch_size,
-                                  max_seq_length=args.max_seq_length, comm_group=world)
-        n = range(args.val_batches) if args.val_batches != -1 else iter(int, 1)
-        return evaluate(model, (to_batch(*b) for _, b in zip(n, batches)))
-
     model.train()
-    losses, steps, n_tok, trained, t_train = 0.0, 0, 0, 0, 0.0
-    accum, accum_n, out = None, 0, []
+    losses, steps, n_tok, trained, t_train, out = 0.0, 0, 0, 0, 0.0, []
+    accum = loop.Accumulator(args.grad_accumulation_steps)
     batches = iterate_batches(dataset=train_dataset, batch_size=args.batch_size,
                               max_seq_length=args.max_seq_length, loop=True,
                               comm_group=world)
     for it, (batch, lengths) in zip(range(1, args.iters + 1), batches):
         if val_dataset and (it == 1 or it % args.steps_per_eval == 0 or it == args.iters):
             tic = time.perf_counter()
-            val_loss = validate()
+            val_loss = evaluate(model, val_dataset, args.batch_size, args.val_batches,
+                                args.max_seq_length, loss, iterate_batches)
             model.train()
             secs = time.perf_counter() - tic
-            log(f"Iter {it}: val loss {val_loss:.3f}, val took {secs:.3f}s")
+            say(f"Iter {it}: val loss {val_loss:.3f}, val took {secs:.3f}s")
             if training_callback is not None:
                 training_callback.on_val_loss_report(reporting.val_info(it - 1, val_loss,
                                                                         secs))
         tic = time.perf_counter()
         lv, toks, g = step(batch, lengths)
-        w = float(toks)                              # token-weighted accumulation
-        accum = tree_map(lambda x: x * w, g) if accum is None else \
-            tree_map(lambda a, x: a + x * w, accum, g)
-        accum_n += toks
+        accum.add(g, toks)
         del g
         if it % args.grad_accumulation_steps == 0:
-            optimizer.update(model, tree_map(lambda a: a / max(accum_n, 1), accum))
-            accum, accum_n = None, 0
-        mx.eval(model.parameters(), optimizer.state, accum)
-        if args.clear_cache_threshold and mx.get_cache_memory() > args.clear_cache_threshold:
-            mx.clear_cache()
+            accum.apply(optimizer, model)
+        loop.clear_cache(args.clear_cache_threshold or 0)
         t_train += time.perf_counter() - tic
         losses, steps, n_tok = losses + lv, steps + 1, n_tok + toks
         out.append(lv)
         if it % args.steps_per_report == 0 or it == args.iters:
             trained += n_tok
-            lr = optimizer.learning_rate
-            lr = lr.item() if isinstance(lr, mx.array) else float(lr)
+            lr = loop.learning_rate(optimizer)
             info = reporting.train_info(it, losses / steps, lr, steps, n_tok, t_train,
                                         trained, mx.get_peak_memory())
-            info["iterations_per_second"] = args.steps_per_report / max(t_train, 1e-9)
-            log(f"Iter {it}: Train loss {info['train_loss']:.3f}, Learning Rate "
+            say(f"Iter {it}: Train loss {info['train_loss']:.3f}, Learning Rate "
                 f"{lr:.3e}, It/sec {info['iterations_per_second']:.3f}, Tokens/sec "
                 f"{info['tokens_per_second']:.3f}, Trained Tokens {trained}, Peak mem "
                 f"{info['peak_memory']:.3f} GB")
@@ -219,7 +234,7 @@ def train(model, optimizer, train_dataset, val_dataset=None,
             _save(model, args.adapter_file, lora_only)
             snap = _save(model, Path(args.adapter_file).parent /
                          f"{it:07d}_adapters.safetensors", lora_only)
-            log(f"Iter {it}: Saved adapter weights to {args.adapter_file} and {snap}.")
+            say(f"Iter {it}: Saved adapter weights to {args.adapter_file} and {snap}.")
     _save(model, args.adapter_file, lora_only)
-    log(f"Saved final weights to {args.adapter_file}.")
+    say(f"Saved final weights to {args.adapter_file}.")
     return out

@@ -1,4 +1,4 @@
-"""Validation of one [B, T] batch before any method touches the model.
+"""One training batch, and its validation before any method touches the model.
 
 Every method indexes an embedding table with `inputs` and a [V, D] head with
 `targets`. MLX does not bounds-check those gathers: an id ≥ V reads past the
@@ -6,9 +6,21 @@ table (NaN or negative losses, segfaults, heap corruption) and a negative
 target wraps silently. One min/max reduction per array catches all of it.
 """
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import mlx.core as mx
+
+
+@dataclass
+class Batch:
+    """Token ids and the loss mask of one step."""
+    inputs: mx.array      # [B, T] int32
+    targets: mx.array     # [B, T] int32
+    mask: mx.array        # [B, T] float32, 1 where a real, trained target is
+    n_tokens: int         # non-padding input positions (processed)
+    n_targets: int        # mask.sum() (trained)
+    segments: Optional[mx.array] = None   # [B, T] int32 example ids of packed rows
 
 
 def _rows(module) -> Optional[int]:

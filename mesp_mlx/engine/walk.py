@@ -11,8 +11,9 @@ The backprop driver (backprop.py), MeZO's two forwards (mezo.py) and evaluation
 all go through it; `run(i, b, h)` says what a block does (plain forward, forward
 that keeps tensors, perturbed forward).
 `loss_sum` ends with the tiled loss head (ops/loss_head.py), never the [N, V]
-logits. A model whose family the engine does not read (autodiff-only) is evaluated
-through its own forward, one row and `EVAL_ROWS` positions of logits at a time.
+logits. A model the engine does not run (an autodiff-only family, or weights other
+than LoRA left trainable) is evaluated through its own forward, one row and
+`EVAL_ROWS` positions of logits at a time.
 """
 
 from contextlib import nullcontext
@@ -21,7 +22,6 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..errors import UnsupportedModelError
 from ..ops.dequant_matmul import tile_barriers
 from ..ops.loss_head import loss_head_value
 from .block import block_forward
@@ -72,7 +72,7 @@ def loss_sum(model, inputs, targets, mask, options: Optional[EngineOptions] = No
     opt = options or EngineOptions()
     try:
         spec = model_spec(model, "mesp", inputs.shape[1], opt)
-    except UnsupportedModelError:
+    except ValueError:      # a family or a model state the engine does not run
         if is_streamed(model):
             raise
         return _own_forward_sum(model, inputs, targets, mask)

@@ -6,9 +6,10 @@ device, check `os_proc_available_memory()` (iOS) or
 `mx.device_info()["max_recommended_working_set_size"]` (Metal, Macs).
 """
 
-import re
 from dataclasses import dataclass
 from typing import Optional
+
+from ..units import parse_size
 
 GiB = 1 << 30
 
@@ -41,23 +42,6 @@ DEVICE_PROFILES = {p.name: p for p in (
     _p("macbook-air-8gb", 8, 2 / 3, _METAL),
     _p("macbook-air-16gb", 16, 2 / 3, _METAL),
 )}
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_FORMS = "a size like 6GB, 512MB, 1.5GiB or a plain byte count (GB = 10^9, GiB = 2^30)"
-
-
-def parse_size(text) -> int:
-    """'6GB' -> 6_000_000_000, '1.5GiB' -> 1610612736, 123 -> 123."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if unit not in _UNITS:
-        raise ValueError(f"cannot read memory size {text!r}: expected {_FORMS}")
-    value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"memory size must be positive, got {text!r}")
-    return value
-
 
 def auto_budget() -> int:
     """The Metal recommended working set of this machine (Metal only)."""

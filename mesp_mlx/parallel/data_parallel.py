@@ -23,7 +23,7 @@ from . import group as distributed
 from .. import engine
 from ..engine import mezo
 from ..errors import ConfigError
-from ..train.data import Batch
+from ..engine.batch import Batch
 from .group import DistributedError, World
 from ..engine.lora_layers import RowWindow, set_dropout_rows
 

@@ -15,15 +15,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from ..engine.step import METHODS
 from ..errors import ConfigError, UserError
+from ..units import parse_size
+from . import lr_schedules
+from .hf_data import check_spec
+from .reporting import check_report_to
 
-METHOD_CHOICES = ("mesp", "mebp", "autodiff", "mezo")
 OPTIMIZERS = ("sgd", "adam", "adamw", "muon", "adafactor")   # mlx-lm's five
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 GRAD_CHECKPOINT_NOTE = ("Note: grad_checkpoint selects --method mebp (per-block "
                         "checkpointing, as mlx-lm's grad_checkpoint); the default "
                         "--method mesp needs less memory still, with the same gradients")
 LORA_DTYPES = ("float32", "bfloat16", "float16")
+ACTIVATION_PLANS = ("fastest", "minimal")
 
 
 def _f(default, help, **kw):
@@ -59,7 +64,7 @@ class TrainConfig:
                      "mebp (per-block checkpointing), autodiff (plain MLX), mezo "
                      "(zeroth-order SPSA: 2 forward passes, inference memory, "
                      "gradient estimate only; its own SGD update, --optimizer unused).",
-                     choices=METHOD_CHOICES)
+                     choices=METHODS)
     fine_tune_type: str = _f("lora", "mlx-lm's fine-tuning type: only lora (dora and "
                              "full are refused: use mlx_lm.lora for those).",
                              choices=FINE_TUNE_TYPES)
@@ -124,7 +129,7 @@ class TrainConfig:
                                      "the adapter directory's name).")
     val_batches: int = _f(25, "Validation batches (a fixed subset); -1 = all.")
     test_batches: int = _f(500, "Test batches; -1 = all.")
-    adapter_path: str = _f("adapters", "Directory for adapters.safetensors, "
+    adapter_path: Optional[str] = _f("adapters", "Directory for adapters.safetensors, "
                            "adapter_config.json and snapshots.")
     resume_adapter_file: Optional[str] = _f(None, "Resume from an adapter file (or "
                                             "adapter directory); optimizer state, "
@@ -137,6 +142,13 @@ class TrainConfig:
                                        "iPad (see python -m mesp_mlx.memory).")
     memory_log: Optional[str] = _f(None, "Write one JSON line of memory figures per "
                                    "step to this file.")
+    activation_plan: str = _f("fastest", "fastest: the step spends the memory it may "
+                              "use (--memory-budget or --device-profile; else this "
+                              "device's memory less a margin) on keeping what its "
+                              "backward would recompute; minimal: the smallest peak, "
+                              "every block recomputed. With --stream-weights and no "
+                              "budget the plan is minimal. mesp only.",
+                              choices=ACTIVATION_PLANS)
     offload_checkpoints: Optional[str] = _f(None, "Keep the block-input checkpoints "
                                             "in a temporary file in this directory "
                                             "(removed after each step) instead of "
@@ -165,15 +177,33 @@ class TrainConfig:
                                cli=False)
 
     def validate(self) -> "TrainConfig":
-        """Raise ConfigError on the first inconsistent option; return self."""
+        """A whole run's options (the CLI's job): check_options, plus something
+        to do, a model and data. Raises ConfigError; returns self."""
+        self.check_options()
+
+        def need(ok, msg):
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.train or self.test, "nothing to do: pass --train and/or --test")
+        need(self.model is not None, "--model is required (a repo id, a local "
+             "directory or a short name such as Qwen2.5-0.5B)")
+        need(self.data is not None or self.hf_dataset is not None, "--data is "
+             "required (a directory with train.jsonl/valid.jsonl/test.jsonl or a "
+             "dataset id), or hf_dataset in the YAML file")
+        return self
+
+    def check_options(self) -> "TrainConfig":
+        """Every option's type, range and consistency with the others, in one place
+        (train() calls this too). Raises ConfigError on the first; returns self."""
         check_types(self)
 
         def need(ok, msg):
             if not ok:
                 raise ConfigError(msg)
 
-        need(self.method in METHOD_CHOICES, f"--method must be one of "
-             f"{', '.join(METHOD_CHOICES)}, got {self.method!r}")
+        need(self.method in METHODS, f"--method must be one of "
+             f"{', '.join(METHODS)}, got {self.method!r}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of "
              f"{', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         for name in ("rank", "iters", "batch_size", "max_seq_length",
@@ -213,25 +243,19 @@ class TrainConfig:
         need(not self.pack or self.method == "mesp", f"--pack needs --method mesp (the "
              f"per-block engine runs packed rows with block-diagonal attention), got "
              f"--method {self.method}")
-        need(self.train or self.test, "nothing to do: pass --train and/or --test")
-        need(self.model is not None, "--model is required (a repo id, a local "
-             "directory or a short name such as Qwen2.5-0.5B)")
-        need(self.data is not None or self.hf_dataset is not None, "--data is "
-             "required (a directory with train.jsonl/valid.jsonl/test.jsonl or a "
-             "dataset id), or hf_dataset in the YAML file")
+        need(self.activation_plan in ACTIVATION_PLANS, f"--activation-plan must be one "
+             f"of {', '.join(ACTIVATION_PLANS)}, got {self.activation_plan!r}")
         return self
 
     def _check_mlx_lm_keys(self, need):
         """mlx-lm's options: the ones we refuse name what to use instead."""
-        from . import lr_schedules as schedules
-
         need(self.fine_tune_type == "lora", f"fine_tune_type {self.fine_tune_type} is "
              "not supported: mesp_mlx trains LoRA adapters with exact gradients; use "
              "fine_tune_type lora, or mlx_lm.lora for dora and full fine-tuning")
         need(self.training_mode == "normal", f"training_mode {self.training_mode!r} is "
              "not supported: mesp_mlx does supervised fine-tuning (training_mode: "
              "normal); for DPO/ORPO use mlx-lm-lora")
-        schedules.check(self.lr_schedule, self.warmup, self.warmup_init)
+        lr_schedules.check(self.lr_schedule, self.warmup, self.warmup_init)
         need(self.method != "mezo" or (self.lr_schedule is None and not self.warmup),
              "--method mezo uses a constant --learning-rate: drop lr_schedule/--warmup")
         need(self.early_stop_patience >= 0, "--early-stop-patience must be >= 0 "
@@ -240,22 +264,18 @@ class TrainConfig:
             need(self.val_batches != 0, "--save-best and --early-stop-patience judge "
                  "by validation loss: --val-batches must not be 0")
         if self.clear_cache_threshold is not None:
-            from ..memory import parse_size
             if self.clear_cache_threshold.strip() not in ("0", ""):
                 try:
                     parse_size(self.clear_cache_threshold)
                 except ValueError as e:
                     need(False, f"--clear-cache-threshold: {e}")
         if self.report_to:
-            from .reporting import check_report_to
             check_report_to(self.report_to)
         if self.hf_dataset is not None:
-            from .hf_data import check_spec
             check_spec(self.hf_dataset)
 
     def clear_cache_bytes(self) -> int:
         """clear_cache_threshold in bytes (0: never)."""
-        from ..memory import parse_size
         t = (self.clear_cache_threshold or "0").strip()
         return 0 if t in ("0", "") else parse_size(t)
 

@@ -19,17 +19,12 @@ from typing import Iterator, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from ..errors import UserError
-from ..errors import DataError
+from ..engine.batch import Batch
+from ..errors import DataError, UserError
+from . import hf_data
+from .records import EXPECTED, check_record, feature_renames, rename_keys
 
 SPLITS = ("train", "valid", "test")
-FORMATS = {"completions": ("prompt", "completion"), "chat": ("messages",),
-           "text": ("text",)}
-ROLES = ("system", "user", "assistant", "tool", "developer")   # chat templates' roles
-EXPECTED = ('one JSON object per line: {"text": ...}, {"prompt": ..., '
-            '"completion": ...} or {"messages": [{"role": ..., "content": ...}]}')
-
-
 class TruncationWarning(UserWarning):
     """Some sequences were longer than max_seq_length and were cut."""
 
@@ -45,70 +40,7 @@ class Dataset:
         return len(self.tokens)
 
 
-@dataclass
-class Batch:
-    inputs: mx.array      # [B, T] int32
-    targets: mx.array     # [B, T] int32
-    mask: mx.array        # [B, T] float32, 1 where a real, trained target is
-    n_tokens: int         # non-padding input positions (processed)
-    n_targets: int        # mask.sum() (trained)
-    segments: Optional[mx.array] = None   # [B, T] int32 example ids of packed rows
-
-
 # ---------------------------------------------------------------- reading
-
-def _format_of(rec: dict) -> Optional[str]:
-    for fmt, keys in FORMATS.items():
-        if all(k in rec for k in keys):
-            return fmt
-    return None
-
-
-def _check_record(rec, where: str, want: Optional[str]) -> str:
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: got a JSON {type(rec).__name__}; expected {EXPECTED}")
-    fmt = _format_of(rec)
-    if fmt is None:
-        raise DataError(f"{where}: unrecognised record with keys {sorted(rec)}; "
-                        f"expected {EXPECTED}")
-    if want is not None and fmt != want:
-        raise DataError(f"{where}: a {fmt!r} record in a {want!r} file; every line "
-                        f"must have the keys {list(FORMATS[want])}")
-    if fmt == "chat":
-        msgs = rec["messages"]
-        if (not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
-            raise DataError(f"{where}: 'messages' must be a non-empty list of "
-                            '{"role": ..., "content": ...} objects')
-        for i, m in enumerate(msgs):
-            if not isinstance(m["role"], str) or m["role"] not in ROLES:
-                raise DataError(f"{where}: message {i + 1} has role {m['role']!r}; "
-                                f"roles are {', '.join(ROLES)}")
-            if not isinstance(m["content"], str):
-                raise DataError(f"{where}: message {i + 1}'s content must be a string, "
-                                f"got {type(m['content']).__name__}")
-    else:
-        for k in FORMATS[fmt]:
-            if not isinstance(rec[k], str):
-                raise DataError(f"{where}: {k!r} must be a string, got "
-                                f"{type(rec[k]).__name__}")
-    return fmt
-
-
-def rename_keys(rec, rename: Optional[dict]):
-    """rec with its keys renamed by `rename` ({"question": "prompt"}: mlx-lm's
-    prompt_feature etc.); non-dict records pass through to the format check."""
-    if not rename or not isinstance(rec, dict):
-        return rec
-    return {rename.get(k, k): v for k, v in rec.items()}
-
-
-def feature_renames(prompt=None, completion=None, text=None, chat=None) -> dict:
-    """mlx-lm's *_feature names -> {their key: our key}, for rename_keys."""
-    pairs = ((prompt, "prompt"), (completion, "completion"), (text, "text"),
-             (chat, "messages"))
-    return {k: ours for k, ours in pairs if k and k != ours}
-
 
 def read_jsonl(path, rename: Optional[dict] = None) -> tuple:
     """(records, format, line numbers); DataError names file:line on bad input.
@@ -133,7 +65,7 @@ def read_jsonl(path, rename: Optional[dict] = None) -> tuple:
                 raise DataError(f"{path}:{n}: JSON nested too deeply; expected "
                                 f"{EXPECTED}") from None
             rec = rename_keys(rec, rename)
-            fmt = _check_record(rec, f"{path}:{n}", fmt)
+            fmt = check_record(rec, f"{path}:{n}", fmt)
             records.append(rec)
             lines.append(n)
     if not records:
@@ -261,34 +193,15 @@ def _raw_splits(data: str, need, rename=None) -> dict:
     if path.exists() or data.startswith((".", "/", "~")) or data.count("/") > 1:
         raise DataError(f"data directory {data} not found (expected a directory with "
                         "train.jsonl, valid.jsonl, test.jsonl, or a dataset id)")
-    return _hf_splits(data, need, rename)
+    return hf_data.from_id(data, need, rename)
 
 
-def _hf_splits(data_id: str, need, rename=None) -> dict:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{data_id} is not a local directory, and loading a Hugging "
-                        "Face dataset needs `pip install datasets`") from None
-    try:
-        dsd = datasets.load_dataset(data_id)
-    except Exception as e:  # network, missing, format: all end the run the same way
-        raise DataError(f"could not load Hugging Face dataset {data_id!r}: {e}") from None
-    names = {"train": ("train",), "valid": ("valid", "validation"), "test": ("test",)}
-    out = {}
-    for split, cands in names.items():
-        hit = next((c for c in cands if c in dsd), None)
-        if hit is None:
-            if split in need:
-                raise DataError(f"dataset {data_id} has no {split!r} split "
-                                f"(it has {', '.join(dsd)})")
-            continue
-        records, fmt = [rename_keys(r, rename) for r in dsd[hit]], None
-        where = f"{data_id}[{hit}]"
-        for i, rec in enumerate(records):
-            fmt = _check_record(rec, f"{where}:{i + 1}", fmt)
-        out[split] = (records, fmt, None, where)
-    return out
+def longest_row(ds: Dataset, max_seq_length: int, pack: bool = False) -> int:
+    """T of the longest training row: the longest example's targets, or with
+    packing, rows of up to max_seq_length positions."""
+    if pack:
+        return max(1, min(max_seq_length, sum(len(t) - 1 for t in ds.tokens)))
+    return max(1, min(max_seq_length, max((len(t) - 1 for t in ds.tokens), default=1)))
 
 
 # ---------------------------------------------------------------- batching

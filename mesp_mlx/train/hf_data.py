@@ -9,11 +9,15 @@
       prompt_feature: text            # record keys, as in mlx-lm
       completion_feature: summary
 
-`read_splits` returns data.read_splits' form, so tokenizing and batching are
-the same as for jsonl files.
+Both loaders return data.read_splits' form ({split: (records, format, lines, name)}),
+so tokenizing and batching are the same as for jsonl files: `from_spec` reads the
+`hf_dataset` mapping, `from_id` a dataset id given as --data.
 """
 
 from typing import Optional
+
+from ..errors import ConfigError, DataError
+from .records import check_record, feature_renames, rename_keys
 
 FEATURES = ("prompt_feature", "completion_feature", "text_feature", "chat_feature")
 KEYS = ("path", "name", "train_split", "valid_split", "test_split", "config",
@@ -29,8 +33,6 @@ def _entries(spec) -> list:
 
 def check_spec(spec) -> None:
     """ConfigError naming the key on a malformed hf_dataset."""
-    from ..errors import ConfigError
-
     for i, d in enumerate(_entries(spec)):
         where = "hf_dataset" + (f"[{i}]" if isinstance(spec, list) else "")
         pref = sorted(k for k in d if k in PREFERENCE)
@@ -52,11 +54,9 @@ def check_spec(spec) -> None:
                               "datasets.load_dataset keyword arguments")
 
 
-def read_splits(spec, need=("train",), top_features: Optional[dict] = None) -> dict:
+def from_spec(spec, need=("train",), top_features: Optional[dict] = None) -> dict:
     """{split: (records, fmt, None, name)} for the splits in `need` (+ test if
     a test_split is given); entries are concatenated split by split."""
-    from .data import DataError, _check_record, feature_renames, rename_keys
-
     check_spec(spec)
     try:
         import datasets
@@ -92,9 +92,37 @@ def read_splits(spec, need=("train",), top_features: Optional[dict] = None) -> d
             prev = out.get(split)
             fmt = prev[1] if prev else None
             for i, rec in enumerate(records):
-                fmt = _check_record(rec, f"{name}:{i + 1}", fmt)
+                fmt = check_record(rec, f"{name}:{i + 1}", fmt)
             if prev is None:
                 out[split] = (records, fmt, None, name)
             else:
                 out[split] = (prev[0] + records, fmt, None, f"{prev[3]}+{name}")
+    return out
+
+
+def from_id(data_id: str, need, rename=None) -> dict:
+    """--data <dataset id>: its train / valid (or validation) / test splits."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{data_id} is not a local directory, and loading a Hugging "
+                        "Face dataset needs `pip install datasets`") from None
+    try:
+        dsd = datasets.load_dataset(data_id)
+    except Exception as e:  # network, missing, format: all end the run the same way
+        raise DataError(f"could not load Hugging Face dataset {data_id!r}: {e}") from None
+    names = {"train": ("train",), "valid": ("valid", "validation"), "test": ("test",)}
+    out = {}
+    for split, cands in names.items():
+        hit = next((c for c in cands if c in dsd), None)
+        if hit is None:
+            if split in need:
+                raise DataError(f"dataset {data_id} has no {split!r} split "
+                                f"(it has {', '.join(dsd)})")
+            continue
+        records, fmt = [rename_keys(r, rename) for r in dsd[hit]], None
+        where = f"{data_id}[{hit}]"
+        for i, rec in enumerate(records):
+            fmt = check_record(rec, f"{where}:{i + 1}", fmt)
+        out[split] = (records, fmt, None, where)
     return out

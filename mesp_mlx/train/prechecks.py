@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
+from ..memory import resolve_budget
+from . import adapters, data, hf_data
 from .config import TrainConfig
 
 
@@ -59,9 +61,6 @@ def check_writable_file(path, flag: str) -> Path:
 
 def before_loading(cfg: TrainConfig) -> Early:
     """Everything that needs neither the model nor the tokenizer."""
-    from . import adapters
-    from ..memory import resolve_budget
-
     try:
         budget = resolve_budget(cfg.memory_budget, cfg.device_profile)
     except ValueError as e:
@@ -91,11 +90,9 @@ def before_loading(cfg: TrainConfig) -> Early:
 def read_data(cfg: TrainConfig, need) -> dict:
     """data.read_splits of --data, or of mlx-lm's hf_dataset, with mlx-lm's
     *_feature record keys renamed to ours."""
-    from . import data, hf_data
-
     feats = {k: getattr(cfg, k) for k in hf_data.FEATURES if getattr(cfg, k)}
     if cfg.hf_dataset is not None:
-        return hf_data.read_splits(cfg.hf_dataset, need, feats)
+        return hf_data.from_spec(cfg.hf_dataset, need, feats)
     rename = data.feature_renames(*(feats.get(k) for k in hf_data.FEATURES))
     return data.read_splits(cfg.data, need, rename)
 
