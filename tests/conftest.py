@@ -127,3 +127,15 @@ def chat_data(tmp_path_factory):
             {"role": "user", "content": sentence(i, 4)},
             {"role": "assistant", "content": sentence(i + 9, 3)}]} for i in range(n)])
     return d
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir, text_data):
+    """The tiny model's tokenized text splits."""
+    import mlx_lm
+
+    from mesp_mlx.train import data
+    _, tok = mlx_lm.load(str(tiny_model_dir))
+    splits = data.load_splits(str(text_data), tok, 128)
+    return splits
+

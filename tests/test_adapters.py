@@ -115,7 +115,7 @@ def test_state_from_another_save_is_ignored(tiny_model_dir, tmp_path):
     assert adapters.load_state(f, optim.Adam(1e-3)) is None
 
 
-# ---------------------------------------------------------------- issue 15, item 3
+# ---------------------------------------------------------------- unreadable or mismatched files
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_unreadable_safetensors_is_a_clear_error(tiny_model_dir, tmp_path, damage):

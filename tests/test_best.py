@@ -4,7 +4,7 @@ and a stopped-and-resumed run deciding exactly as an uninterrupted one."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_trainer import _cfg, _model, loaded  # noqa: F401  (fixture)
+from helpers import lora_model, train_cfg
 
 from mesp_mlx.train import early_stop as best, loop as trainer
 from mesp_mlx.errors import ConfigError
@@ -30,8 +30,8 @@ def test_tracker_counts_and_stops():
 
 
 def _run(model_dir, splits, path, **kw):
-    return trainer.train(_model(model_dir), splits["train"], splits["valid"],
-                         _cfg(adapter_path=str(path), **{**RUN, **kw}), log=quiet)
+    return trainer.train(lora_model(model_dir), splits["train"], splits["valid"],
+                         train_cfg(adapter_path=str(path), **{**RUN, **kw}), log=quiet)
 
 
 def test_best_file_and_early_stop_survive_a_resume(tiny_model_dir, loaded, tmp_path):
@@ -62,12 +62,12 @@ def test_best_file_and_early_stop_survive_a_resume(tiny_model_dir, loaded, tmp_p
 
 def test_best_needs_validation_data(tiny_model_dir, loaded, tmp_path):
     with pytest.raises(ConfigError, match="need validation data"):
-        trainer.train(_model(tiny_model_dir), loaded["train"], None,
-                      _cfg(save_best=True, adapter_path=str(tmp_path)), log=quiet)
+        trainer.train(lora_model(tiny_model_dir), loaded["train"], None,
+                      train_cfg(save_best=True, adapter_path=str(tmp_path)), log=quiet)
 
 
 def test_best_file_is_written_atomically(tiny_model_dir, monkeypatch, tmp_path):
-    model = _model(tiny_model_dir)
+    model = lora_model(tiny_model_dir)
     best.save(model, tmp_path, 1, 2.0)
     before = (tmp_path / best.BEST).read_bytes()
 

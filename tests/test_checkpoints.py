@@ -11,7 +11,7 @@ import mesp_mlx
 from mesp_mlx.engine import checkpoints, backprop as schedule
 from mesp_mlx.engine.checkpoints import CheckpointSpaceError, DiskCheckpoints
 from mesp_mlx.engine.plan import EngineOptions
-from test_engine import batch, make
+from helpers import batch, make
 
 
 def _disk(tmp_path, **kw):

@@ -1,11 +1,11 @@
-"""Issue 15, items 4 and 6: cheap checks run before the model loads (a hub
+"""Cheap checks run before the model loads (a hub
 model: before the download) and before anything is written."""
 
 import os
 
 import pytest
 from conftest import sentence, write_jsonl
-from test_cli import base, cli
+from helpers import base, cli
 
 from mesp_mlx.train import prechecks as checks
 from mesp_mlx.errors import ConfigError

@@ -1,7 +1,5 @@
 """`python -m mesp_mlx.lora` end to end on the tiny model, and every bad input."""
 
-import contextlib
-import io
 import json
 import re
 
@@ -11,6 +9,8 @@ from conftest import sentence, write_jsonl
 from mesp_mlx import engine
 from mesp_mlx.lora import main
 
+from helpers import base, cli, losses
+
 ISSUE_FLAGS = ("--model", "--train", "--test", "--data", "--iters", "--batch-size",
                "--max-seq-length", "--learning-rate", "--optimizer", "--num-layers",
                "--adapter-path", "--resume-adapter-file", "--steps-per-report",
@@ -18,25 +18,6 @@ ISSUE_FLAGS = ("--model", "--train", "--test", "--data", "--iters", "--batch-siz
                "--grad-accumulation-steps", "--mask-prompt", "--seed", "--method",
                "--rank", "--scale", "--dropout", "--memory-budget", "--device-profile",
                "--memory-log", "--config")
-
-
-def cli(*args):
-    """(exit code, stdout, stderr) of main(args)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def base(model_dir, data_dir, adapter_dir, *extra):
-    return ["--model", model_dir, "--data", data_dir, "--adapter-path", adapter_dir,
-            "--batch-size", 4, "--max-seq-length", 128, "--learning-rate", 1e-2,
-            "--steps-per-report", 2, "--steps-per-eval", 2, "--val-batches", 1,
-            "--rank", 4, "--scale", 2.0, *extra]
-
-
-def losses(text):
-    return {int(i): float(v) for i, v in re.findall(r"Iter (\d+): train loss ([\d.]+)", text)}
 
 
 @pytest.fixture(scope="module")
@@ -200,11 +181,11 @@ def test_short_name_offline_error_names_the_repo(tiny_model_dir, text_data):
     assert "huggingface-cli" not in err              # huggingface_hub 2.x has no such command
 
 
-# ---------------------------------------------------------------- issue 15
+# ---------------------------------------------------------------- bad input
 
 def test_failed_resume_leaves_the_adapter_folder_intact(trained, tiny_model_dir, text_data):
-    """Item 3: a rank mismatch used to rewrite adapter_config.json (rank 8 over
-    rank-4 weights) before the resume file was checked."""
+    """A rank mismatch is found before anything is written: adapter_config.json is
+    not rewritten (rank 8 over rank-4 weights)."""
     d, _ = trained
     folder = d / "ad"
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
@@ -225,7 +206,6 @@ def test_truncated_resume_file_is_reported_before_loading(tmp_path, text_data):
 
 
 def test_final_save_is_logged_once(trained):
-    """Item 14."""
     _, out = trained
     assert len(re.findall(r"[Ss]aved adapters to", out)) == 2      # iteration 2 and the end
     assert len(re.findall(r"^Saved adapters to \S+ and 0000004_adapters", out, re.M)) == 1
@@ -233,7 +213,6 @@ def test_final_save_is_logged_once(trained):
 
 def test_memory_log_without_matplotlib_says_how(monkeypatch, tiny_model_dir, text_data,
                                                 tmp_path):
-    """Item 11."""
     import sys
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     rc, out, err = cli(*base(tiny_model_dir, text_data, tmp_path / "ad", "--train",

@@ -1,4 +1,4 @@
-"""Issue 15, items 2 and 5: YAML and CLI values keep their declared types, and
+"""YAML and CLI values keep their declared types, and
 non-finite or non-positive hyperparameters are rejected before anything loads."""
 
 import contextlib

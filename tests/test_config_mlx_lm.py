@@ -1,4 +1,4 @@
-"""Issue 16: mlx-lm's whole `mlx_lm.lora` YAML and CLI surface is accepted
+"""mlx-lm's whole `mlx_lm.lora` YAML and CLI surface is accepted
 with the same meaning, or refused with an error naming the alternative."""
 
 import importlib.machinery
@@ -11,7 +11,7 @@ import mlx.core as mx
 import pytest
 import yaml
 from conftest import make_model_dir, sentence, write_jsonl
-from test_cli import cli
+from helpers import cli
 
 from mesp_mlx.train import prechecks as checks, loop as trainer
 from mesp_mlx.errors import ConfigError

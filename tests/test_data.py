@@ -131,7 +131,7 @@ def test_demo_data_resolves(tokenizer):
     assert len(splits["train"]) == len(data.read_jsonl(f"{path}/train.jsonl")[0])
 
 
-# ---------------------------------------------------------------- issue 15
+# ---------------------------------------------------------------- malformed data
 
 def test_non_utf8_byte_names_file_and_line(tmp_path):
     f = tmp_path / "train.jsonl"

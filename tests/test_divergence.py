@@ -1,4 +1,4 @@
-"""Issue 15, item 2: a diverging run stops with exit 1 and the last good
+"""A diverging run stops with exit 1 and the last good
 adapters, and never writes a non-finite adapter or snapshot."""
 
 import re
@@ -6,7 +6,7 @@ import re
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_map
-from test_cli import base, cli
+from helpers import base, cli
 
 from mesp_mlx import engine
 from mesp_mlx.train import loop as trainer

@@ -6,8 +6,6 @@ largest gradient of the whole model: a tensor whose reference is exactly 0 (q/k 
 T = 1) is held to rounding noise of the gradients that feed it, never to 0.
 """
 
-import zlib
-
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -18,6 +16,8 @@ from mesp_mlx.models.configs import TINY, build_model, tiny_config
 from mesp_mlx.engine.families import UnsupportedModelError
 from mesp_mlx.engine.lora_layers import lora_layers
 from mesp_mlx.engine.plan import EngineOptions
+
+from helpers import batch, compare, make, randomize_norms
 
 CASES = {
     "gqa2-tied": dict(cfg={}, T=13),
@@ -31,58 +31,6 @@ CASES = {
     "single-token": dict(cfg={}, T=1),
 }
 FAMILIES = list(TINY)        # every tiny family config (windows < T = 13)
-
-
-def make(cfg, rank=4, num_layers=None, keys=None, quantize=None, dtype=mx.float32,
-         dropout=0.0, seed=0, family="qwen2"):
-    model = build_model(tiny_config(family, **cfg), dtype=dtype, quantize=quantize,
-                        seed=seed)
-    mesp_mlx.apply_lora(model, rank=rank, num_layers=num_layers, keys=keys, dropout=dropout)
-    for _, m in lora_layers(model):          # B ≠ 0, or half the gradients are trivial
-        m.lora_b = (0.05 * mx.random.normal(m.lora_b.shape)).astype(dtype)
-        m.lora_a = m.lora_a.astype(dtype)
-    randomize_norms(model)
-    return model
-
-
-def randomize_norms(model):
-    """Norm weights ≠ 1, so the backward through w is tested; effective weight ≈ 1 ±
-    0.1 (Gemma's 1 + w norms get w ≈ 0: their mlx-lm init of w = 1 doubles every
-    norm, which makes a random tiny model chaotic enough that fp32 op order shows)."""
-    for path, m in model.named_modules():
-        if "weight" in m and m.weight.ndim == 1 and "RMSNorm" in type(m).__name__:
-            base = 0.0 if type(m).__module__.startswith("mlx_lm.models.gemma") else 1.0
-            noise = 0.1 * mx.random.normal(m.weight.shape, key=mx.random.key(zlib.crc32(path.encode())))
-            m.weight = (base + noise).astype(m.weight.dtype)
-
-
-def batch(T, B=2, V=256, seed=1):
-    k1, k2, k3 = mx.random.split(mx.random.key(seed), 3)
-    x = mx.random.randint(0, V, (B, T), key=k1)
-    y = mx.random.randint(0, V, (B, T), key=k2)
-    mask = (mx.random.uniform(shape=(B, T), key=k3) > 0.25).astype(mx.float32)
-    return x, y, mask
-
-
-def compare(got, ref, dtype):
-    g, r = dict(tree_flatten(got)), dict(tree_flatten(ref))
-    assert g.keys() == r.keys() and r
-    G = max(mx.abs(v.astype(mx.float32)).max().item() for v in r.values())
-    assert G > 0, "every reference gradient is 0: the test could not fail"
-    for k in r:
-        assert g[k].shape == r[k].shape and g[k].dtype == r[k].dtype, k
-        a, b = g[k].astype(mx.float32), r[k].astype(mx.float32)
-        scale = mx.abs(b).max().item()
-        err = mx.abs(a - b).max().item()
-        msg = (f"{k}: max err {err:.3g} (mean {mx.abs(a - b).mean().item():.3g}), "
-               f"scale {scale:.3g}, model max {G:.3g}")
-        if dtype == mx.float32:
-            assert err <= 1e-5 * scale + 1e-6 * G, msg
-        if scale == 0.0:                        # e.g. q/k grads at T = 1
-            continue
-        cos = (mx.sum(a * b) / (mx.linalg.norm(a.reshape(-1)) *
-                                mx.linalg.norm(b.reshape(-1)))).item()
-        assert cos >= (0.99999 if dtype == mx.float32 else 0.999), f"{msg}, cos {cos:.7f}"
 
 
 def grads_by_method(model, x, y, mask, seed=7, methods=("autodiff", "mebp", "mesp")):

@@ -4,7 +4,7 @@ with the same outputs as the trained model."""
 
 import mlx.core as mx
 import pytest
-from test_cli import base, cli, losses
+from helpers import base, cli, losses
 
 from mesp_mlx.models.configs import TINY
 

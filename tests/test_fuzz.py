@@ -1,4 +1,4 @@
-"""Issue 15: property-based fuzzing of the data loader and the config
+"""Property-based fuzzing of the data loader and the config
 resolution. Random bytes, random JSON shapes and random YAML types end in a
 clean UserError (or success), never another exception (a traceback), and the
 CLI never writes outside the adapter path."""

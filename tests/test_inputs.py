@@ -1,4 +1,4 @@
-"""Issue 15, items 1 and 4: every method rejects bad ids and malformed batches
+"""Every method rejects bad ids and malformed batches
 with a clear error before touching the model (no NaN, no segfault)."""
 
 import mlx.core as mx

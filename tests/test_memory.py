@@ -186,7 +186,6 @@ def test_mezo_estimate_has_no_gradients():
 
 
 def test_plot_has_title_loss_axis_and_budget(tmp_path, monkeypatch):
-    """Issue 15, item 11."""
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
     seen = {}
@@ -208,7 +207,7 @@ def test_plot_has_title_loss_axis_and_budget(tmp_path, monkeypatch):
     assert 'pip install "mesp-mlx[plot]"' in mon.plot(str(tmp_path / "n.png"))
 
 
-# ---------------------------------------------------------------- issue 15, items 7-10
+# ---------------------------------------------------------------- the planner's answers
 
 def _run(capsys, *argv):
     rc = main([str(a) for a in argv])

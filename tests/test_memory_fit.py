@@ -1,4 +1,4 @@
-"""Issue 16: `python -m mesp_mlx.memory --find` answers the largest
+"""`python -m mesp_mlx.memory --find` answers the largest
 --max-seq-length / --batch-size / --rank that fits, from a name or a
 config.json alone; --measure confirms it with one step."""
 

@@ -9,7 +9,6 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mesp_mlx
-from mesp_mlx import engine
 from mesp_mlx.engine import mezo
 from mesp_mlx.models.configs import build_model, tiny_config
 from mesp_mlx.engine.lora_layers import lora_layers

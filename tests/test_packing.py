@@ -11,7 +11,7 @@ from mesp_mlx.engine import block, packing
 from mesp_mlx.models.configs import TINY
 from mesp_mlx.engine.packing import Packing, check_segments
 from mesp_mlx.engine.plan import EngineOptions
-from test_engine import compare, make
+from helpers import compare, make
 
 LENGTHS = [[5, 3, 4], [2, 6, 4]]   # two rows of T 13: 12 example positions + 1 pad
 T = 13

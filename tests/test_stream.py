@@ -6,7 +6,6 @@ never the ops or their order, so max |streamed − resident| is asserted to be 0
 (mebp's autodiff head excepted: its streamed form is tiled, see below).
 """
 
-import json
 import os
 import zlib
 
@@ -17,24 +16,15 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 
 import mesp_mlx
-from mesp_mlx.engine import mezo
-from mesp_mlx.models.configs import TINY, build_model, tiny_config
+from mesp_mlx.models.configs import TINY, tiny_config
 from mesp_mlx.engine.lora_layers import lora_layers
 from mesp_mlx.engine.safetensors_io import SafetensorsFile, WeightsFileError
 from mesp_mlx.engine.plan import EngineOptions, head_tiles
 from mesp_mlx.engine.stream import is_streamed, stream_weights
 
+from helpers import save_dir
+
 Q4 = dict(group_size=32, bits=4)
-
-
-def save_dir(path, cfg, quantize=None, seed=1):
-    """config.json + model.safetensors of a random model (what mlx_lm.load reads)."""
-    path.mkdir(parents=True, exist_ok=True)
-    model = build_model(cfg, seed=seed, quantize=quantize)
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    cfg = dict(cfg, **({"quantization": quantize} if quantize else {}))
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path
 
 
 def with_lora(model, rank=4):

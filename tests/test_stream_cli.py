@@ -7,7 +7,7 @@ import shutil
 import mlx.core as mx
 import pytest
 from conftest import make_model_dir
-from test_cli import base, cli, losses
+from helpers import base, cli, losses
 
 Q4 = {"group_size": 32, "bits": 4}
 

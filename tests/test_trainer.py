@@ -8,43 +8,20 @@ from mlx.utils import tree_flatten, tree_map
 from mesp_mlx.train import data, loop as trainer
 from mesp_mlx import engine
 from mesp_mlx.errors import ConfigError
-from mesp_mlx.train.config import TrainConfig
-from mesp_mlx.engine.lora_layers import apply_lora
 
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir, text_data):
-    import mlx_lm
-    _, tok = mlx_lm.load(str(tiny_model_dir))
-    splits = data.load_splits(str(text_data), tok, 128)
-    return splits
-
-
-def _model(model_dir, dropout=0.0, seed=0):
-    import mlx_lm
-    model, _ = mlx_lm.load(str(model_dir))
-    mx.random.seed(seed)
-    return apply_lora(model, rank=4, scale=2.0, dropout=dropout)
-
-
-def _cfg(**kw):
-    base = dict(train=True, iters=6, batch_size=4, learning_rate=1e-2,
-                steps_per_report=2, steps_per_eval=100, val_batches=2, method="autodiff",
-                adapter_path=None)
-    base.update(kw)
-    return TrainConfig(**base)
+from helpers import lora_model, train_cfg
 
 
 def test_resume_reproduces_uninterrupted_losses(tiny_model_dir, loaded, tmp_path):
     common = dict(optimizer="adamw", grad_accumulation_steps=2, seed=5, steps_per_save=3)
-    full = trainer.train(_model(tiny_model_dir, 0.1), loaded["train"], loaded["valid"],
-                         _cfg(**common), log=lambda *_: None)
-    part = trainer.train(_model(tiny_model_dir, 0.1), loaded["train"], loaded["valid"],
-                         _cfg(iters=3, adapter_path=str(tmp_path), **common),
+    full = trainer.train(lora_model(tiny_model_dir, 0.1), loaded["train"], loaded["valid"],
+                         train_cfg(**common), log=lambda *_: None)
+    part = trainer.train(lora_model(tiny_model_dir, 0.1), loaded["train"], loaded["valid"],
+                         train_cfg(iters=3, adapter_path=str(tmp_path), **common),
                          log=lambda *_: None)   # stops mid-accumulation at iteration 3
     np.testing.assert_array_equal(part.step_losses, full.step_losses[:3])
-    resumed = trainer.train(_model(tiny_model_dir, 0.1, seed=99), loaded["train"],
-                            loaded["valid"], _cfg(resume_adapter_file=str(tmp_path),
+    resumed = trainer.train(lora_model(tiny_model_dir, 0.1, seed=99), loaded["train"],
+                            loaded["valid"], train_cfg(resume_adapter_file=str(tmp_path),
                                                   **common), log=lambda *_: None)
     assert resumed.step == 6 and len(resumed.step_losses) == 3
     np.testing.assert_array_equal(resumed.step_losses, full.step_losses[3:])
@@ -56,15 +33,15 @@ def test_resume_reproduces_uninterrupted_losses(tiny_model_dir, loaded, tmp_path
 def test_methods_train_like_autodiff(tiny_model_dir, loaded, method):
     if method not in engine.METHODS:
         pytest.skip(f"engine has no {method} yet")
-    ref = trainer.train(_model(tiny_model_dir), loaded["train"], None,
-                        _cfg(iters=3), log=lambda *_: None)
-    got = trainer.train(_model(tiny_model_dir), loaded["train"], None,
-                        _cfg(iters=3, method=method), log=lambda *_: None)
+    ref = trainer.train(lora_model(tiny_model_dir), loaded["train"], None,
+                        train_cfg(iters=3), log=lambda *_: None)
+    got = trainer.train(lora_model(tiny_model_dir), loaded["train"], None,
+                        train_cfg(iters=3, method=method), log=lambda *_: None)
     np.testing.assert_allclose(got.step_losses, ref.step_losses, rtol=1e-4, atol=1e-5)
 
 
 def test_accumulation_is_exact_token_weighted_mean(tiny_model_dir):
-    model = _model(tiny_model_dir)
+    model = lora_model(tiny_model_dir)
     for _, m in trainer.adapters.lora_layers(model):
         m.lora_b = 0.1 * mx.random.normal(m.lora_b.shape)
     ds = data.Dataset("x", [list(range(3, 3 + n)) for n in (5, 9, 12, 20)], [0, 2, 0, 4])
@@ -86,7 +63,7 @@ def _io(b):
 
 
 def test_evaluate_matches_full_logits_loss(tiny_model_dir, loaded, monkeypatch):
-    model = _model(tiny_model_dir)
+    model = lora_model(tiny_model_dir)
     batches = data.fixed_batches(loaded["valid"], 3, -1)
     got = trainer.evaluate(model, batches)
     tot = sum(engine.masked_ce(model(b.inputs), b.targets, b.mask).item() * b.n_targets
@@ -97,8 +74,8 @@ def test_evaluate_matches_full_logits_loss(tiny_model_dir, loaded, monkeypatch):
 
 def test_unsupported_method_setup_is_a_config_error(tiny_model_dir, loaded):
     with pytest.raises(ConfigError, match="nope"):
-        trainer.train(_model(tiny_model_dir), loaded["train"], None,
-                      _cfg(method="nope"), log=lambda *_: None)
+        trainer.train(lora_model(tiny_model_dir), loaded["train"], None,
+                      train_cfg(method="nope"), log=lambda *_: None)
     with pytest.raises(ConfigError, match="mezo does not accumulate"):
-        trainer.train(_model(tiny_model_dir), loaded["train"], None,
-                      _cfg(method="mezo", grad_accumulation_steps=2), log=lambda *_: None)
+        trainer.train(lora_model(tiny_model_dir), loaded["train"], None,
+                      train_cfg(method="mezo", grad_accumulation_steps=2), log=lambda *_: None)

@@ -1,4 +1,4 @@
-"""Issue 16: mesp_mlx.tuner.train is mlx_lm.tuner.trainer.train with our engine.
+"""mesp_mlx.tuner.train is mlx_lm.tuner.trainer.train with our engine.
 A script written against mlx-lm runs with one import changed; on data without
 padding targets its losses equal mlx-lm's; a custom loss falls back to autodiff."""
 

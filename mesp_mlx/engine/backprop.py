@@ -1,7 +1,7 @@
 """Per-block schedules for exact LoRA gradients: MeBP and MeSP.
 
-Both run the same explicit schedule (REFERENCE §3: tight lifetimes in MLX need
-evaluation barriers outside transforms, not a layer inside one lazy graph):
+Both run the same explicit schedule (tight lifetimes in MLX need evaluation
+barriers outside transforms, not a layer inside one lazy graph):
   1. forward: run the blocks, evaluating and keeping only each block's input
      (the checkpoints, L × B × T × D × itemsize bytes);
   2. loss head on the final hidden state → loss and dL/dh;
@@ -23,7 +23,6 @@ by tiles and rows; resident: no-ops.
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
 from typing import Optional
 
 import mlx.core as mx

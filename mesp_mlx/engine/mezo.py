@@ -35,7 +35,7 @@ from .plan import EngineOptions, cache_policy
 from .stream import weight_source
 from .walk import head_mean, model_spec, walk
 
-MEZO_LR = 1e-4         # MeZO paper, LoRA: lr 1e-4 or 5e-5 (REFERENCE §1)
+MEZO_LR = 1e-4         # MeZO paper, LoRA: lr 1e-4 or 5e-5
 MEZO_EPS = 1e-2        # MeZO paper, LoRA: ε = 1e-2
 ESTIMATE_EPS = 1e-3    # mezo_gradient_estimate's default (smaller O(ε²) bias)
 

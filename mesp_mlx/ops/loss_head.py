@@ -15,7 +15,7 @@ BLAS matmuls with few rows run far below peak throughput.
 Each tile ends with an evaluation barrier. Accumulation is in fp32. A quantized
 W0 on the CPU path (dequant_matmul.py) is dequantized once per tile for both
 products (tiles of one dequantized row tile, 2 MiB), not once per product.
-Logit transforms (ARCHITECTURES §3.5): granite divides by L (the head runs on hn/L,
+Logit transforms: granite divides by L (the head runs on hn/L,
 dhn is scaled by 1/L); Gemma 2 caps z' = c·tanh(z/c), so every W0ᵥ in the
 accumulator is weighted by (1 − (z'ᵥ/c)²) and dhn = w (a/s − (1 − (z'_y/c)²) W0[y]).
 """

@@ -11,7 +11,7 @@ Packed rows (packing.py) need a position per token, pos [B, T]: mx.fast.rope
 takes one scalar offset, so `rope_apply_at` writes the same rotation out with
 cos/sin of θ_{b,t,i} = s · pos[b, t] / p_i ([B, 1, T, d/2], one table per call),
 and `rope_apply_at_backward` rotates by −θ (sin negated) and multiplies by m.
-Module → Rope (ARCHITECTURES §3.6): nn.RoPE (dims, traditional, base, scale);
+Module → Rope: nn.RoPE (dims, traditional, base, scale);
 Llama3RoPE (dims, traditional, _freqs); YarnRoPE (+ mscale); SuScaledRoPE (dim,
 _freqs, _scale); DynamicNTKScalingRoPE = plain while T ≤ max_positions; NoPE: none.
 """

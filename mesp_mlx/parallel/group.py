@@ -26,7 +26,7 @@ from typing import Callable, List, Optional
 
 import mlx.core as mx
 
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError
 from ..errors import DistributedError
 
 DEFAULT_TIMEOUT = 600.0      # seconds a rank waits in one collective

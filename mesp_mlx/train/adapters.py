@@ -19,7 +19,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..errors import UserError
 import re
 
 from ..engine.lora_layers import apply_lora, lora_layers

@@ -10,13 +10,12 @@ names the alternative (`fine_tune_type: dora`), so an mlx-lm YAML file works.
 import argparse
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 from ..engine.step import METHODS
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError
 from ..units import parse_size
 from . import lr_schedules
 from .hf_data import check_spec

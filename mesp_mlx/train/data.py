@@ -2,7 +2,7 @@
 
 Formats (one JSON object per line): {"text"}, {"prompt", "completion"} and
 chat {"messages": [{"role", "content"}, ...]}; tokenized by mlx-lm's dataset
-classes (chat template for the last two). Unlike mlx-lm 0.32 (REFERENCE §4):
+classes (chat template for the last two). Unlike mlx-lm 0.32:
 batches are bucketed by token count, no padding position is ever a target,
 and the validation subset is fixed. With packing (`pack` = the row length),
 training rows hold several whole examples each (best-fit decreasing), with
@@ -20,9 +20,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..engine.batch import Batch
-from ..errors import DataError, UserError
+from ..errors import DataError
 from . import hf_data
-from .records import EXPECTED, check_record, feature_renames, rename_keys
+from .records import EXPECTED, check_record, rename_keys
 
 SPLITS = ("train", "valid", "test")
 class TruncationWarning(UserWarning):

@@ -11,7 +11,6 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..errors import UserError
 from ..errors import DivergenceError
 
 

@@ -15,6 +15,7 @@ from typing import Optional
 from ..errors import ConfigError
 from ..memory import resolve_budget
 from . import adapters, data, hf_data
+from .records import feature_renames
 from .config import TrainConfig
 
 
@@ -93,7 +94,7 @@ def read_data(cfg: TrainConfig, need) -> dict:
     feats = {k: getattr(cfg, k) for k in hf_data.FEATURES if getattr(cfg, k)}
     if cfg.hf_dataset is not None:
         return hf_data.from_spec(cfg.hf_dataset, need, feats)
-    rename = data.feature_renames(*(feats.get(k) for k in hf_data.FEATURES))
+    rename = feature_renames(*(feats.get(k) for k in hf_data.FEATURES))
     return data.read_splits(cfg.data, need, rename)
 
 
