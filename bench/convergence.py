@@ -1,39 +1,34 @@
 """Loss vs step and vs wall-clock: autodiff, mebp, mesp (exact) and mezo (estimate).
 
-    python bench/convergence.py                     # demo model + task, 150 steps (~2 min)
-    python bench/convergence.py --model DIR --data DIR --iters 100
+    python -m bench.convergence                     # demo model + task, 100 steps
+    python -m bench.convergence --model DIR --data DIR --iters 100
 
-Every method starts from the same LoRA init and sees the same batches (same
-seed) through mesp_mlx.train.loop.train. The exact methods share one optimizer
-and learning rate, so their curves must coincide: max |loss_mesp − loss_autodiff|
-per step is asserted ≤ --tolerance (fp32). mezo uses MeZO-SGD at its own
-learning rate. Writes a PNG (needs matplotlib) and a marked RESULTS.md section.
-Default lr: on the demo, the step-1 losses of mesp and autodiff differ by fp32
-rounding (2e-6) and Adam amplifies it: measured max per-step difference over 100
-steps 4e-6 at lr 2e-5, 8e-4 at 5e-5, 0.1 at 1e-4 (150 steps; from step ~14 on,
-×10 per ~15 steps) — training-dynamics sensitivity, not a gradient error.
+Every method starts from the same LoRA init and sees the same batches (same seed)
+through mesp_mlx.train.loop.train. The exact methods share one optimizer and learning
+rate, so their curves must coincide: max |loss_mesp − loss_autodiff| per step must be
+≤ --tolerance (fp32). mezo uses MeZO-SGD at its own learning rate. One row per method
+goes to --results; the plot (needs matplotlib) to --png. The default lr is small:
+Adam amplifies the fp32 rounding difference between the exact methods' first losses,
+so at larger rates the curves part by training dynamics, not by a gradient error.
 """
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(HERE.parent))
+import mlx.core as mx
 
-import mlx.core as mx  # noqa: E402
+from bench import common
+from mesp_mlx.engine.lora_layers import apply_lora
+from mesp_mlx.models.loading import load_model
+from mesp_mlx.train import data, loop as trainer
+from mesp_mlx.train.config import TrainConfig
 
-import bench_report  # noqa: E402
-from mesp_mlx.train import data, loop as trainer  # noqa: E402
-from mesp_mlx.train.config import TrainConfig  # noqa: E402
-from mesp_mlx.engine.lora_layers import apply_lora  # noqa: E402
-from mesp_mlx.models.loading import load_model  # noqa: E402
-
-START, END = "<!-- convergence:start -->", "<!-- convergence:end -->"
+RESULTS = common.RESULTS / "convergence.jsonl"
+PNG = common.RESULTS / "convergence.png"
+SETTINGS = ("model", "data", "rank", "scale", "batch_size", "iters", "max_seq_length",
+            "seed", "val_every", "val_batches", "tolerance")
 METHODS = ("autodiff", "mebp", "mesp", "mezo")
 EXACT = ("autodiff", "mebp", "mesp")
 SMOOTH = 10          # steps in the moving average used for "steps to reach"
@@ -44,7 +39,7 @@ def method_config(method, args) -> TrainConfig:
     return TrainConfig(
         train=True, method=method, iters=args.iters, batch_size=args.batch_size,
         max_seq_length=args.max_seq_length, rank=args.rank, scale=args.scale,
-        seed=args.seed, mask_prompt=True, adapter_path=None,
+        seed=args.seed, mask_prompt=True, adapter_path="",
         optimizer="sgd" if mezo else args.optimizer,
         learning_rate=args.lr_mezo if mezo else args.lr,
         mezo_eps=args.mezo_eps, steps_per_report=args.iters,
@@ -112,16 +107,27 @@ def plot(runs, path) -> bool:
     return True
 
 
-def render(runs, args, env, png, diffs) -> str:
+def diffs_of(runs) -> dict:
+    """max per-step |loss − loss_autodiff| of each method but autodiff."""
     ref = {r["method"]: r for r in runs}
-    out = [START, "## Convergence (`bench/convergence.py`)", "",
-           f"Model `{args.model_label}`, data `{args.data_label}` (prompt/completion, loss on "
-           f"completions), LoRA r {args.rank} scale {args.scale:g}, batch {args.batch_size}, "
-           f"{args.iters} steps, seed {args.seed}; identical init and batches for every "
+    return {m: max_diff(ref[m]["losses"], ref["autodiff"]["losses"])
+            for m in ref if m != "autodiff" and "autodiff" in ref}
+
+
+def section(rows) -> str:
+    runs = common.newest(rows, lambda r: r["method"])
+    if not runs:
+        return "## Convergence\n\nNo rows yet: `python -m bench.convergence`.\n"
+    s, ref, diffs = runs[0], {r["method"]: r for r in runs}, diffs_of(runs)
+    out = ["## Convergence", "",
+           f"Model `{s['model']}`, data `{s['data']}` (prompt/completion, loss on "
+           f"completions), LoRA r {s['rank']} scale {s['scale']:g}, batch {s['batch_size']}, "
+           f"{s['iters']} steps, seed {s['seed']}; identical init and batches for every "
            "method. Train loss per step as each method reports it (mezo: (L(θ+εz) + "
            "L(θ−εz))/2); validation on "
-           + ("all" if args.val_batches == -1 else str(args.val_batches))
-           + f" validation batches every {args.val_every} steps.", "",
+           + ("all" if s["val_batches"] == -1 else str(s["val_batches"]))
+           + f" validation batches every {s['val_every']} steps. Baseline: autodiff "
+           "(`max |Δloss| vs autodiff per step`).", "",
            "| method | update | lr | loss step 1 | train loss, last 10 steps | val loss "
            "start → end | s/step | train wall s | max \\|Δloss\\| vs autodiff per step |",
            "|---|---|---:|---:|---:|---|---:|---:|---:|"]
@@ -136,9 +142,9 @@ def render(runs, args, env, png, diffs) -> str:
                    f"{sum(r['seconds']):.1f} | " + ("" if d is None else f"{d:.1e}") + " |")
     out.append("")
     if "mesp" in diffs:
-        ok = diffs["mesp"] <= args.tolerance
+        ok = diffs["mesp"] <= s["tolerance"]
         out.append(f"mesp vs autodiff: max per-step loss difference {diffs['mesp']:.2e} over "
-                   f"{args.iters} steps ({'≤' if ok else 'EXCEEDS'} {args.tolerance:g}: "
+                   f"{s['iters']} steps ({'≤' if ok else 'EXCEEDS'} {s['tolerance']:g}: "
                    + ("the curves coincide" if ok else "FAILED") + ").")
     if "mezo" in ref:
         level = moving(ref["mezo"]["losses"])[-1]
@@ -146,11 +152,11 @@ def render(runs, args, env, png, diffs) -> str:
                  for m in EXACT if m in ref and first_step_below(ref[m]["losses"], level)]
         if reach:
             out.append(f"MeZO's final {SMOOTH}-step mean train loss ({level:.3f} after "
-                       f"{args.iters} steps) is reached by " + ", ".join(reach) + ".")
-    if png:
-        out += ["", f"![loss vs step and wall-clock]({png.name})"]
-    out += ["", bench_report.environment_line(env), "", END]
-    return "\n".join(out) + "\n"
+                       f"{s['iters']} steps) is reached by " + ", ".join(reach) + ".")
+    if PNG.exists():
+        out += ["", f"![loss vs step and wall-clock]({PNG.relative_to(common.BENCH)})"]
+    out += ["", common.footer(runs, reproduce="python -m bench.convergence"), ""]
+    return "\n".join(out)
 
 
 def parse_args(argv=None):
@@ -173,9 +179,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=1e-5,
                    help="max per-step |loss_mesp − loss_autodiff| (fp32)")
-    p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    p.add_argument("--png", type=Path, default=HERE / "convergence.png")
-    p.add_argument("--json", type=Path, default=HERE / "convergence.json")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--png", type=Path, default=PNG)
     args = p.parse_args(argv)
     if args.iters < 1 or args.batch_size < 1:
         p.error("--iters and --batch-size must be >= 1")
@@ -191,19 +196,21 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    env = bench_report.collect_env("float32")
+    env = common.environment(common.command(__spec__.name, argv))
     _, tok, _ = load_model(args.model, log=lambda *_: None)
     splits = data.load_splits(args.data, tok, args.max_seq_length, mask_prompt=True,
                               need=("train", "valid"))
-    runs = [run_method(m, args, splits) for m in args.methods]
-    ref = {r["method"]: r for r in runs}
-    diffs = {m: max_diff(ref[m]["losses"], ref["autodiff"]["losses"])
-             for m in ref if m != "autodiff" and "autodiff" in ref}
-    png = args.png if plot(runs, args.png) else None
-    args.json.write_text(json.dumps({"runs": runs, "env": env}) + "\n")
-    bench_report.write_section(args.out, render(runs, args, env, png, diffs), START, END)
-    print(f"wrote {args.out}, {args.json}" + (f", {png}" if png else " (no matplotlib: no PNG)"))
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    settings.update(model=args.model_label, data=args.data_label, dtype="float32")
+    runs = [common.append_row(args.results, dict(settings, **run_method(m, args, splits)), env)
+            for m in args.methods]
+    png = plot(runs, args.png)
+    print(section(runs))
+    print(f"plot: {args.png}" if png else "no plot (needs matplotlib)")
+    common.wrote(args.results)
+    diffs = diffs_of(runs)
     if "mesp" in diffs and not diffs["mesp"] <= args.tolerance:
         print(f"FAILED: mesp and autodiff differ by {diffs['mesp']:.2e} > {args.tolerance:g}",
               file=sys.stderr)

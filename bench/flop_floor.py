@@ -1,9 +1,9 @@
 """Multiply-adds of one training step, autodiff against mesp's minimal schedule, counted
-from a real architecture's shapes (issue 13): the time ratio no kernel can beat at equal
-kernel speed, since the minimal schedule keeps only each block's input.
+from a real architecture's shapes: the time ratio no kernel can beat at equal kernel
+speed, since the minimal schedule keeps only each block's input.
 
-    python bench/flop_floor.py                                  # Qwen2.5 0.5B/1.5B/3B
-    python bench/flop_floor.py --models Qwen2.5-3B --seq-lens 256 1024
+    python -m bench.flop_floor                                  # Qwen2.5 0.5B/1.5B/3B
+    python -m bench.flop_floor --models Qwen2.5-3B --seq-lens 256 1024
 
 Per token, with P the projections of a block (d_in·d_out each) and A = 2·T·H·hd the
 attention products QKᵀ and PV (the full T×T square, as both paths run it on the CPU):
@@ -21,11 +21,9 @@ but for the recompute's exp, which makes the measured ratio higher, not lower.
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from mesp_mlx.models.configs import config_for  # noqa: E402
+from bench.common import command, git_commit
+from mesp_mlx.models.configs import config_for
 
 MODELS = ("Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-3B")
 
@@ -54,6 +52,7 @@ def floor(cfg: dict, T: int) -> dict:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--seq-lens", nargs="*", type=int, default=[256, 1024])
@@ -66,6 +65,11 @@ def main(argv=None):
             f = floor(cfg, T)
             print(f"| {name} | {T} | {f['autodiff'] / 1e6:.0f} | {f['mesp'] / 1e6:.0f} | "
                   f"{f['recompute_share']:.2f} | **{f['ratio']:.3f}** |")
+    commit, dirty = git_commit()
+    print(f"\nBaseline: autodiff (one forward and one backward per block, nothing "
+          f"recomputed). Counted from the shapes in mesp_mlx.models.configs at commit "
+          f"{commit}{' with uncommitted changes' if dirty else ''}; no device involved. "
+          f"Command: `{command(__spec__.name, argv or [])}`.")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """How good is MeZO's gradient? Cosine with the exact gradient on real Qwen2.5 shapes.
 
-    python bench/gradient_cosine.py                    # 0.5B, T 128, 16 seeds (see below)
-    python bench/gradient_cosine.py --models 0.5B 1.5B 3B --seeds 12 --ks 1 4 12  # RESULTS.md
-    python bench/gradient_cosine.py --render-only      # rebuild RESULTS.md from the JSONL
+    python -m bench.gradient_cosine                    # 0.5B, T 128, 16 seeds
+    python -m bench.gradient_cosine --models 0.5B 1.5B 3B --seeds 12 --ks 1 4 12  # RESULTS.md
 
 Per model: random weights (memory and geometry, not knowledge), LoRA r 8, scale
 20 on all 7 projections, B ≠ 0, one random batch. g = value_and_grad(method=
@@ -11,9 +10,8 @@ p = (L+ − L−)/(2ε) from two forward passes, ĝ = p·z; cosine(ĝ, g), and o
 mean of k estimates. "Ideal SPSA" uses p = gᵀz exactly (no forward passes), so
 it can afford many directions. Theory for d trainable values:
 E cos(mean of k, g) = E[χ_k] / √(d + k), i.e. √(2/(πd)) at k = 1.
-Cost per estimate (two forward passes, T 128, fp32, 2 idle x86 cores, OpenBLAS):
-10 / 26 / 48 s for 0.5B / 1.5B / 3B; the timed parts of the RESULTS.md run
-(the `*_s` fields of its JSONL rows) sum to 4 / 9 / 17 min.
+One row per model is appended to --results (the newest per model is rendered, so models
+can be run one command at a time); the time per estimate is in RESULTS.md.
 """
 
 import argparse
@@ -24,21 +22,17 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(HERE.parent))
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+import mesp_mlx
+from bench import common
+from bench.point import init_lora
+from mesp_mlx.engine import mezo
+from mesp_mlx.models.configs import build_model, config_for
 
-import bench_point  # noqa: E402
-import bench_report  # noqa: E402
-import mesp_mlx  # noqa: E402
-from mesp_mlx.engine import mezo  # noqa: E402
-from mesp_mlx.models.configs import build_model, config_for  # noqa: E402
-
-START, END = "<!-- gradient_cosine:start -->", "<!-- gradient_cosine:end -->"
+RESULTS = common.RESULTS / "gradient_cosine.jsonl"
 SHORT = {"0.5B": "Qwen2.5-0.5B", "1.5B": "Qwen2.5-1.5B", "3B": "Qwen2.5-3B"}
 PAPER_COS = 1e-3            # MeSP (arXiv 2602.13069): cosine(MeZO, true gradient) ≈ 0.001
 
@@ -100,7 +94,7 @@ def run_model(name, args, say=print) -> dict:
     model = build_model(args.configs.get(name, name), dtype=getattr(mx, args.dtype),
                         seed=args.seed)
     mesp_mlx.apply_lora(model, rank=args.rank, scale=args.scale)
-    bench_point._init_lora(model, args.seed + 1)
+    init_lora(model, args.seed + 1)
     model.train()
     mx.eval(model.parameters())
     V = model.args.vocab_size
@@ -180,43 +174,25 @@ def _f(x, fmt=".2e"):
     return "" if x is None else format(x, fmt)
 
 
-def latest_rows(path: Path) -> list:
-    """The last row per model in the JSONL file, Qwen2.5 sizes first, then by name."""
-    last = {}
-    if path.exists():
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{i}: not a JSON row ({e}); fix or delete it")
-                last[row["model"]] = row
+def latest_rows(rows) -> list:
+    """The newest row per model, Qwen2.5 sizes first, then by name."""
     order = list(SHORT.values())
-    return sorted(last.values(), key=lambda r: (order.index(r["model"]) if r["model"] in
-                                                order else len(order), r["model"]))
+    return sorted(common.newest(rows, lambda r: r["model"]),
+                  key=lambda r: (order.index(r["model"]) if r["model"] in order
+                                 else len(order), r["model"]))
 
 
-def _footers(rows, env) -> list:
-    """One environment line per distinct run (rows from older runs keep their own)."""
-    groups = {}
-    for r in rows:
-        e = r.get("env") or dict(env, commit=r.get("commit", "unknown"),
-                                 date=r.get("date", "unknown"), load="not recorded",
-                                 command="not recorded (row written before the "
-                                         "environment was stored per row)")
-        groups.setdefault(json.dumps(e, sort_keys=True), (e, []))[1].append(r["model"])
-    if len(groups) == 1:
-        return [bench_report.environment_line(next(iter(groups.values()))[0])]
-    return [f"Rows for {', '.join(models)}: " + bench_report.environment_line(e)
-            for e, models in groups.values()]
-
-
-def render(rows, env, models_not_run) -> str:
-    out = [START, "## MeZO gradient quality (`bench/gradient_cosine.py`)", "",
-           f"Models: {', '.join(r['model'] for r in rows)} (the latest row per model in "
-           "`bench/gradient_cosine.jsonl`)"
-           + (f"; not run here: {', '.join(models_not_run)} (CPU time; same script, "
-              "`--models 0.5B 1.5B 3B`)" if models_not_run else "") + ".", "",
+def section(all_rows) -> str:
+    rows = latest_rows(all_rows)
+    if not rows:
+        return "## MeZO gradient quality\n\nNo rows yet: `python -m bench.gradient_cosine`.\n"
+    not_run = [m for m in SHORT.values() if m not in {r["model"] for r in rows}]
+    out = ["## MeZO gradient quality", "",
+           f"Models: {', '.join(r['model'] for r in rows)}"
+           + (f"; not run: {', '.join(not_run)} (CPU time; same command with "
+              "`--models 0.5B 1.5B 3B`)" if not_run else "") + ". Baseline: the exact "
+           "gradient g (mesp, checked against autodiff: `cos(mesp, autodiff)`), and the "
+           "theory √(2/(πd)) for one SPSA estimate.", "",
            "| model | d (LoRA values) | T | seeds | ε | mean \\|cos\\| (k = 1) | std | "
            "min–max | √(2/(πd)) | measured / theory | (measured − theory) / s.e. | "
            "cos(mesp, autodiff) | worst tensor cos | s / estimate |",
@@ -250,11 +226,10 @@ def render(rows, env, models_not_run) -> str:
     out += ["", "Finite differences vs the exact directional derivative gᵀz: " + "; ".join(
         f"{r['model']}: median |p − gᵀz| / |gᵀz| = {r['fd_median_rel_err']:.1e}, same "
         f"sign in {r['sign_agree']}/{r['seeds']}" for r in rows) + "."]
-    out += ["", _verdict(rows), ""]
-    for line in _footers(rows, env):
-        out += [line, ""]
-    out.append(END)
-    return "\n".join(out) + "\n"
+    out += ["", _verdict(rows), "",
+            common.footer(rows, reproduce="python -m bench.gradient_cosine --models 0.5B "
+                                          "1.5B 3B --seeds 12 --ks 1 4 12"), ""]
+    return "\n".join(out)
 
 
 def _verdict(rows) -> str:
@@ -298,12 +273,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-autodiff", action="store_true",
                    help="skip cos(mesp, autodiff) (autodiff needs the most memory)")
-    p.add_argument("--render-only", action="store_true",
-                   help="rebuild the RESULTS.md section from --json without running anything")
-    p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    p.add_argument("--json", type=Path, default=HERE / "gradient_cosine.jsonl",
-                   help="raw rows, appended; the results section shows the latest row "
-                        "per model in it, so models can be run one command at a time")
+    p.add_argument("--results", type=Path, default=RESULTS,
+                   help="rows file, appended; the newest row per model is rendered")
     args = p.parse_args(argv)
     args.configs, names = {}, []
     for m in args.models:
@@ -328,19 +299,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    env = bench_report.collect_env(args.dtype)
-    latest_rows(args.json)                  # a corrupt file fails now, not after an hour
-    for name in [] if args.render_only else args.models:
-        row = dict(run_model(name, args), env=env)      # env holds commit and date
-        with args.json.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-    rows = latest_rows(args.json)
-    if not rows:
-        raise SystemExit(f"{args.json}: no rows to render; run without --render-only first")
-    not_run = [m for m in SHORT.values() if m not in {r["model"] for r in rows}]
-    bench_report.write_section(args.out, render(rows, env, not_run), START, END)
-    print(f"wrote {args.out} and {args.json}")
+    env = common.environment(common.command(__spec__.name, argv))
+    for name in args.models:
+        common.append_row(args.results, run_model(name, args), env)
+    print(section(common.load_rows(args.results)))
+    common.wrote(args.results)
     return 0
 
 

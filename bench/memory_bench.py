@@ -1,14 +1,14 @@
-"""Memory and speed benchmark: our methods vs mlx-lm's LoRA, one process per point.
+"""Memory and speed: our methods against mlx-lm's LoRA step, one fresh process per point.
 
-    python bench/memory_bench.py --preset issue3            # the issue-3 grid
-    python bench/memory_bench.py --preset here --resume     # + cache policy = RESULTS.md
-    python bench/memory_bench.py --models 0.5B --seq-lens 128 256 --methods mesp autodiff
-    python bench/memory_bench.py --config-json tiny.json --seq-lens 16 --ranks
+    python -m bench.memory_bench --preset full --resume      # the table in RESULTS.md
+    python -m bench.memory_bench --preset families           # one point per model family
+    python -m bench.memory_bench --models 0.5B --seq-lens 128 256 --methods mesp autodiff
+    python -m bench.memory_bench --config-json tiny.json --seq-lens 16 --ranks
 
-Each (model, T, r, method) point runs in a fresh subprocess (`--worker`);
-a point that fails, runs out of memory or times out is kept as a row with its
-status. Raw rows are appended to --json (JSON lines); --resume skips points
-already there. The markdown section in --out is rebuilt from the JSON rows.
+Each (model, T, r, method) point runs in a fresh subprocess (bench.point); a point that
+fails, runs out of memory or times out is kept as a row with its status. Rows are
+appended to --results, stamped with commit, date and host; --resume skips points already
+there. The section is printed; `python -m bench.report` puts it in bench/RESULTS.md.
 """
 
 import argparse
@@ -18,21 +18,22 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from bench import common, memory_tables, point
 
-import bench_point  # noqa: E402
-import bench_report  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
+RESULTS = common.RESULTS / "memory_bench.jsonl"
+FAMILIES = common.RESULTS / "families.jsonl"
 DEFAULT_METHODS = ("autodiff", "mebp", "mesp", "mezo", "mlx-lm", "mlx-lm+ckpt")
 SHORT = {"0.5B": "Qwen2.5-0.5B", "1.5B": "Qwen2.5-1.5B", "3B": "Qwen2.5-3B"}
 KEY = ("model", "dtype", "T", "r", "method")
-ALL_METHODS_HERE = ("mesp", "mebp", "autodiff", "mezo", "mlx-lm", "mlx-lm+ckpt",
+ALL_METHODS_FULL = ("mesp", "mebp", "autodiff", "mezo", "mlx-lm", "mlx-lm+ckpt",
                     "mesp@block", "mesp@none")
+FAMILY_MODELS = ("SmolLM2-360M", "Qwen3-0.6B", "gemma-3-1b", "Llama-3.2-1B")
+FAMILY_METHODS = ("mesp", "mebp", "autodiff", "mlx-lm", "mlx-lm+ckpt")
+TITLES = {"full": "Memory and speed against autodiff and mlx-lm",
+          "families": "Model families"}
 
 
-def _model_name(name):
+def model_name(name):
     from mesp_mlx.models.configs import config_for
     name = SHORT.get(name, name)
     config_for(name)                                  # clear ValueError if unknown
@@ -45,7 +46,7 @@ def _sweep(kind, title, models, Ts, rs, methods):
     return dict(kind=kind, title=title, points=pts)
 
 
-def preset_issue3(methods):
+def preset_grid(methods):
     """0.5B: T sweep × all methods, rank sweep × ours; 1.5B and 3B at T 256."""
     small, ours = "Qwen2.5-0.5B", [m for m in methods if m in ("mesp", "mebp", "autodiff")]
     return [
@@ -58,11 +59,11 @@ def preset_issue3(methods):
     ]
 
 
-def preset_here(methods):
-    """The issue-3 grid plus the cache-policy sweep: everything bench/RESULTS.md holds."""
+def preset_full(methods):
+    """The grid plus the cache-policy sweep: everything the RESULTS.md table holds."""
     small = "Qwen2.5-0.5B"
-    order = [m for m in ALL_METHODS_HERE if m in methods]       # table column order
-    seq, rank, size = preset_issue3([m for m in order if m in DEFAULT_METHODS])
+    order = [m for m in ALL_METHODS_FULL if m in methods]       # table column order
+    seq, rank, size = preset_grid([m for m in order if m in DEFAULT_METHODS])
     cache = _sweep("cache", f"Checkpointed baseline and cache policy ({small}, T 256, r 8)",
                    [small], [256], [8],
                    [m for m in ("mesp", "mesp@block", "mesp@none", "mlx-lm+ckpt")
@@ -70,27 +71,19 @@ def preset_here(methods):
     return [seq, cache, rank, size]
 
 
-FAMILY_MODELS = ("SmolLM2-360M", "Qwen3-0.6B", "gemma-3-1b", "Llama-3.2-1B")
-FAMILY_METHODS = ("mesp", "mebp", "autodiff", "mlx-lm", "mlx-lm+ckpt")
-
-
 def preset_families(methods):
-    """Issue 10: one point per family at T 256, r 8 on every block linear."""
+    """One point per family at T 256, r 8 on every block linear."""
     return [_sweep("family", "Families (T 256, r 8 on every block linear, batch 1)",
                    list(FAMILY_MODELS), [256], [8],
                    [m for m in FAMILY_METHODS if m in methods])]
 
 
-SECTIONS = {"families": ("families", "Model families")}     # preset -> own RESULTS section
+PRESETS = {"grid": preset_grid, "full": preset_full, "families": preset_families}
 
 
 def build_sweeps(args, methods):
-    if args.preset == "families":
-        return preset_families(methods)
-    if args.preset == "issue3":
-        return preset_issue3(methods)
-    if args.preset == "here":
-        return preset_here(methods)
+    if args.preset:
+        return PRESETS[args.preset](methods)
     models = args.models + args.json_models
     if not models:
         raise SystemExit("error: no models: give --models and/or --config-json")
@@ -108,30 +101,19 @@ def key_of(row, dtype=None):
     return tuple(row.get(k) if k != "dtype" or dtype is None else dtype for k in KEY)
 
 
-def load_rows(path: Path):
-    rows = []
-    if path.exists():
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    print(f"warning: {path}:{i} is not JSON; ignored", file=sys.stderr)
-    return rows
-
-
 def run_point(spec, timeout):
     """Run one point in a fresh process; always returns a row with a status."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "bench.point", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                           env=common.subprocess_env())
     except subprocess.TimeoutExpired:
         res = {"status": "timeout", "error": f"no result within {timeout:.0f} s"}
     else:
-        lines = [l for l in p.stdout.splitlines() if l.startswith(bench_point.RESULT_PREFIX)]
+        lines = [l for l in p.stdout.splitlines() if l.startswith(point.RESULT_PREFIX)]
         if lines:
-            res = json.loads(lines[-1][len(bench_point.RESULT_PREFIX):])
+            res = json.loads(lines[-1][len(point.RESULT_PREFIX):])
         else:
             tail = " / ".join(p.stderr.strip().splitlines()[-2:])
             killed = p.returncode < 0
@@ -140,16 +122,16 @@ def run_point(spec, timeout):
                              else f"exit {p.returncode} ") + tail}
     spec = {k: v for k, v in spec.items() if k != "config"}
     return {**spec, **res, "wall_s": round(time.perf_counter() - t0, 2),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "time": common.now()}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=["issue3", "here", "families"],
-                   help="a predefined grid (issue3: the issue's grid; here: issue3 plus the "
-                        "cache-policy sweep, i.e. what bench/RESULTS.md holds; families: "
-                        "Qwen3/Llama 3.2/gemma 3/SmolLM2 at T 256, own section and "
-                        "bench/families.jsonl unless --json is given)")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="a predefined grid (grid: T, rank and model-size sweeps; full: the "
+                        "grid plus the cache-policy sweep, the RESULTS.md table; families: "
+                        "Qwen3/Llama 3.2/gemma 3/SmolLM2 at T 256, rows in "
+                        "bench/results/families.jsonl unless --results is given)")
     p.add_argument("--models", nargs="*", default=None,
                    help="bundled architectures: 0.5B, 1.5B, 3B or Qwen2.5-* "
                         "(default: 0.5B unless --config-json is given)")
@@ -162,7 +144,7 @@ def parse_args(argv=None):
     p.add_argument("--rank-seq-len", type=int, default=256)
     p.add_argument("--rank-methods", nargs="*", default=None)
     p.add_argument("--methods", nargs="*", default=None,
-                   help=f"any of {', '.join(bench_point.ALL_METHODS)} "
+                   help=f"any of {', '.join(point.ALL_METHODS)} "
                         "(default: all; with --preset: a filter)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--scale", type=float, default=20.0)
@@ -171,28 +153,25 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=3600, help="seconds per point")
     p.add_argument("--no-mlx-lm-compile", action="store_true",
                    help="run the mlx-lm baselines without the trainer's mx.compile")
-    p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    p.add_argument("--json", type=Path, default=None,
-                   help="raw rows (default: bench/results.jsonl; families.jsonl for "
-                        "--preset families)")
+    p.add_argument("--results", type=Path, default=None,
+                   help="rows file (default: bench/results/memory_bench.jsonl; "
+                        "families.jsonl for --preset families)")
     p.add_argument("--resume", action="store_true",
-                   help="skip points already in --json (any status)")
+                   help="skip points already in --results (any status)")
     p.add_argument("--retry-failed", action="store_true",
                    help="with --resume: rerun points whose last row is not ok")
-    p.add_argument("--render-only", action="store_true",
-                   help="rebuild --out from --json without running anything")
     p.add_argument("--dry-run", action="store_true", help="list the points and exit")
     args = p.parse_args(argv)
-    if args.json is None:
-        args.json = HERE / ("families.jsonl" if args.preset == "families" else "results.jsonl")
+    if args.results is None:
+        args.results = FAMILIES if args.preset == "families" else RESULTS
     _validate(p, args)
     return args
 
 
 def _validate(p, args):
     for m in (args.methods or []) + (args.rank_methods or []):
-        if m not in bench_point.ALL_METHODS:
-            p.error(f"unknown method {m!r}; choose from {', '.join(bench_point.ALL_METHODS)}")
+        if m not in point.ALL_METHODS:
+            p.error(f"unknown method {m!r}; choose from {', '.join(point.ALL_METHODS)}")
     if min(args.seq_lens + args.ranks + [args.rank, args.rank_seq_len, args.steps],
            default=1) < 1:
         p.error("sequence lengths, ranks and --steps must be >= 1")
@@ -206,16 +185,37 @@ def _validate(p, args):
     if args.models is None:
         args.models = [] if args.config_json else ["Qwen2.5-0.5B"]
     try:
-        args.models = [_model_name(m) for m in args.models]
+        args.models = [model_name(m) for m in args.models]
     except ValueError as e:
         p.error(str(e))
 
 
+def render(title, sweeps, rows, dtype="float32", reproduce=None) -> str:
+    """The section for `sweeps` from `rows` (the newest row per point wins)."""
+    last = {key_of(r): r for r in rows}
+
+    def rows_for(sweep):
+        return [last.get(key_of(pt, dtype), {**pt, "status": "missing"})
+                for pt in sweep["points"]]
+    return memory_tables.section(title, sweeps, rows_for, reproduce)
+
+
+def section(rows) -> str:
+    """The RESULTS.md section of the full grid."""
+    return render(TITLES["full"], preset_full(ALL_METHODS_FULL), rows,
+                  reproduce="python -m bench.memory_bench --preset full")
+
+
+def families_section(rows) -> str:
+    """The RESULTS.md section of the model families."""
+    return render(TITLES["families"], preset_families(FAMILY_METHODS), rows,
+                  reproduce="python -m bench.memory_bench --preset families")
+
+
 def main(argv=None):
-    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        return bench_point.main(sys.argv[2])
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    methods = args.methods or list(ALL_METHODS_HERE if args.preset == "here" else
+    methods = args.methods or list(ALL_METHODS_FULL if args.preset == "full" else
                                    FAMILY_METHODS if args.preset == "families"
                                    else DEFAULT_METHODS)
     sweeps = build_sweeps(args, methods)
@@ -226,53 +226,35 @@ def main(argv=None):
             print(json.dumps(pt))
         print(f"{len(points)} points" + (f", {len(todo)} to run" if args.resume else ""))
         return 0
-    env = bench_report.collect_env(args.dtype)
-    render = lambda: _render(args, sweeps, env)     # noqa: E731
-    if not args.render_only:
-        _run_all(args, points, after_each=render)
-    render()
-    print(f"wrote {args.out} ({len(points)} points; raw rows in {args.json})")
+    _run_all(args, points, common.environment(common.command(__spec__.name, argv)))
+    print(render(TITLES.get(args.preset, "Memory and speed"), sweeps,
+                 common.load_rows(args.results), args.dtype))
+    common.wrote(args.results)
     return 0
-
-
-def _render(args, sweeps, env):
-    """Rebuild our RESULTS.md section from the JSON rows (last row per key wins)."""
-    rows = {key_of(r): r for r in load_rows(args.json)}
-
-    def rows_for(sweep):
-        return [rows.get(key_of(pt, args.dtype), {**pt, "status": "missing"})
-                for pt in sweep["points"]]
-    name, title = SECTIONS.get(args.preset, (None, None))
-    bench_report.write_section(args.out, bench_report.render(sweeps, rows_for, env, name, title),
-                               *bench_report.markers(name))
 
 
 def _todo(args, points):
     """The points still to run (all of them unless --resume)."""
     done = {}
     if args.resume:
-        for r in load_rows(args.json):
+        for r in common.load_rows(args.results):
             done[key_of(r)] = r.get("status")
     return [pt for pt in points if key_of(pt, args.dtype) not in done
             or (args.retry_failed and done[key_of(pt, args.dtype)] != "ok")]
 
 
-def _run_all(args, points, after_each):
+def _run_all(args, points, env):
     todo = _todo(args, points)
     print(f"{len(points)} points, {len(points) - len(todo)} already done, "
           f"{len(todo)} to run", flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    t_start, commit = time.perf_counter(), bench_report.git_commit()
+    t_start = time.perf_counter()
     for i, pt in enumerate(todo, 1):
         spec = dict(pt, dtype=args.dtype, scale=args.scale, steps=args.steps,
                     seed=args.seed, mlx_lm_compile=not args.no_mlx_lm_compile,
                     config=args.configs.get(pt["model"]))
-        row = dict(run_point(spec, args.timeout), commit=commit)
-        with args.json.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        after_each()
+        row = common.append_row(args.results, run_point(spec, args.timeout), env)
         elapsed = time.perf_counter() - t_start
-        what = (f"peak above weights {row['peak_above_bytes'] / 2**20:.1f} MB, "
+        what = (f"peak above weights {common.mb(row['peak_above_bytes'])} MB, "
                 f"{row['s_per_step']:.2f} s/step" if row["status"] == "ok"
                 else row.get("error", ""))
         print(f"[{i}/{len(todo)} {elapsed:.0f}s] {pt['model']} T={pt['T']} r={pt['r']} "

@@ -1,18 +1,16 @@
-"""Issue 11: the paper's setting, 4-bit base, bf16 LoRA, weights streamed block by block.
+"""The paper's setting: 4-bit frozen base, bf16 LoRA, weights streamed block by block.
 
-    LD_PRELOAD=.../libblas.so.3 python bench/stream_bench.py                 # the grid
-    python bench/stream_bench.py --models 0.5B --seq-lens 256 --methods mesp mesp@stream
+    LD_PRELOAD=.../libblas.so.3 python -m bench.stream_bench                 # the grid
+    python -m bench.stream_bench --models 0.5B --seq-lens 256 --methods mesp mesp@stream
 
 Models are Qwen2.5 with random weights, 4-bit group 64 with bf16 scales and norms,
-saved once as mlx-lm model directories (--model-dir, one subprocess each) so that a
+saved once as mlx-lm model directories (one subprocess each, `--prepare`) so that a
 streamed point reads real files and no worker's RSS ever held the build. SGD (no
-optimizer state), r 8 on all 7 projections, batch 1, LoRA bf16. Methods: mesp
-(4-bit resident), mesp@stream, mebp@stream, mezo@stream, mlx-lm (its own QLoRA
-step on the resident 4-bit model) and "mesp fp32" (the fp32 resident reference of
-the time goal; list it before and after mesp to bracket the 4-bit row: the goal
-line divides by the faster run and states the other). One fresh process per point
-(memory_bench.run_point); rows go to
-bench/stream.jsonl and the section `memory_bench:stream` of bench/RESULTS.md.
+optimizer state), r 8 on all 7 projections, batch 1, LoRA bf16. Methods: mesp (4-bit
+resident, the baseline), mesp@stream, mebp@stream, mezo@stream, mlx-lm (its own QLoRA
+step on the resident 4-bit model) and "mesp fp32" (the fp32 resident reference of the
+time goal; list it before and after mesp to bracket the 4-bit row: the goal line divides
+by the faster run and states the other). One fresh process per point.
 """
 
 import argparse
@@ -20,27 +18,22 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from bench import common
+from bench.memory_bench import model_name, run_point
 
-import bench_report  # noqa: E402
-import memory_bench  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
+RESULTS = common.RESULTS / "stream_bench.jsonl"
 METHODS = ("mesp", "mesp@stream", "mebp@stream", "mezo@stream", "mlx-lm", "mesp fp32")
-GOALS_MB = {"Qwen2.5-0.5B": 68, "Qwen2.5-1.5B": 110, "Qwen2.5-3B": 150}   # the issue's
+GOALS_MB = {"Qwen2.5-0.5B": 68, "Qwen2.5-1.5B": 110, "Qwen2.5-3B": 150}
 PAPER = {"Qwen2.5-0.5B": (360.8, 136.2), "Qwen2.5-1.5B": (516.2, 262.6),
-         "Qwen2.5-3B": (637.6, 368.4)}   # MeBP, MeSP MB at T 256 (REFERENCE §1)
-MB = 2**20
-KEY = ("model", "T", "method")
+         "Qwen2.5-3B": (637.6, 368.4)}   # MeBP, MeSP MB at T 256, as the paper reports them
+DTYPE = "bfloat16 (4-bit g64 frozen weights, bf16 LoRA)"
 
 
 def grid(args):
     if args.models:
-        return [(memory_bench._model_name(m), T) for m in args.models for T in args.seq_lens]
+        return [(model_name(m), T) for m in args.models for T in args.seq_lens]
     return ([("Qwen2.5-0.5B", T) for T in (128, 256, 512, 1024)]
             + [("Qwen2.5-1.5B", 256), ("Qwen2.5-3B", 256)])
 
@@ -76,85 +69,76 @@ def spec_of(args, model, T, method):
                 model_dir=str(model_dir(args.model_root, model)), label=method)
 
 
-def _row_key(r):
+def row_key(r):
     return (r.get("model"), r.get("T"), r.get("label", r.get("method")))
 
 
-def run(args):
-    rows = {_row_key(r): r for r in memory_bench.load_rows(args.json)}
-    commit = bench_report.git_commit()
+def run(args, env):
+    rows = {row_key(r): r for r in common.load_rows(args.results)}
     runs = {}                             # a method listed twice: both times are kept
     for model, T in grid(args):
         d = model_dir(args.model_root, model)
         if not d.exists() and any(m != "mesp fp32" for m in args.methods):
             print(f"building {d} ...", flush=True)
-            subprocess.run([sys.executable, __file__, "--prepare",
-                            json.dumps({"model": model, "dir": str(d)})], check=True)
+            subprocess.run([sys.executable, "-m", "bench.stream_bench", "--prepare",
+                            json.dumps({"model": model, "dir": str(d)})], check=True,
+                           env=common.subprocess_env())
         for method in args.methods:
             if args.resume and (model, T, method) in rows:
                 continue
-            spec = spec_of(args, model, T, method)
-            row = dict(memory_bench.run_point(spec, args.timeout), commit=commit)
-            row["label"] = method
+            row = dict(run_point(spec_of(args, model, T, method), args.timeout), label=method)
             if row["status"] == "ok":
                 runs.setdefault((model, T, method), []).append(row["s_per_step"])
                 row["s_per_step_runs"] = runs[(model, T, method)]
-            with args.json.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            rows[_row_key(row)] = row
+            row = common.append_row(args.results, row, env)
+            rows[row_key(row)] = row
             print(f"{model} T={T} {method}: {row['status']} "
-                  + (f"peak {row['peak_bytes'] / MB:.1f} MB, {row['s_per_step']:.1f} s/step"
+                  + (f"peak {common.mb(row['peak_bytes'])} MB, {row['s_per_step']:.1f} s/step"
                      if row["status"] == "ok" else row.get("error", "")), flush=True)
-            write(args, rows)
-    write(args, rows)
-
-
-def _mb(x):
-    return "" if x is None else f"{x / MB:.1f}"
 
 
 def _breakdown(r):
     ph = r.get("phases") or {}
-    return [_mb(r.get("block_bytes")), _mb(r.get("lora_bytes")),
-            _mb(ph.get("checkpoint_bytes")), _mb(ph.get("grad_bytes")),
-            _mb(ph.get("peak_after_forward")), _mb(ph.get("peak_after_head")),
-            _mb(ph.get("peak_after_backward"))]
+    mb = common.mb
+    return [mb(r.get("block_bytes")), mb(r.get("lora_bytes")),
+            mb(ph.get("checkpoint_bytes")), mb(ph.get("grad_bytes")),
+            mb(ph.get("peak_after_forward")), mb(ph.get("peak_after_head")),
+            mb(ph.get("peak_after_backward"))]
 
 
-def table(rows, env):
+def table(rows):
+    """The main table, the peak breakdown and the goal lines (rows in table order)."""
+    mb = common.mb
     head = ["model", "T", "method", "quantized path", "MLX peak above weights MB",
             "MLX peak total MB", "process peak RSS MB", "idle MLX process MB",
             "weights on disk / resident MB", "s/step", "× mesp 4-bit resident", "status",
             "commit"]
-    out, ref = [], {}
-    for r in rows:
-        if r.get("label") == "mesp" and r.get("status") == "ok":
-            ref[(r["model"], r["T"])] = r["s_per_step"]
+    ref = {(r["model"], r["T"]): r["s_per_step"] for r in rows
+           if r.get("label") == "mesp" and r.get("status") == "ok"}
     body = []
     for r in rows:
         ok = r.get("status") == "ok"
         base = ref.get((r["model"], r["T"]))
-        w = (f"{_mb(r.get('streamed_bytes'))} / {_mb(r.get('weights_bytes'))}"
-             if r.get("streamed_bytes") else f"– / {_mb(r.get('weights_bytes'))}")
+        w = (f"{mb(r.get('streamed_bytes'))} / {mb(r.get('weights_bytes'))}"
+             if r.get("streamed_bytes") else f"– / {mb(r.get('weights_bytes'))}")
         body.append([r["model"], r["T"], r.get("label", r["method"]),
-                     r.get("quantized_path", "") if "fp32" not in r.get("label", "") else "dense",
-                     _mb(r.get("peak_above_bytes")) if ok else "",
-                     _mb(r.get("peak_bytes")) if ok else "",
-                     _mb(r.get("rss_peak_bytes")) if ok else "",
-                     _mb(r.get("idle_rss_bytes")), w if ok else "",
+                     "dense" if "fp32" in r.get("label", "") else r.get("quantized_path", ""),
+                     mb(r.get("peak_above_bytes")) if ok else "",
+                     mb(r.get("peak_bytes")) if ok else "",
+                     mb(r.get("rss_peak_bytes")) if ok else "",
+                     mb(r.get("idle_rss_bytes")), w if ok else "",
                      f"{r['s_per_step']:.1f}" if ok else "",
                      f"{r['s_per_step'] / base:.2f}" if ok and base else "",
-                     bench_report._status(r), (r.get("commit") or "")[:7]])
-    out += bench_report._table(head, body)
+                     common.status(r), (r.get("commit") or "")[:7]])
+    out = common.table(head, body, "lrllrrrrrrrll")
     bd = [[r["model"], r["T"], r.get("label")] + _breakdown(r) for r in rows
           if r.get("status") == "ok" and r.get("phases")]
     if bd:
         out += ["", "Breakdown (measured step; phase peaks are MLX peaks above the resident "
                 "bytes, cumulative):", ""]
-        out += bench_report._table(["model", "T", "method", "one block's weights MB",
-                                    "LoRA MB", "checkpoints MB", "LoRA grads MB",
-                                    "peak after forward MB", "after head MB",
-                                    "after backward MB"], bd)
+        out += common.table(["model", "T", "method", "one block's weights MB", "LoRA MB",
+                             "checkpoints MB", "LoRA grads MB", "peak after forward MB",
+                             "after head MB", "after backward MB"], bd, "lrlrrrrrrr")
     return out + goal_lines(rows)
 
 
@@ -165,7 +149,7 @@ def goal_lines(rows):
         s = at.get((model, 256, "mesp@stream"))
         if s is None:
             continue
-        p = s["peak_bytes"] / MB
+        p = s["peak_bytes"] / common.MB
         mebp, mesp = PAPER[model]
         line = (f"{model} T 256 mesp streamed: MLX peak incl. all weights {p:.1f} MB (goal "
                 f"≤ {goal} MB: " + ("met" if p <= goal else f"missed by {p - goal:.1f} MB")
@@ -184,40 +168,39 @@ def goal_lines(rows):
             line += (f"; 4-bit/fp32 resident time {q:.2f}×{spread} (goal ≤ 2×: "
                      + ("met" if q <= 2 else f"missed, {q / 2:.2f}× the goal") + ")")
         out.append("- " + line + ".")
-    return (["", "Goals (issue 11):", ""] + out) if out else []
+    return (["", "### Goals", ""] + out) if out else []
 
 
-def write(args, rows):
+PROTOCOL = (
+    "Protocol: one fresh process per row; random Qwen2.5 weights saved as 4-bit g64 mlx-lm "
+    "directories (bf16 scales, biases and norms), LoRA bf16 r 8 scale 20 on all 7 "
+    "projections, B non-zero, batch 1, SGD (no optimizer state); step 1 is a warm-up, the "
+    "row is the next step. MLX peak total = `mx.get_peak_memory()` over the measured step, "
+    "everything MLX holds (streamed: the block and head tile being read); above weights = "
+    "minus `mx.get_active_memory()` after load + LoRA (resident: all weights; streamed: "
+    "norms + LoRA). Process peak = VmHWM reset before the step (`/proc/self/clear_refs`); "
+    "idle MLX process = VmRSS of a fresh Python that imported MLX and ran one op. Quantized "
+    "path: `mesp_mlx.ops.frozen.quantized_path()` (dequant_tiles = dequantized row tiles + "
+    "dense fp32 matmul). Baseline: mesp with the 4-bit weights resident (`× mesp 4-bit "
+    "resident`). Not run here: mlx-lm's own QLoRA step (method `mlx-lm`; it keeps "
+    "`mx.quantized_matmul`, which is slow on this CPU backend: an estimated half hour per "
+    "0.5B T 256 step), mebp/mezo at 1.5B and 3B.")
+
+
+def section(rows) -> str:
     order = {m: i for i, m in enumerate(METHODS)}
-    sel = sorted((r for r in rows.values()),
-                 key=lambda r: (r["model"], r["T"], order.get(r.get("label"), 99)))
-    env = bench_report.collect_env("bfloat16 (4-bit g64 frozen weights, bf16 LoRA)")
-    start, end = bench_report.markers("stream")
-    lines = [start, "## The paper's setting: 4-bit, bf16 LoRA, streamed weights "
-             "(`bench/stream_bench.py`)", ""] + table(sel, env) + [""]
-    lines += [bench_report.environment_line(env), "",
-              "Protocol: one fresh process per row; random Qwen2.5 weights saved as 4-bit "
-              "g64 mlx-lm directories (bf16 scales, biases and norms), LoRA bf16 r 8 scale "
-              "20 on all 7 projections, B non-zero, batch 1, SGD (no optimizer state); "
-              "step 1 is a warm-up, the row is the next step. MLX peak total = "
-              "`mx.get_peak_memory()` over the measured step, everything MLX holds "
-              "(streamed: the block and head tile being read); above weights = minus "
-              "`mx.get_active_memory()` after load + LoRA (resident: all weights; "
-              "streamed: norms + LoRA). Process peak = VmHWM reset before the step "
-              "(`/proc/self/clear_refs`); idle MLX process = VmRSS of a fresh Python that "
-              "imported MLX and ran one op. Quantized path: `mesp_mlx.ops.frozen."
-              "quantized_path()` (dequant_tiles = dequantized row tiles + dense fp32 "
-              "matmul). MB = 2^20 bytes. Not run here: mlx-lm's own QLoRA step (method "
-              "`mlx-lm`; it keeps `mx.quantized_matmul`, 0.20-0.27 GFLOP/s on this CPU, "
-              "so one 0.5B T 256 step would take about half an hour: an estimate, not a "
-              "measurement), mebp/mezo at 1.5B and 3B. Each row names the commit it ran "
-              "at.", end]
-    bench_report.write_section(args.out, "\n".join(lines) + "\n", start, end)
+    rows = sorted(common.newest(rows, row_key),
+                  key=lambda r: (r["model"], r["T"], order.get(r.get("label"), 99)))
+    return "\n".join(["## The paper's setting: 4-bit, bf16 LoRA, streamed weights", ""]
+                     + table(rows) + ["", PROTOCOL, "",
+                                      common.footer(rows, DTYPE,
+                                                    "python -m bench.stream_bench"), ""])
 
 
 def main(argv=None):
-    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--prepare":
-        return prepare(sys.argv[2])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--prepare"]:
+        return prepare(argv[1])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="*", default=None, help="e.g. 0.5B 1.5B (default: grid)")
     p.add_argument("--seq-lens", nargs="*", type=int, default=[256])
@@ -226,16 +209,12 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--model-root", type=Path,
                    default=Path(tempfile.gettempdir()) / "mesp_stream_models")
-    p.add_argument("--json", type=Path, default=HERE / "stream.jsonl")
-    p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
-    p.add_argument("--resume", action="store_true", help="skip points already in --json")
-    p.add_argument("--render-only", action="store_true")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--resume", action="store_true", help="skip points already in --results")
     args = p.parse_args(argv)
-    if args.render_only:
-        write(args, {_row_key(r): r for r in memory_bench.load_rows(args.json)})
-    else:
-        run(args)
-    print(f"wrote {args.out} (rows in {args.json}) at {time.strftime('%H:%M')}")
+    run(args, common.environment(common.command(__spec__.name, argv)))
+    print(section(common.load_rows(args.results)))
+    common.wrote(args.results)
     return 0
 
 

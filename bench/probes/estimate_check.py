@@ -1,8 +1,9 @@
-"""The pre-flight estimate against a measured full-depth step (issue 12: within ±10% at
-T 2048), checkpoints in memory and on disk; one fresh process per point.
+"""The pre-flight estimate against a measured full-depth step (the baseline; the
+estimate should be within ±10% at T 2048), checkpoints in memory and on disk; one
+fresh process per point.
 
-    python bench/estimate_check.py                      # Qwen2.5-0.5B, T 2048
-    python bench/estimate_check.py --model Qwen2.5-0.5B --T 1024
+    python -m bench.probes.estimate_check               # Qwen2.5-0.5B, T 2048
+    python -m bench.probes.estimate_check --model Qwen2.5-0.5B --T 1024
 
 Both sides are the MLX peak above the weights and the LoRA parameters (what
 memory_bench's peak_above_bytes measures): the estimate's checkpoints, LoRA gradients
@@ -11,15 +12,11 @@ and working set. SGD (no optimizer state), fp32, r 8 on all 7 projections, batch
 
 import argparse
 import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(1, str(HERE.parent))
+from bench import common
+from bench.memory_bench import run_point
 
-import memory_bench  # noqa: E402
-
-MB = 2**20
+MB = common.MB
 
 
 def check(model, T, timeout=3600):
@@ -28,7 +25,7 @@ def check(model, T, timeout=3600):
     from mesp_mlx.memory.estimate import arch_from_config, estimate
     arch = arch_from_config(config_for(model), mx.float32)
     for ck, method in (("memory", "mesp"), ("disk", "mesp@disk")):
-        r = memory_bench.run_point(dict(model=model, T=T, r=8, method=method, steps=0,
+        r = run_point(dict(model=model, T=T, r=8, method=method, steps=0,
                                         dtype="float32", scale=20.0, seed=0,
                                         tag="estimate check"), timeout)
         e = estimate(arch, "mesp", T, 1, "sgd", fused_sdpa=False, checkpoints=ck, runtime=0)
@@ -42,11 +39,13 @@ def check(model, T, timeout=3600):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="Qwen2.5-0.5B")
     p.add_argument("--T", type=int, default=2048)
     a = p.parse_args(argv)
     check(a.model, a.T)
+    print(common.footer([common.environment(common.command(__spec__.name, argv))], "float32"))
 
 
 if __name__ == "__main__":

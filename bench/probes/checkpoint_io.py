@@ -1,7 +1,8 @@
-"""Disk checkpoints: pwrite/preadv (what mesp_mlx/checkpoints.py does) against a memory map.
+"""Disk checkpoints: pwrite/preadv (what mesp_mlx/engine/checkpoints.py does, the
+baseline) against a memory map.
 
-    python bench/checkpoint_io.py                 # Qwen2.5-0.5B shapes at T 8192
-    python bench/checkpoint_io.py --T 2048 --layers 24 --dim 896
+    python -m bench.probes.checkpoint_io          # Qwen2.5-0.5B shapes at T 8192
+    python -m bench.probes.checkpoint_io --T 2048 --layers 24 --dim 896
 
 Writes L block inputs of [1, T, D] fp32 in forward order, reads them back in reverse
 (as the backward does), each way, into ordinary MLX arrays; prints seconds per
@@ -17,12 +18,11 @@ import resource
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import common
 
 
 def rss_peak():
@@ -64,6 +64,7 @@ def with_mmap(xs, directory):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--layers", type=int, default=24)
@@ -72,13 +73,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     xs = [mx.random.normal((1, args.T, args.dim)) for _ in range(args.layers)]
     mx.eval(xs)
-    total = sum(x.nbytes for x in xs) / 2**20
-    print(f"{args.layers} × [1, {args.T}, {args.dim}] fp32 = {total:.0f} MiB in {args.dir}")
+    total = sum(x.nbytes for x in xs) / common.MB
+    print(f"{args.layers} × [1, {args.T}, {args.dim}] fp32 = {total:.0f} MB in {args.dir}")
     for name, f in (("pwrite/preadv", with_pwrite), ("mmap", with_mmap)):
         before = rss_peak()
         w, r = f(xs, args.dir)
-        print(f"{name:14s} write {w:.2f} s ({total / w:.0f} MiB/s), read {r:.2f} s "
-              f"({total / r:.0f} MiB/s), peak RSS growth {(rss_peak() - before) / 2**20:.0f} MiB")
+        print(f"{name:14s} write {w:.2f} s ({total / w:.0f} MB/s), read {r:.2f} s "
+              f"({total / r:.0f} MB/s), peak RSS growth "
+              f"{(rss_peak() - before) / common.MB:.0f} MB")
+    print(common.footer([common.environment(common.command(__spec__.name, argv))], "float32"))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""One MLP forward (gate, up, SwiGLU, down) of a real architecture, split three ways
-(issue 13): what a token chunk costs, and why the block does not split the MLP along F.
+"""One MLP forward (gate, up, SwiGLU, down) of a real architecture, split three ways:
+what a token chunk costs against one chunk of all T rows (the baseline), and why the
+block does not split the MLP along F.
 
-    python bench/mlp_split.py                              # Qwen2.5-3B, T 256
-    python bench/mlp_split.py --model Qwen2.5-0.5B --T 1024
+    python -m bench.probes.mlp_split                       # Qwen2.5-3B, T 256
+    python -m bench.probes.mlp_split --model Qwen2.5-0.5B --T 1024
 
   one chunk     all T rows at once (the widest tensor T × F)
   token chunks  rows of token_chunk_bytes (EngineOptions' default: 95 rows at 3B), each
@@ -16,19 +17,18 @@ before the next (as the block schedule does).
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mlx.core as mx
 
-import mlx.core as mx  # noqa: E402
-
-from block_profile import fastest  # noqa: E402  (also puts the repo on sys.path)
-from mesp_mlx.models.configs import config_for  # noqa: E402
-from mesp_mlx.ops.swiglu import swiglu  # noqa: E402
-from mesp_mlx.engine.plan import EngineOptions  # noqa: E402
+from bench import common
+from bench.probes.block_profile import fastest
+from mesp_mlx.engine.plan import EngineOptions
+from mesp_mlx.models.configs import config_for
+from mesp_mlx.ops.swiglu import swiglu
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="Qwen2.5-3B")
     p.add_argument("--T", type=int, default=256)
@@ -60,6 +60,7 @@ def main(argv=None):
                     (f"token chunks of {rows} rows", lambda: tokens(rows)),
                     (f"F slices of {cols}", lambda: f_slices(cols))):
         print(f"  {name}: {fastest(f):.1f} ms")
+    print(common.footer([common.environment(common.command(__spec__.name, argv))], "float32"))
 
 
 if __name__ == "__main__":

@@ -1,28 +1,26 @@
-"""One block of a real architecture, timed phase by phase (issue 13): mesp's forward,
+"""One block of a real architecture, timed phase by phase: mesp's forward,
 its recompute + backward, its backward from a Kept (with and without extras) against
 mlx-lm's forward and autodiff's vjp of the same block. Random weights, fp32, LoRA r 8
 on all 7 projections with B non-zero, batch 1; fastest of 3 runs after a warm-up.
 
-    python bench/block_profile.py --model Qwen2.5-3B --T 256
-    python bench/block_profile.py --model Qwen2.5-3B --T 256 --one-chunk   # 1 token chunk
+    python -m bench.probes.block_profile --model Qwen2.5-3B --T 256
+    python -m bench.probes.block_profile --model Qwen2.5-3B --T 256 --one-chunk  # 1 chunk
 """
 
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
 
-import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
-
-import mesp_mlx  # noqa: E402
-from mesp_mlx.models.configs import build_model, config_for  # noqa: E402
-from mesp_mlx.engine.block import block_backward, block_forward, layer_mask  # noqa: E402
-from mesp_mlx.engine.lora_layers import LoRALinear  # noqa: E402
-from mesp_mlx.engine.plan import EngineOptions  # noqa: E402
+import mesp_mlx
+from bench import common
+from mesp_mlx.engine.block import block_backward, block_forward, layer_mask
+from mesp_mlx.engine.lora_layers import LoRALinear
+from mesp_mlx.engine.plan import EngineOptions
 from mesp_mlx.engine.walk import model_spec
+from mesp_mlx.models.configs import build_model, config_for
 
 
 def fastest(f, n=3):
@@ -87,12 +85,15 @@ def profile(name, T, one_chunk=False):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="Qwen2.5-3B")
     p.add_argument("--T", type=int, default=256)
     p.add_argument("--one-chunk", action="store_true")
     a = p.parse_args(argv)
     profile(a.model, a.T, a.one_chunk)
+    print("Baseline: mlx-lm's forward and autodiff's vjp of the same block.")
+    print(common.footer([common.environment(common.command(__spec__.name, argv))], "float32"))
 
 
 if __name__ == "__main__":

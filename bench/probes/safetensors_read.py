@@ -1,6 +1,7 @@
-"""pread vs np.memmap for the reads weight streaming does (safetensors_io.py).
+"""os.preadv (the baseline) against np.memmap for the reads weight streaming does
+(mesp_mlx/engine/safetensors_io.py).
 
-    python bench/safetensors_read.py [--dir /tmp]
+    python -m bench.probes.safetensors_read [--dir /tmp]
 
 A Qwen2.5-0.5B-sized 4-bit tied embedding (151936 × 896, packed uint32 + bf16
 scales/biases) is written once; then, from the page cache, we time (a) the head's
@@ -10,12 +11,14 @@ vocabulary tiles (contiguous row ranges), (b) one block's tensors read whole, an
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
 import mlx.core as mx
 import numpy as np
 
+from bench import common
 from mesp_mlx.engine.safetensors_io import SafetensorsFile
 
 
@@ -61,7 +64,8 @@ def _cases(f, V, D, F, ids, tile):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dir", default=tempfile.gettempdir())
     a = p.parse_args(argv)
     V, D, F = 151936, 896, 4864
@@ -88,6 +92,8 @@ def main(argv=None):
         print(f"| {name} | {res[0]:.1f} | {res[1]:.1f} |")
     f.close()
     os.unlink(path)
+    print(common.footer([common.environment(common.command(__spec__.name, argv))],
+                        "uint32 / bfloat16 (4-bit packed weights and scales)"))
 
 
 if __name__ == "__main__":

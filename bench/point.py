@@ -1,8 +1,8 @@
 """Measure one benchmark point (model, T, r, method) in this process.
 
-Run by `memory_bench.py --worker SPEC` in a fresh process per point, so that
-peaks, allocator caches and mlx-lm's class-level `grad_checkpoint` patch never
-leak between points. Prints one line `RESULT_PREFIX + json` on stdout.
+Run as `python -m bench.point SPEC_JSON` (memory_bench.run_point) in a fresh process
+per point, so that peaks, allocator caches and mlx-lm's class-level `grad_checkpoint`
+patch never leak between points. Prints one line `RESULT_PREFIX + json` on stdout.
 
 Protocol: build the model (random weights) + LoRA (A, B random, B non-zero,
 identical for every method), clear the cache, read the resident bytes; step 1
@@ -28,7 +28,7 @@ CACHE_VARIANTS = ("mesp@none", "mesp@block")   # mesp with another allocator-cac
 VARIANTS = {"none": dict(clear_cache="none"), "block": dict(clear_cache="block"),
             "disk": dict(checkpoints="disk"),
             "stream": {}}                        # method@variant -> EngineOptions fields
-STREAMED = ("mesp@stream", "mebp@stream", "mezo@stream")   # weights streamed (stream.py)
+STREAMED = ("mesp@stream", "mebp@stream", "mezo@stream")   # weights streamed from disk
 ALL_METHODS = OURS + BASELINES + CACHE_VARIANTS + ("mesp@disk", "mebp@disk") + STREAMED
 B_STD = 0.01                                     # LoRA B ~ N(0, B_STD²): non-zero
 
@@ -74,7 +74,7 @@ def unsupported_reason(method: str):
     return None
 
 
-def _init_lora(model, seed: int):
+def init_lora(model, seed: int):
     """Deterministic A (uniform ±1/√d_in) and non-zero B, same for all methods."""
     import mlx.core as mx
 
@@ -110,7 +110,7 @@ def _ours(model, spec, batch):
 
     method, _, policy = spec["method"].partition("@")     # e.g. "mesp@block"
     fields = dict(VARIANTS[policy]) if policy else {}
-    fields.update(spec.get("options") or {})          # e.g. activation_budget (pareto.py)
+    fields.update(spec.get("options") or {})          # e.g. activation_budget (pareto)
     kw = {"options": EngineOptions(**fields)} if fields else {}
     phases = spec.setdefault("_phases", {})           # per-phase time and peak (mebp/mesp)
     if method in ("mebp", "mesp"):
@@ -210,7 +210,7 @@ def _measure(spec) -> dict:
                               key=mx.random.key(spec["seed"] + 2)).astype(mx.int32)
     make = _mlx_lm if spec["method"] in BASELINES else _ours
     step = make(model, spec, batch)
-    row["lora_layers"] = _init_lora(model, spec["seed"] + 1)
+    row["lora_layers"] = init_lora(model, spec["seed"] + 1)
     model.train()
     mx.eval(model.parameters(), batch)
     row["lora_params"] = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
@@ -301,3 +301,7 @@ def run(spec: dict) -> dict:
 def main(spec_json: str):
     spec = json.loads(spec_json)
     print(RESULT_PREFIX + json.dumps(run(spec)), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,19 +1,17 @@
-"""Elementwise costs on this backend that shape the recompute (issue 13): exp and
-mx.sigmoid per element, against mesp's compiled SwiGLU kernels (ops/swiglu.py).
-fp32, fastest of 20 runs after 3 warm-ups.
+"""Elementwise costs on this backend that shape the recompute: exp and mx.sigmoid per
+element, and mesp's compiled SwiGLU kernels (mesp_mlx/ops/swiglu.py) against the plain
+ops they replace (the baseline). fp32, fastest of 20 runs after 3 warm-ups.
 
-    python bench/elementwise_timing.py                  # [256, 4864] and [256, 11008]
+    python -m bench.probes.elementwise_timing           # [256, 4864] and [256, 11008]
 """
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mlx.core as mx
 
-import mlx.core as mx  # noqa: E402
-
-from mesp_mlx.ops.swiglu import swiglu_backward, swiglu_saving  # noqa: E402
+from bench import common
+from mesp_mlx.ops.swiglu import swiglu_backward, swiglu_saving
 
 
 def fastest(f, *a, n=20):
@@ -50,6 +48,7 @@ def main():
                 "backward, swiglu_backward": fastest(swiglu_backward, dy, a, u)}
         for k, v in rows.items():
             print(f"  [256, {F}] {k}: {v:.1f} ms ({v * 1e6 / n:.1f} ns)")
+    print(common.footer([common.environment(common.command(__spec__.name, []))], "float32"))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 """Data parallelism: measured loopback step times and the all-reduce, plus a
 speedup MODEL for real links (not a measurement).
 
-    python bench/data_parallel.py            # writes bench/data_parallel.json and
-                                             # a section of bench/RESULTS.md
-Measured here: steps/s of `python -m mesp_mlx.lora --model demo` in one process
-and under `mlx.launch -n 2 --backend ring` on 127.0.0.1 (same global batch),
-and the time of one all_sum of the Qwen2.5-0.5B r 8 gradient buffer. Model:
-one step of N ranks = T1·B/N + ring all-reduce 2(N−1)/N · S / bandwidth.
+    python -m bench.data_parallel_speed
+
+Measured: steps/s of `python -m mesp_mlx.lora --model demo` in one process (the
+baseline) and under `mlx.launch -n 2 --backend ring` on 127.0.0.1 (same global batch),
+and the time of one all_sum of the Qwen2.5-0.5B r 8 gradient buffer. Model: one step of
+N ranks = T1·B/N + ring all-reduce 2(N−1)/N · S / bandwidth, with T1 the fastest
+1-process step in bench/results/memory_bench.jsonl at run time.
 """
 
+import argparse
 import json
-import os
 import random
 import re
 import socket
@@ -19,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
+from bench import common
+
+RESULTS = common.RESULTS / "data_parallel_speed.jsonl"
 
 # assumed link bandwidths (bytes/s) and per-message latencies (s), NOT measured here
 LINKS = (("1 GbE", 0.117e9, 100e-6), ("10 GbE", 1.17e9, 50e-6),
@@ -74,9 +74,7 @@ def _launch(n, prog):
 
 
 def _env():
-    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
-                                                        os.environ.get("PYTHONPATH")])))
+    return dict(common.subprocess_env(), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 def step_seconds(n: int, method: str, iters=24, batch=8) -> float:
@@ -89,7 +87,8 @@ def step_seconds(n: int, method: str, iters=24, batch=8) -> float:
                          timeout=900, stdin=subprocess.DEVNULL)
     rates = re.findall(r"Iter \d+: train loss [\d.]+, lr [^,]+, it/s ([\d.]+)", out.stdout)
     if len(rates) < 2:
-        raise RuntimeError(f"no report from {n} rank(s):\n{out.stdout[-1500:]}{out.stderr[-1500:]}")
+        raise RuntimeError(f"no report from {n} rank(s):\n{out.stdout[-1500:]}"
+                           f"{out.stderr[-1500:]}")
     return 1.0 / float(rates[-1])
 
 
@@ -108,19 +107,20 @@ def _worker_allreduce(nbytes: int, reps: int = 5):
 
 
 def allreduce_seconds(nbytes: int) -> float:
-    prog = [sys.executable, str(Path(__file__).resolve()), "--worker-allreduce", str(nbytes)]
+    prog = [sys.executable, "-m", "bench.data_parallel_speed", "--worker-allreduce",
+            str(nbytes)]
     out = subprocess.run(_launch(2, prog), capture_output=True, text=True, env=_env(),
                          timeout=300, stdin=subprocess.DEVNULL)
     return json.loads(re.search(r"\{.*\}", out.stdout).group(0))["allreduce_s"]
 
 
 def measured_step_s(model="Qwen2.5-0.5B", T=256, r=8) -> dict:
-    """Fastest measured step per method in bench/results.jsonl (least disturbed
-    by the shared CPU): {method: seconds}."""
+    """Fastest measured step per method in bench/results/memory_bench.jsonl (least
+    disturbed by a shared CPU): {method: seconds}."""
+    from bench.memory_bench import RESULTS as MEMORY
     best = {}
-    for line in (HERE / "results.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if (row.get("model"), row.get("T"), row.get("r"), row.get("status")) == (model, T, r, "ok"):
+    for row in common.load_rows(MEMORY):
+        if tuple(row.get(k) for k in ("model", "T", "r", "status")) == (model, T, r, "ok"):
             m = row["method"]
             best[m] = min(best.get(m, 1e9), row["s_per_step"])
     return best
@@ -141,47 +141,51 @@ def model_lines(step_s: dict, nbytes: int) -> list:
     return head + rows
 
 
+def section(rows) -> str:
+    if not rows:
+        return "## Data parallelism\n\nNo rows yet: `python -m bench.data_parallel_speed`.\n"
+    res = rows[-1]                                    # the newest run
+    n_params, nbytes, lb = res["lora_params"], res["allreduce_bytes"], res["loopback"]
+    return "\n".join([
+        "## Data parallelism", "",
+        f"All-reduce per step at Qwen2.5-0.5B, r 8, 7 projections: {n_params:,} LoRA "
+        f"gradients = {nbytes / 1e6:.1f} MB fp32 (MeZO: 3 scalars).", "",
+        "Measured, 127.0.0.1 loopback (`mlx.launch -n 2 --backend ring`), demo model, "
+        "global batch 8, s/step; baseline: one process (the ratio is 1 process / 2 ranks; "
+        "both ranks share the same CPU cores, so this shows the overhead, not a speedup):",
+        "", *common.table(["method", "1 process", "2 ranks", "ratio"],
+                          [[m, f"{lb[m]['1']:.4f}", f"{lb[m]['2']:.4f}",
+                            f"{lb[m]['1'] / lb[m]['2']:.2f}x"] for m in lb], "lrrr"),
+        "", f"One all_sum of the {nbytes / 1e6:.1f} MB buffer over loopback: "
+        f"{res['loopback_allreduce_s'] * 1e3:.1f} ms.", "",
+        "MODEL, not a measurement: speedup = T1 / (T1/N + 2(N-1)·latency + 2(N-1)/N · S / "
+        "bandwidth), T1 = the fastest 1-process step (Qwen2.5-0.5B, T 256, fp32) in the "
+        "memory benchmark's rows when this ran, link bandwidths and latencies assumed:", "",
+        *model_lines(res["step_s_measured_0.5B"], nbytes), "",
+        common.footer([res], reproduce="python -m bench.data_parallel_speed"), ""])
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--worker-allreduce"]:
         _worker_allreduce(int(argv[1]))
         return 0
-    import bench_report
     from mesp_mlx.models.configs import CONFIGS
 
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    env = common.environment(common.command(__spec__.name, argv))
     n_params = lora_params(CONFIGS["Qwen2.5-0.5B"], 8)
     nbytes = 4 * n_params
     res = {"lora_params": n_params, "allreduce_bytes": nbytes,
-           "step_s_measured_0.5B": measured_step_s()}
+           "step_s_measured_0.5B": measured_step_s(), "dtype": "float32 (demo model)"}
     res["loopback"] = {m: {"1": step_seconds(1, m), "2": step_seconds(2, m)}
                        for m in ("mesp", "mezo")}
     res["loopback_allreduce_s"] = allreduce_seconds(nbytes)
-    env = bench_report.collect_env("float32 (demo model)")
-    res["env"] = env
-    (HERE / "data_parallel.json").write_text(json.dumps(res, indent=1) + "\n")
-    lb = res["loopback"]
-    lines = [*bench_report.markers("data_parallel")[:1],
-             "## Data parallelism (`bench/data_parallel.py`)", "",
-             f"All-reduce per step at Qwen2.5-0.5B, r 8, 7 projections: {n_params:,} LoRA "
-             f"gradients = {nbytes / 1e6:.1f} MB fp32 (MeZO: 3 scalars).", "",
-             "Measured, 127.0.0.1 loopback (`mlx.launch -n 2 --backend ring`), demo model, "
-             "global batch 8, s/step (shared CPU):", "",
-             "| method | 1 process | 2 ranks | ratio |", "|---|---:|---:|---:|",
-             *[f"| {m} | {lb[m]['1']:.4f} | {lb[m]['2']:.4f} | {lb[m]['1'] / lb[m]['2']:.2f}x |"
-               for m in lb],
-             "", f"One all_sum of the {nbytes / 1e6:.1f} MB buffer over loopback: "
-             f"{res['loopback_allreduce_s'] * 1e3:.1f} ms.", "",
-             "MODEL, not a measurement: speedup = T1 / (T1/N + 2(N-1)·latency + 2(N-1)/N · S / "
-             "bandwidth), "
-             "T1 = fastest measured 1-process step here (bench/results.jsonl, "
-             "Qwen2.5-0.5B, T 256, fp32, shared CPU), link bandwidths and latencies "
-             "assumed:", "",
-             *model_lines(res["step_s_measured_0.5B"], nbytes), "",
-             bench_report.environment_line(env), bench_report.markers("data_parallel")[1]]
-    section = "\n".join(lines) + "\n"
-    bench_report.write_section(HERE / "RESULTS.md", section,
-                               *bench_report.markers("data_parallel"))
-    print(section)
+    common.append_row(args.results, res, env)
+    print(section(common.load_rows(args.results)))
+    common.wrote(args.results)
     return 0
 
 
