@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Optional
 
+from . import blas
 from .errors import Parser, UserError
 from .parallel.group import where
 from .train import job
@@ -61,4 +62,5 @@ def main(argv: Optional[list] = None) -> int:
 
 
 if __name__ == "__main__":
+    blas.ensure_fast("mesp_mlx.lora", sys.argv[1:])
     sys.exit(main())

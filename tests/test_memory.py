@@ -163,18 +163,38 @@ def test_cli_tiny_config(tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(tiny_config()))
     rc = main(["--config-json", str(cfg), "--max-seq-length", "32", "--method", "mesp",
-               "--device-profile", "iphone-8gb"])
+               "--device-profile", "iphone-8gb", "--measure"])
     out = capsys.readouterr().out
     assert rc == 0 and "| MLX peak |" in out and "verdict: fits" in out
+    # the estimate comes first, then the line saying a measurement starts
+    assert out.index("| **total** |") < out.index("measuring one mesp step") \
+        < out.index("measured MB")
     est = estimate(arch_from_config(tiny_config()), "autodiff", 64, 1)
     half = est.runtime + est.mlx_bytes // 2      # the runtime fits, half the step does not
     rc = main(["--config-json", str(cfg), "--max-seq-length", "64", "--method", "autodiff",
                "--memory-budget", str(half), "--no-measure"])
     out = capsys.readouterr().out
-    assert rc == 2 and "DOES NOT FIT" in out and "not run" in out
+    assert rc == 2 and "DOES NOT FIT" in out and "estimate only" in out
     assert main(["--model", "Qwen9", "--no-measure"]) == 1
     assert "no bundled architecture" in capsys.readouterr().err
     assert main(["--config-json", str(cfg), "--device-profile", "nope", "--no-measure"]) == 1
+
+
+def test_cli_answers_at_once_and_names_a_bad_config(tmp_path, capsys):
+    """A bare call estimates only (no minutes-long measurement); a config.json
+    without a required key, with a wrong type, or of an unknown family is one line."""
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "| **total** |" in out and "add --measure" in out and "measured MB" not in out
+    for name, bad in (("missing", {k: v for k, v in tiny_config().items()
+                                   if k != "hidden_size"}),
+                      ("type", dict(tiny_config(), num_hidden_layers="four")),
+                      ("family", dict(tiny_config(), model_type="no_such_family"))):
+        cfg = tmp_path / f"{name}.json"
+        cfg.write_text(json.dumps(bad))
+        assert main(["--config-json", str(cfg)]) == 1, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (name, err)
 
 
 def test_mezo_estimate_has_no_gradients():

@@ -6,11 +6,11 @@ at long T the largest thing it holds (Qwen2.5-0.5B fp32, T 8192: 704 MB).
   "disk":   one temporary file in a directory of the user's choice; each block
             input is written with pwrite at its own offset during the forward and
             read back with preadv into a fresh buffer in the backward, so memory
-            stops growing with L. The file is sized up front (writes into it measured
-            ~10× faster, and a full disk shows before the forward). Plain reads
-            and writes, not a memory map: a map made the whole file resident in
-            the process (RSS +672 MiB at 0.5B, T 8192, vs +59 MiB), for a few
-            seconds saved in a step that takes minutes there (bench/checkpoint_io.py).
+            stops growing with L. The file is sized up front (writes into a
+            pre-sized file are much faster, and a full disk shows before the
+            forward). Plain reads and writes, not a memory map: a map makes the
+            whole file resident in the process, which is what the disk store is
+            for avoiding (`python -m bench.probes.checkpoint_io` compares them).
             The file is removed on success, on
             error and on Ctrl-C (the schedule closes the store in a `finally`).
 """
@@ -73,8 +73,8 @@ class DiskCheckpoints:
             self._reserve(need_bytes)
 
     def _reserve(self, n):
-        """Size the file up front: writes into a pre-sized file measured ~10× faster
-        here (bench/checkpoint_io.py), and a full disk shows before the forward."""
+        """Size the file up front: writes into a pre-sized file are much faster
+        (bench.probes.checkpoint_io), and a full disk shows before the forward."""
         try:
             if hasattr(os, "posix_fallocate"):     # Linux; macOS has no fallocate
                 os.posix_fallocate(self._fd, 0, n)

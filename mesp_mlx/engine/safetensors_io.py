@@ -5,11 +5,10 @@ Format: 8 bytes little-endian header length n, n bytes of JSON
 which starts at 8 + n), then the raw little-endian tensor bytes, row-major.
 `mx.load` is lazy but reads a whole tensor when evaluated; streaming needs a
 vocabulary tile of the head or the batch's embedding rows, so we read ranges
-ourselves, each the faster way measured (bench/safetensors_read.py, 0.5B 4-bit
-embedding, page cache warm): a row range (head tile, block tensor) with one
-`os.preadv` into a numpy buffer (all head tiles 7.5 ms vs 9.6-12 ms via np.memmap),
-a row set (embedding lookup) as one gather from an `np.memmap` held for that read
-only (256 rows 0.3-0.4 ms vs 0.9-1.0 ms with a pread per row). Either way the bytes
+ourselves, each the faster of the ways `python -m bench.probes.safetensors_read`
+compares: a row range (head tile, block tensor) with one `os.preadv` into a numpy
+buffer (rather than through np.memmap), a row set (embedding lookup) as one gather
+from an `np.memmap` held for that read only (rather than a pread per row). Either way the bytes
 are copied into an ordinary MLX array: on Metal an mmap-backed array would be
 wired on first GPU use, and no file pages stay mapped after the read.
 A file that is truncated, or changes while it is open, raises WeightsFileError.

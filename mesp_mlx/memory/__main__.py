@@ -2,7 +2,9 @@
 
 import sys
 
+from .. import blas
 from .cli import main
 
 if __name__ == "__main__":
+    blas.ensure_fast("mesp_mlx.memory", sys.argv[1:])
     sys.exit(main())

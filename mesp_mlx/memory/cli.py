@@ -1,6 +1,7 @@
 """Will it fit? `python -m mesp_mlx.memory --model Qwen2.5-3B --max-seq-length 512
 --method mesp --device-profile iphone-8gb` builds the real architecture with random
-weights (no download), runs the estimate and one measured step, prints both.
+weights (no download) and prints the estimate; `--measure` also runs one step and
+prints what it measured.
 A -4bit / -8bit / -bf16 suffix of --model sets --quantize and --dtype (bfloat16,
 as mlx-community converts); explicit flags win. Every "what would fit" line is a
 set of flags that fits when added to this command.
@@ -60,12 +61,13 @@ def _parser():
                         "copy of the model (written to a temporary directory first), "
                         "as training's --stream-weights")
     p.add_argument("--no-measure", action="store_true",
-                   help="estimate only: do not build the model or run a step")
+                   help="estimate only (the default): do not build the model or run a step")
     p.add_argument("--find", choices=fit.TARGETS,
                    help="answer the largest value of this flag that fits the budget "
                         "(from the estimate; the other flags held)")
     p.add_argument("--measure", action="store_true",
-                   help="with --find: confirm the answer by one measured step at it")
+                   help="confirm the estimate by one measured step on a random-weight "
+                        "copy of the model (with --find: at the answer)")
     return p
 
 
@@ -150,6 +152,31 @@ def _stream_from_copy(model):
     mx.clear_cache()
 
 
+def _print_measured(model, est, peak, secs):
+    from ..engine.stream import resident_weight_bytes, streamed_weight_bytes
+    fp, resident = process_footprint(), resident_weight_bytes(model)
+    idle, streamed = idle_footprint(), streamed_weight_bytes(model)
+    print(f"\n| | estimate MB | measured MB |\n|---|---:|---:|\n"
+          f"| MLX peak | {est.mlx_bytes / MB:.1f} | {peak / MB:.1f} |")
+    print(f"MLX peak {peak / MB:.1f} MB in total (weights included), "
+          f"{(peak - resident) / MB:.1f} MB above the {resident / MB:.1f} MB of "
+          "frozen weights resident"
+          + (f" ({streamed / MB:.1f} MB streamed from disk)" if streamed else ""))
+    print(f"step time {secs:.2f} s; process footprint peak "
+          f"{(fp.peak or 0) / MB:.1f} MB ({fp.source}); an idle process with MLX "
+          f"imported: {(idle or 0) / MB:.1f} MB")
+
+
+def _config_name(args) -> str:
+    return args.config_json or args.model
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, KeyError):
+        return f"the key {e.args[0]!r} is missing"
+    return str(e)
+
+
 def _header(args, dev) -> str:
     quant = (f", {args.quantize}-bit" if args.quantize else "") + (
         ", streamed weights" if getattr(args, "stream_weights", False) else "")
@@ -160,46 +187,44 @@ def _header(args, dev) -> str:
 
 def main(argv=None) -> int:
     args = _resolve_variant(_parser().parse_args(argv))
+    args.measure = args.measure or (args.stream_weights and not args.find)  # measured only
     try:
         budget = resolve_budget(args.memory_budget, args.device_profile)
         cfg = _config(args)
         if args.max_seq_length < 1 or args.batch_size < 1 or args.rank < 1:
             raise ValueError("--max-seq-length, --batch-size and --rank must be >= 1")
-        if args.stream_weights and (args.method == "autodiff" or args.no_measure):
-            raise ValueError("--stream-weights measures a step of mesp or mebp (not "
-                             "autodiff, not with --no-measure)")
+        if args.measure and args.no_measure:
+            raise ValueError("--measure and --no-measure contradict each other")
+        if args.stream_weights and args.method == "autodiff":
+            raise ValueError("--stream-weights runs with mesp or mebp (autodiff needs "
+                             "every weight resident)")
     except (ValueError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.find:
         return _find(args, cfg, budget)
-    measured = None
     dtype = _DTYPES[args.dtype]
-    if args.no_measure:
-        arch = arch_from_config(cfg, dtype, args.quantize, args.rank)
-    else:
-        model, peak, secs = _measure(cfg, args)
-        arch, measured = arch_from_model(model, args.rank), (peak, secs)
     ckpt = "disk" if args.offload_checkpoints else "memory"
+    try:
+        arch = arch_from_config(cfg, dtype, args.quantize, args.rank)
+    except (KeyError, TypeError, ValueError) as e:
+        print(f"error: {_config_name(args)} cannot be read as a model configuration: "
+              f"{_why(e)}", file=sys.stderr)
+        return 1
     est = estimate(arch, args.method, args.max_seq_length, args.batch_size, args.optimizer,
                    checkpoints=ckpt)
     print(_header(args, device_facts()))
     print(est)
-    print(f"\n| | estimate MB | measured MB |\n|---|---:|---:|\n"
-          f"| MLX peak | {est.mlx_bytes / MB:.1f} | "
-          + (f"{measured[0] / MB:.1f} |" if measured else "not run |"))
-    if measured:
-        from ..engine.stream import resident_weight_bytes, streamed_weight_bytes
-        fp, resident = process_footprint(), resident_weight_bytes(model)
-        idle = idle_footprint()
-        streamed = streamed_weight_bytes(model)
-        print(f"MLX peak {measured[0] / MB:.1f} MB in total (weights included), "
-              f"{(measured[0] - resident) / MB:.1f} MB above the {resident / MB:.1f} MB of "
-              "frozen weights resident"
-              + (f" ({streamed / MB:.1f} MB streamed from disk)" if streamed else ""))
-        print(f"step time {measured[1]:.2f} s; process footprint peak "
-              f"{(fp.peak or 0) / MB:.1f} MB ({fp.source}); an idle process with MLX "
-              f"imported: {(idle or 0) / MB:.1f} MB")
+    if args.measure:
+        print(f"\nmeasuring one {args.method} step on a random-weight copy of the model "
+              "(building it can take a minute or more)...", flush=True)
+        model, peak, secs = _measure(cfg, args)
+        arch = arch_from_model(model, args.rank)
+        est = estimate(arch, args.method, args.max_seq_length, args.batch_size,
+                       args.optimizer, checkpoints=ckpt)
+        _print_measured(model, est, peak, secs)
+    else:
+        print("\n(estimate only; add --measure to confirm it with one measured step)")
     if budget is None:
         print("no budget given (--device-profile or --memory-budget): no verdict")
         return 0

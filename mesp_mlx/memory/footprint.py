@@ -105,8 +105,7 @@ def runtime_bytes() -> int:
     """This process's footprint outside MLX's buffers (interpreter, MLX, mlx-lm,
     tokenizer libraries): footprint now − MLX active − MLX cache, measured on the
     first call and then fixed, so estimates in one process are comparable.
-    0 where unavailable. Measured on the demo run (Linux, MLX 0.32 CPU): 109 MB
-    footprint, of which 5 MB MLX buffers."""
+    0 where unavailable."""
     if not _RUNTIME:
         cur = process_footprint().current
         mlx = mx.get_active_memory() + mx.get_cache_memory()

@@ -4,19 +4,16 @@ Letters: T tokens (any leading dims), d_in, d_out, n rows per tile.
   x W0ᵀ = [x Ŵ₀ᵀ | x Ŵ₁ᵀ | …]       Ŵⱼ = dequantize(W0[jn:(j+1)n]): (n, d_in) fp32
   g W0  = Σⱼ g[:, jn:(j+1)n] Ŵⱼ
 W0 is never dense in full, but in one lazy graph MLX's CPU backend allocates the
-outputs of many queued ops ahead of their inputs' release (measured for one 4864×896
-product at T 256: 58 MB with independent tiles, 32 MB with tile j made to depend on
-product j−1 via `mx.depends`). Inside `tile_barriers()` (the per-block schedules,
-outside any transform) each tile's product is also evaluated before the next tile
-is dequantized: 18 MB with 4 MiB tiles, 11 MB with 2 MiB (the default; same speed
-within noise here). Elsewhere (autodiff, mebp, mx.compile) only the ordering applies: barriers inside
-a transform are far worse (a 0.5B 4-bit head under value_and_grad, T 64: 5.8 GB
-with them, 282 MB without).
-Why: on MLX's CPU backend `mx.quantized_matmul` is far below a dense matmul.
-Measured here (MLX 0.32.4 CPU, shared 2 cores, 4-bit g64 bf16 scales, T 256):
-4864×896 quantized_matmul 0.20-0.27 GFLOP/s; dequantize + fp32 matmul in 256-1024-row
-tiles 2.1 GFLOP/s with the bundled BLAS, 26-36 GFLOP/s with OpenBLAS. Metal keeps
-`mx.quantized_matmul` (frozen.py chooses; `quantized_path()` says which ran).
+outputs of many queued ops ahead of their inputs' release, so tile j is made to
+depend on product j−1 via `mx.depends`. Inside `tile_barriers()` (the per-block
+schedules, outside any transform) each tile's product is also evaluated before the
+next tile is dequantized, which bounds the working set by about one tile.
+Elsewhere (autodiff, mebp, mx.compile) only the ordering applies: barriers inside a
+transform keep every tile alive for the backward, far worse than none.
+Why: on MLX's CPU backend `mx.quantized_matmul` runs at a small fraction of a dense
+fp32 matmul's rate, so dequantizing a tile and multiplying densely is faster by an
+order of magnitude (docs/how-it-works.md). Metal keeps `mx.quantized_matmul`
+(frozen.py chooses; `quantized_path()` says which ran).
 The matmul runs in fp32 and each tile's result is cast to x's dtype.
 """
 
@@ -60,8 +57,8 @@ def tile_rows(d_in: int) -> int:
 def _unpacker(group_size: int, bits: int):
     """Compiled affine dequantize: q = (w >> shift) & mask, Ŵ = q·s + b in the scales'
     dtype, then fp32. The same values as mx.dequantize(..., dtype=float32) (which also
-    computes in the scales' dtype; tested bit for bit), measured 1.6x faster here
-    (585×896 tile, 4-bit g64 bf16 scales: 2.3 vs 3.7 ms on MLX 0.32.4 CPU)."""
+    computes in the scales' dtype; tested bit for bit), in one compiled kernel
+    instead of several passes over the tile."""
     shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
 
     def unpack(wt, s, b):

@@ -4,9 +4,7 @@ backend multiplied in fp32 and the result rounded once to the dtype of a @ b.
   mm(a, b) = round(fp32(a) @ fp32(b))   (CPU backend, a half operand; rounded to the
   mm(a, b) = a @ b                     dtype a @ b would have had) · otherwise, Metal
 Why: MLX's CPU backend multiplies bf16 with a generic kernel that never reaches the
-BLAS. Measured here (MLX 0.32.4 CPU, 2 cores, OpenBLAS preloaded): the attention
-score product [1,2,1792,64]@[1,2,64,256] 37.8 ms in bf16, 3.6 ms via fp32 (10x);
-LoRA's x A at T 256, d_in 896, r 8: 1.7 / 0.85 ms. The values are those of the bf16
+BLAS, several times slower than the fp32 product it could use. The values are those of the bf16
 kernel (it also accumulates in fp32 and rounds once): bit-identical with MLX's
 bundled BLAS, up to fp32 summation order with another BLAS. The fp32 copies of the
 operands are transient; the attention tiles are already sized for fp32 scores.

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from .. import log
 from ..engine.batch import vocab_sizes
-from ..engine.lora_layers import apply_lora
+from ..engine.lora_layers import apply_lora, lora_layers
 from ..engine.stream import resident_weight_bytes, streamed_weight_bytes
 from ..errors import ConfigError
 from ..memory import MemoryMonitor, preflight
@@ -124,6 +124,12 @@ def _apply_lora(model, cfg):
                    dtype=cfg.lora_dtype)
     except ValueError as e:
         raise ConfigError(f"cannot apply LoRA: {e}") from None
+    path, d = min(((p, min(m.lora_a.shape[0], m.lora_b.shape[1]))
+                   for p, m in lora_layers(model)), key=lambda t: t[1], default=(None, 0))
+    if path is not None and cfg.rank > d:
+        raise ConfigError(f"--rank {cfg.rank} is larger than the smallest adapted "
+                          f"dimension ({d}, {path}): a rank above it adds parameters "
+                          f"but no expressiveness; use --rank {d} or less")
 
 
 def _memory(model, cfg, budget, T):

@@ -243,6 +243,9 @@ class _Run:
                     f"{cfg.mezo_eps}; the optimizer is unused; train loss = (L(θ+εz) + "
                     "L(θ-εz))/2, an O(eps²) overestimate of L(θ)")
         self.start, accum, accum_n = _resume(model, self.opt, cfg)
+        if cfg.method != "mezo":        # the state exists from step 1, as at every later step
+            self.opt.init(model.trainable_parameters())
+            mx.eval(self.opt.state)
         self.accum = Accumulator(cfg.grad_accumulation_steps, accum, accum_n)
         self.tracker = early_stop.Tracker.of(cfg)
         if self.tracker.active and not (val_set and cfg.val_batches != 0):
