@@ -12,15 +12,25 @@ Exit status: 0 fits (or no budget), 2 over budget, 1 bad input.
 """
 
 import argparse
+import atexit
 import json
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
 
+from ..engine import apply_lora, value_and_grad
+from ..engine.plan import EngineOptions
+from ..engine.stream import resident_weight_bytes, stream_weights, streamed_weight_bytes
 from ..errors import Parser
+from ..models.configs import build_model, config_for
 from . import fit
 from .estimate import (MB, MemoryBudgetError, arch_from_config, arch_from_model, estimate,
                        preflight)
@@ -91,9 +101,7 @@ def _resolve_variant(args):
 def _config(args) -> dict:
     """--config-json, a config.json / model directory given as --model, or a
     bundled architecture name: the config alone, never the weights."""
-    from pathlib import Path
 
-    from ..models.configs import config_for
     path = args.config_json
     p = Path(args.model).expanduser()
     if not path and (p.is_file() or (p / "config.json").is_file()):
@@ -107,10 +115,7 @@ def _config(args) -> dict:
 def _measure(cfg, args):
     """Build with random weights, apply LoRA and the optimizer state, run one
     step; (model, peak, seconds)."""
-    import mlx.optimizers as optim
 
-    from .. import apply_lora, value_and_grad
-    from ..models.configs import build_model
     q = {"group_size": 64, "bits": args.quantize} if args.quantize else None
     model = build_model(cfg, dtype=_DTYPES[args.dtype], quantize=q)
     apply_lora(model, rank=args.rank, dtype=args.lora_dtype)
@@ -125,7 +130,6 @@ def _measure(cfg, args):
     mx.clear_cache()
     mx.reset_peak_memory()
     t = time.perf_counter()
-    from ..engine.plan import EngineOptions
     opts = EngineOptions(checkpoints="disk" if args.offload_checkpoints else "memory")
     loss, grads = value_and_grad(model, x, x, method=args.method, options=opts)
     mx.eval(loss, grads)
@@ -134,14 +138,9 @@ def _measure(cfg, args):
 
 def _stream_from_copy(model):
     """Save the random model to a temporary directory (removed at exit) and stream it."""
-    import atexit
-    import shutil
-    import tempfile
     from pathlib import Path
 
-    from mlx.utils import tree_flatten
 
-    from ..engine.stream import stream_weights
     d = Path(tempfile.mkdtemp(prefix="mesp-stream-"))
     atexit.register(shutil.rmtree, d, True)
     frozen = {k: v for k, v in tree_flatten(model.parameters())
@@ -153,7 +152,6 @@ def _stream_from_copy(model):
 
 
 def _print_measured(model, est, peak, secs):
-    from ..engine.stream import resident_weight_bytes, streamed_weight_bytes
     fp, resident = process_footprint(), resident_weight_bytes(model)
     idle, streamed = idle_footprint(), streamed_weight_bytes(model)
     print(f"\n| | estimate MB | measured MB |\n|---|---:|---:|\n"

@@ -19,7 +19,10 @@ import os
 from dataclasses import replace
 from typing import Optional, Tuple
 
+import mlx.core as mx
+
 from ..engine.plan import EngineOptions, describe_plan, planned
+from ..engine.walk import model_spec
 from ..units import MB
 from .footprint import device_facts
 
@@ -58,9 +61,6 @@ def plan_options(model, method: str, B: int, T: int, est_total: int,
                  base: Optional[EngineOptions] = None, budget: Optional[int] = None,
                  minimal: bool = False) -> Tuple[EngineOptions, Optional[str]]:
     """(EngineOptions for training, one log line stating the plan, or None)."""
-    import mlx.core as mx
-
-    from ..engine.walk import model_spec
 
     opts = base or EngineOptions()
     if method != "mesp":

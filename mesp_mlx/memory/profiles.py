@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..units import parse_size
+from .footprint import device_facts
 
 GiB = 1 << 30
 
@@ -45,7 +46,6 @@ DEVICE_PROFILES = {p.name: p for p in (
 
 def auto_budget() -> int:
     """The Metal recommended working set of this machine (Metal only)."""
-    from .footprint import device_facts
 
     ws = device_facts().get("max_recommended_working_set_size")
     if not ws:

@@ -19,6 +19,7 @@ from typing import Iterator, List, Optional
 import mlx.core as mx
 import numpy as np
 
+from .. import demo
 from ..engine.batch import Batch
 from ..errors import DataError
 from . import hf_data
@@ -175,9 +176,8 @@ def tokenize_splits(raw: dict, tokenizer, max_seq_length: int, mask_prompt=False
 def _raw_splits(data: str, need, rename=None) -> dict:
     if data == "demo" or data.startswith("demo:"):
         try:
-            from .. import demo
             data = demo.data_path(data.partition(":")[2] or "task")
-        except (ImportError, FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError) as e:
             raise DataError(f"demo data unavailable: {e}") from None
     path = Path(data).expanduser()
     if path.is_dir():

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .adapters import write_weights
 BEST = "adapters_best.safetensors"
 
 
@@ -59,7 +60,6 @@ class Tracker:
 
 def save(model, adapter_dir, it: int, loss: float) -> Path:
     """adapters_best.safetensors (written atomically), step and loss in its metadata."""
-    from .adapters import write_weights
     d = Path(adapter_dir)
     d.mkdir(parents=True, exist_ok=True)
     return write_weights(model, d / BEST, {"step": it, "val_loss": repr(loss)})

@@ -16,6 +16,7 @@ schedule's step 0.
 import math
 from typing import Callable, Optional, Union
 
+from ..errors import ConfigError
 KEYS = ("name", "arguments", "warmup", "warmup_init")
 # schedules the CLI can build from --learning-rate and --iters alone
 DEFAULT_ARGUMENTS = {
@@ -25,7 +26,6 @@ DEFAULT_ARGUMENTS = {
 
 
 def _error(msg):
-    from ..errors import ConfigError
     return ConfigError(msg)
 
 

@@ -10,6 +10,7 @@ WandBCallback / SwanLabCallback, so dashboards look as they do with mlx_lm.lora.
 import importlib.util
 from typing import Optional
 
+from ..errors import ConfigError
 SERVICES = ("wandb", "swanlab")
 
 
@@ -19,7 +20,6 @@ def _names(report_to: str) -> list:
 
 def check_report_to(report_to: str) -> None:
     """ConfigError unless every service is known and its package installed."""
-    from ..errors import ConfigError
 
     for s in _names(report_to):
         if s not in SERVICES:
