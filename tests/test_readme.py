@@ -1,7 +1,9 @@
 """README.md cannot rot: its ```bash commands that run on the bundled demo
 model (the main LoRA command with few iterations, the follow-up generation
-with the adapters, `mesp_mlx.memory` estimates) are executed in a temporary
-directory. A line ending in `# not run in tests` is skipped."""
+with the adapters, the demo's accuracy check, `mesp_mlx.memory` estimates) are
+executed in a temporary directory, and its ```python blocks run as written.
+A line ending in `# not run in tests` is skipped. tests/test_docs.py applies
+the same rules to docs/*.md."""
 
 import os
 import re
@@ -24,7 +26,7 @@ MAX_TOKENS = "10"        # generation length, overridden
 @dataclass
 class Command:
     line: str            # as written in the README
-    kind: str            # "lora", "generate", "memory", "mesp" or "other"
+    kind: str            # "lora", "generate", "memory", "demo", "mesp" or "other"
     argv: list           # shell words after rewriting (program mapped to this Python)
     run: bool            # runnable here (demo model or estimate only)
     why: str = ""        # why not, if not
@@ -103,17 +105,20 @@ def parse(line: str, adapter_dir: Path) -> Command:
         kind = "lora"
     elif module == "mesp_mlx.memory":
         kind = "memory"
+    elif module.startswith("mesp_mlx.demo"):
+        kind = "demo"                    # the demo's own scripts (accuracy, ...)
     else:
         kind = "mesp" if module.startswith("mesp_mlx") else "other"
     model = _flag(rest, "--model") or ""
-    on_demo = model == "demo" or "mesp_mlx.demo" in model or "mesp_mlx/demo" in model
+    on_demo = (model == "demo" or "mesp_mlx.demo" in model or "mesp_mlx/demo" in model
+               or kind == "demo")
     if "mesp_mlx/demo" in model and not Path(model).is_absolute() and "$" not in model:
         _set_flag(rest, "--model", str(ROOT / model))     # commands run elsewhere
     if kind == "lora":
         if "--iters" in rest or "--train" in rest:
             _set_flag(rest, "--iters", ITERS)
     given = _flag(rest, "--adapter-path")
-    if kind in ("lora", "generate") and given:
+    if kind in ("lora", "generate", "demo") and given:
         _set_flag(rest, "--adapter-path", str(adapter_dir / Path(given).name))
     elif kind == "lora":
         _set_flag(rest, "--adapter-path", str(adapter_dir / "adapters"))
@@ -121,8 +126,9 @@ def parse(line: str, adapter_dir: Path) -> Command:
         _set_flag(rest, "--max-tokens", MAX_TOKENS)
     argv = ([sys.executable, "-m", "mlx_lm", module.split(".", 1)[1]]
             if module.startswith("mlx_lm.") else [sys.executable, "-m", module]) + rest
-    if kind == "memory":
-        ok = on_demo or "--no-measure" in rest
+    if kind == "memory":          # estimates only (--no-measure, or --find without --measure)
+        estimate = "--no-measure" in rest or ("--find" in rest and "--measure" not in rest)
+        ok = on_demo or estimate
         return Command(line, kind, argv, ok, "" if ok else "measures a real-size model")
     if kind == "other":
         return Command(line, kind, argv, False, f"{module} is not a mesp_mlx command")
@@ -140,10 +146,51 @@ def _shell(argv: list) -> str:
     return " ".join(word(w) for w in argv)
 
 
-def readme_commands(adapter_dir: Path) -> list:
-    text = README.read_text()
+def page_commands(page: Path, adapter_dir: Path) -> list:
+    text = page.read_text()
     return [parse(line, adapter_dir) for block in bash_blocks(text)
             for line in command_lines(block)]
+
+
+def readme_commands(adapter_dir: Path) -> list:
+    return page_commands(README, adapter_dir)
+
+
+def command_env() -> dict:
+    """Offline, and this checkout first on the path (commands run elsewhere)."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                        os.environ.get("PYTHONPATH")])))
+
+
+def run_command(c: Command, cwd: Path) -> str:
+    """Run one runnable command in `cwd`; assert it worked; return its output."""
+    proc = subprocess.run(["bash", "-c", _shell(c.argv)], cwd=cwd, env=command_env(),
+                          capture_output=True, text=True, timeout=180)
+    out = proc.stdout + proc.stderr
+    ok = proc.returncode in ((0, 2) if c.kind == "memory" else (0,))   # 2: does not fit
+    assert ok and "Traceback" not in out, \
+        f"command failed (exit {proc.returncode}):\n  {c.line}\nran as:\n  " \
+        f"{_shell(c.argv)}\n--- output ---\n{out[-3000:]}"
+    if c.kind == "lora" and "--train" in c.argv:
+        adapters = Path(_flag(c.argv, "--adapter-path"))
+        assert (adapters / "adapters.safetensors").is_file(), out[-2000:]
+        assert (adapters / "adapter_config.json").is_file()
+        assert re.search(r"Iter \d+: train loss", out), out[-2000:]
+        assert "Saved adapters to" in out and "peak" in out, out[-2000:]
+    if c.kind == "generate":
+        assert proc.stdout.strip(), f"{c.line}: no generated text\n{out}"
+    return out
+
+
+def run_python_block(code: str, cwd: Path) -> str:
+    """Run one ```python block unchanged; the `# loss X.XXX` values it shows must print."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=command_env(),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"python block failed:\n{code}\n{proc.stderr[-3000:]}"
+    for want in re.findall(r"#\s*(loss \d+\.\d+)", code):     # printed values it shows
+        assert want in proc.stdout, (want, proc.stdout)
+    return proc.stdout
 
 
 # ---------------------------------------------------------------- parser tests
@@ -161,6 +208,10 @@ mlx_lm.generate --model mesp_mlx/demo/model --adapter-path /abs/adapters --promp
 python -m mesp_mlx.lora --model Qwen2.5-0.5B --train --data ./data
 python -m mesp_mlx.memory --model Qwen2.5-3B --no-measure --device-profile iphone-8gb
 python -m mesp_mlx.memory --model Qwen2.5-3B
+python -m mesp_mlx.memory --model Qwen2.5-3B --find rank
+python -m mesp_mlx.memory --model Qwen2.5-3B --find rank --measure
+python -m mesp_mlx.demo.accuracy --adapter-path adapters
+python -m bench.pareto --models 0.5B
 ```
 
 ```python
@@ -174,7 +225,8 @@ def test_parser_classifies_and_rewrites(tmp_path):
             for line in command_lines(block)]
     assert [(c.kind, c.run) for c in cmds] == [
         ("other", False), ("lora", True), ("generate", True), ("other", False),
-        ("generate", True), ("lora", False), ("memory", True), ("memory", False)]
+        ("generate", True), ("lora", False), ("memory", True), ("memory", False),
+        ("memory", True), ("memory", False), ("demo", True), ("other", False)]
     lora, gen = cmds[1].argv, cmds[2].argv
     assert lora[:3] == [sys.executable, "-m", "mesp_mlx.lora"]
     assert _flag(lora, "--iters") == ITERS
@@ -186,6 +238,8 @@ def test_parser_classifies_and_rewrites(tmp_path):
     assert _flag(cmds[4].argv, "--model") == str(ROOT / "mesp_mlx/demo/model")
     assert _flag(cmds[4].argv, "--adapter-path") == str(tmp_path / "adapters")
     assert "not the bundled demo model" in cmds[5].why
+    assert cmds[10].argv[:3] == [sys.executable, "-m", "mesp_mlx.demo.accuracy"]
+    assert _flag(cmds[10].argv, "--adapter-path") == str(tmp_path / "adapters")
 
 
 # ---------------------------------------------------------------- README tests
@@ -220,27 +274,9 @@ def test_readme_generate_prompts_are_not_templated_twice(tmp_path):
 def test_readme_commands_run(tmp_path):
     """Runs in README order (generation uses the adapters trained before it);
     test_readme_has_main_and_generate_commands checks that there are some."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
-                                                       os.environ.get("PYTHONPATH")])))
     for c in readme_commands(tmp_path):
-        if not c.run:
-            continue
-        proc = subprocess.run(["bash", "-c", _shell(c.argv)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=180)
-        out = proc.stdout + proc.stderr
-        ok = proc.returncode in ((0, 2) if c.kind == "memory" else (0,))   # 2: does not fit
-        assert ok and "Traceback" not in out, \
-            f"README command failed (exit {proc.returncode}):\n  {c.line}\nran as:\n  " \
-            f"{_shell(c.argv)}\n--- output ---\n{out[-3000:]}"
-        if c.kind == "lora" and "--train" in c.argv:
-            adapters = Path(_flag(c.argv, "--adapter-path"))
-            assert (adapters / "adapters.safetensors").is_file(), out[-2000:]
-            assert (adapters / "adapter_config.json").is_file()
-            assert re.search(r"Iter \d+: train loss", out), out[-2000:]
-            assert "Saved adapters to" in out and "peak" in out, out[-2000:]
-        if c.kind == "generate":
-            assert proc.stdout.strip(), f"{c.line}: no generated text\n{out}"
+        if c.run:
+            run_command(c, tmp_path)
 
 
 def python_blocks(text: str) -> list:
@@ -250,18 +286,11 @@ def python_blocks(text: str) -> list:
 @pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(),
                     reason=f"demo model not built ({DEMO_MODEL}/config.json missing)")
 def test_readme_python_snippets_run_as_written(tmp_path):
-    """Issue 15, item 13: every ```python block runs unchanged (its inputs defined)."""
+    """Every ```python block runs unchanged (its inputs defined)."""
     blocks = python_blocks(README.read_text())
     assert blocks, "README.md has no ```python block"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
-                                                       os.environ.get("PYTHONPATH")])))
     for code in blocks:
-        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, f"README python block failed:\n{code}\n{proc.stderr[-3000:]}"
-        for want in re.findall(r"#\s*(loss \d+\.\d+)", code):     # printed values it shows
-            assert want in proc.stdout, (want, proc.stdout)
+        run_python_block(code, tmp_path)
 
 
 def test_readme_mentions_the_plot_extra():
