@@ -79,3 +79,22 @@ def test_unsupported_method_setup_is_a_config_error(tiny_model_dir, loaded):
     with pytest.raises(ConfigError, match="mezo does not accumulate"):
         trainer.train(lora_model(tiny_model_dir), loaded["train"], None,
                       train_cfg(method="mezo", grad_accumulation_steps=2), log=lambda *_: None)
+
+
+def test_sgd_without_momentum_keeps_no_state_and_updates_as_mlx():
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten as flat
+
+    params = {"a": mx.ones((3, 4)), "b": {"c": mx.arange(5, dtype=mx.float32)}}
+    grads = {"a": mx.full((3, 4), 0.5), "b": {"c": mx.ones((5,))}}
+    plain = trainer.build_optimizer("sgd", 0.1)
+    plain.init(params)
+    assert not [k for k, v in flat(plain.state) if isinstance(v, mx.array) and v.ndim > 0]
+    for momentum in (0.0, 0.9):
+        ours = trainer.build_optimizer("sgd", 0.1, {"momentum": momentum})
+        ref = optim.SGD(learning_rate=0.1, momentum=momentum)
+        p1, p2 = params, params
+        for _ in range(2):
+            p1, p2 = ours.apply_gradients(grads, p1), ref.apply_gradients(grads, p2)
+        for (k, a), (_, b) in zip(flat(p1), flat(p2)):
+            assert mx.array_equal(a, b).item(), (momentum, k)

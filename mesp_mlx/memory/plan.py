@@ -11,7 +11,8 @@ use:
     state, checkpoints, runtime), less SAFETY of the budget;
   - without one: this device's memory (Metal's recommended working set, or the
     physical memory on the CPU backend), less the same estimate, less MARGIN of it;
-  - `minimal=True` (--activation-plan minimal): nothing, the smallest peak.
+  - `minimal=True` (--activation-plan minimal, or streamed weights without a budget):
+    nothing, and narrower token chunks: the smallest peak.
 Only method mesp plans; the other methods run as they are.
 """
 
@@ -27,6 +28,7 @@ from ..units import MB
 from .footprint import device_facts
 
 SAFETY = 0.10      # of an explicit budget, for what the pre-flight estimate misses
+MINIMAL_CHUNK = 2 << 20   # the minimal plan's widest per-chunk tensor (half the default)
 MARGIN = 0.25      # of this device's memory, for the OS and other processes
 
 
@@ -59,16 +61,20 @@ def spare_bytes(est_total: int, budget: Optional[int]) -> Tuple[int, str]:
 
 def plan_options(model, method: str, B: int, T: int, est_total: int,
                  base: Optional[EngineOptions] = None, budget: Optional[int] = None,
-                 minimal: bool = False) -> Tuple[EngineOptions, Optional[str]]:
-    """(EngineOptions for training, one log line stating the plan, or None)."""
+                 minimal: bool = False, why_minimal: str = "") -> Tuple[EngineOptions,
+                                                                      Optional[str]]:
+    """(EngineOptions for training, one log line stating the plan, or None).
+    minimal: the smallest peak, every block recomputed and the MLP in token chunks of
+    at most MINIMAL_CHUNK bytes; why_minimal: the reason, for the log line."""
 
     opts = base or EngineOptions()
     if method != "mesp":
         return opts, None
     spec = model_spec(model, "mesp", T, opts)
     if minimal:
-        return replace(opts, activation_budget=0), \
-            f"{describe_plan([], len(spec.blocks))} at T={T} (--activation-plan minimal)"
+        opts = replace(opts, activation_budget=0,
+                       token_chunk_bytes=min(opts.token_chunk_bytes, MINIMAL_CHUNK))
+        return opts, f"{describe_plan([], len(spec.blocks))} at T={T}{why_minimal}"
     spare, why = spare_bytes(est_total, budget)
     opts = replace(opts, activation_budget=spare)
     itemsize = spec.embed_ids(mx.zeros((1, 1), mx.int32)).dtype.size

@@ -52,8 +52,18 @@ class TrainResult:
     stopped_early: bool = False           # --early-stop-patience ended the run
 
 
+class SGD(optim.SGD):
+    """mlx's SGD, keeping no state without momentum: its velocity buffer (one zero
+    tensor per LoRA parameter) is never read when momentum is 0, yet would stay
+    allocated for the whole run."""
+
+    def init_single(self, parameter: mx.array, state: dict):
+        if self.momentum > 0:
+            super().init_single(parameter, state)
+
+
 def build_optimizer(name: str, learning_rate, extra: Optional[dict] = None):
-    classes = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW,
+    classes = {"sgd": SGD, "adam": optim.Adam, "adamw": optim.AdamW,
                "muon": getattr(optim, "Muon", None),
                "adafactor": getattr(optim, "Adafactor", None)}
     if name in classes and classes[name] is None:
@@ -380,9 +390,11 @@ def _plan(model, cfg: TrainConfig, T: int) -> EngineOptions:
     budget = resolve_budget(cfg.memory_budget, cfg.device_profile)
     est = preflight(model, cfg.method, T, cfg.batch_size, None, optimizer=cfg.optimizer,
                     rank=cfg.rank, checkpoints="disk" if cfg.offload_checkpoints else "memory")
-    minimal = cfg.activation_plan == "minimal" or (cfg.stream_weights and not budget)
+    why = (" (--activation-plan minimal)" if cfg.activation_plan == "minimal" else
+           " (weights streamed and no budget: --memory-budget buys speed)"
+           if cfg.stream_weights and not budget else "")
     options, line = plan.plan_options(model, cfg.method, cfg.batch_size, T,
-                                      est.total_bytes, base, budget, minimal)
+                                      est.total_bytes, base, budget, bool(why), why)
     if line:
         log.say(line)
     return options
