@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 
 import mesp_mlx
 from mesp_mlx.engine.lora_layers import apply_lora, lora_layers
+from mesp_mlx.engine.plan import EngineOptions
 from mesp_mlx.lora import main
 from mesp_mlx.models.configs import build_model, tiny_config
 from mesp_mlx.train.config import TrainConfig
@@ -111,3 +112,28 @@ def save_dir(path, cfg, quantize=None, seed=1):
     cfg = dict(cfg, **({"quantization": quantize} if quantize else {}))
     (path / "config.json").write_text(json.dumps(cfg))
     return path
+
+
+def check_exact(model, x, y, mask, dtype=mx.float32):
+    res = grads_by_method(model, x, y, mask)
+    loss_ref, g_ref = res["autodiff"]
+    for method in ("mebp", "mesp"):
+        loss, g = res[method]
+        tol = 1e-6 if dtype == mx.float32 else 1e-2
+        assert abs(loss.item() - loss_ref.item()) <= tol * abs(loss_ref.item()), method
+        compare(g, g_ref, dtype)
+
+
+def grads_by_method(model, x, y, mask, seed=7, methods=("autodiff", "mebp", "mesp")):
+    out = {}
+    for method in methods:
+        mx.random.seed(seed)                   # same dropout randomness for every method
+        out[method] = mesp_mlx.value_and_grad(model, x, y, mask, method=method)
+    return out
+
+
+def chunk_opts(model, B, rows, **kw):
+    """EngineOptions whose token chunks are `rows` tokens (the bytes of [B, rows, F])."""
+    F = mesp_mlx.engine.walk.model_spec(model, "mesp", 8).blocks[-1].down
+    F = mesp_mlx.engine.block._frozen(F).shape[1]
+    return EngineOptions(token_chunk_bytes=4 * B * F * rows, **kw)

@@ -6,10 +6,10 @@ docs page, links resolve, every page with memory figures states its unit, and no
 refers to the project's internal process (issue numbers, stops, reference sections)."""
 
 import re
-from pathlib import Path
+
 
 import pytest
-from test_readme import (DEMO_MODEL, README, ROOT, page_commands, python_blocks,
+from page_commands import (DEMO_MODEL, README, ROOT, page_commands, python_blocks,
                          run_command, run_python_block)
 
 DOCS = ROOT / "docs"
