@@ -133,6 +133,7 @@ def test_memory_relations(family):
     dict(fused_attention=True),                                   # the Metal path
     dict(attn_chunk_bytes=4 * 4 * 13 * 5, head_rows=7, head_chunk_bytes=4 * 7 * 100),
     dict(clear_cache="block"),
+    dict(clear_cache="always"),
 ])
 @pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "gemma2"])
 def test_options_do_not_change_gradients(opts, family):

@@ -179,5 +179,6 @@ def test_a_run_without_a_budget_plans_with_this_device():
     opts, line = plan.plan_options(model, "mesp", 1, 13, 10**6, minimal=True,
                                    why_minimal=" (asked)")
     assert opts.activation_budget == 0 and opts.token_chunk_bytes == plan.MINIMAL_CHUNK
+    assert opts.clear_cache == "always"
     assert line.endswith("(asked)") and "minimal" in line
     assert plan.plan_options(model, "mebp", 1, 13, 10**6) == (EngineOptions(), None)

@@ -172,7 +172,7 @@ def _spsa_lm(model, inputs, targets, mask, eps, seed, options, stats):
 
 
 def _done(options):
-    if cache_policy(options or EngineOptions()) in ("block", "step"):
+    if cache_policy(options or EngineOptions()) in ("block", "step", "always"):
         mx.clear_cache()
 
 

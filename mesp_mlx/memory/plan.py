@@ -64,15 +64,17 @@ def plan_options(model, method: str, B: int, T: int, est_total: int,
                  minimal: bool = False, why_minimal: str = "") -> Tuple[EngineOptions,
                                                                       Optional[str]]:
     """(EngineOptions for training, one log line stating the plan, or None).
-    minimal: the smallest peak, every block recomputed and the MLP in token chunks of
-    at most MINIMAL_CHUNK bytes; why_minimal: the reason, for the log line."""
+    minimal: the smallest peak, every block recomputed, the MLP in token chunks of at
+    most MINIMAL_CHUNK bytes, and no allocator cache kept during the step (the
+    process footprint then stays near the MLX peak); why_minimal: the reason, for
+    the log line."""
 
     opts = base or EngineOptions()
     if method != "mesp":
         return opts, None
     spec = model_spec(model, "mesp", T, opts)
     if minimal:
-        opts = replace(opts, activation_budget=0,
+        opts = replace(opts, activation_budget=0, clear_cache="always",
                        token_chunk_bytes=min(opts.token_chunk_bytes, MINIMAL_CHUNK))
         return opts, f"{describe_plan([], len(spec.blocks))} at T={T}{why_minimal}"
     spare, why = spare_bytes(est_total, budget)
