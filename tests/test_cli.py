@@ -274,3 +274,33 @@ def test_pack_trains_the_same_first_loss(tiny_model_dir, text_data, tmp_path):
     rc, _, err = cli(*base(tiny_model_dir, text_data, tmp_path / "m", "--train",
                            "--iters", 1, "--pack", "--method", "mebp"))
     assert rc == 1 and "--pack needs --method mesp" in err
+
+
+@pytest.mark.parametrize("damage", ["missing", "type"])
+def test_a_broken_config_json_is_one_line(tiny_model_dir, text_data, tmp_path, damage):
+    import shutil
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    if damage == "missing":
+        del cfg["hidden_size"]
+    else:
+        cfg["num_hidden_layers"] = "two"
+    (d / "config.json").write_text(json.dumps(cfg))
+    rc, out, err = cli(*base(d, text_data, tmp_path / "ad", "--train", "--iters", 1))
+    assert rc == 1 and err.startswith("error: ") and "config.json" in err, err
+    assert "Traceback" not in out + err and err.count("\n") == 1
+
+
+def test_rank_above_the_smallest_adapted_dimension_is_refused(tiny_model_dir, text_data,
+                                                              tmp_path):
+    rc, out, err = cli(*base(tiny_model_dir, text_data, tmp_path / "ad", "--train",
+                             "--iters", 1, "--rank", 4096))
+    assert rc == 1 and "--rank 4096 is larger than the smallest adapted dimension" in err
+
+
+def test_batch_larger_than_the_training_set_is_refused(tiny_model_dir, text_data, tmp_path):
+    rc, out, err = cli(*base(tiny_model_dir, text_data, tmp_path / "ad", "--train",
+                             "--iters", 1, "--batch-size", 100))
+    assert rc == 1 and "--batch-size 100 is larger than the training set" in err
+

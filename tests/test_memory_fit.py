@@ -88,4 +88,11 @@ def test_find_needs_a_budget_and_reports_a_miss(capsys):
     assert "needs a budget" in capsys.readouterr().err
     rc, out = _run(capsys, "--model", "Qwen2.5-3B", "--device-profile", "iphone-8gb",
                    "--find", "max-seq-length")
-    assert rc == 2 and "DOES NOT FIT" in out and "weights alone" in out
+    assert rc == 2 and "DOES NOT FIT" in out and "The weights (" in out
+    assert "--method mesp" not in out and "--quantize 4" in out     # mesp is the method
+
+
+def test_a_budget_below_the_runtime_blames_the_runtime(capsys):
+    rc, out = _run(capsys, "--model", "Qwen2.5-0.5B", "--memory-budget", "5MB")
+    assert rc == 2 and "The runtime alone" in out and "weights" not in out.split(
+        "verdict")[1].split("\n")[1]

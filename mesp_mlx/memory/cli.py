@@ -165,6 +165,17 @@ def _print_measured(model, est, peak, secs):
           f"imported: {(idle or 0) / MB:.1f} MB")
 
 
+def _what_cannot_fit(arch, runtime: int, budget: int) -> str:
+    """Which fixed part is over the budget on its own ('' if neither)."""
+    if runtime >= budget:
+        return (f"The runtime alone (Python, MLX and the libraries, measured: "
+                f"{runtime / MB:.0f} MB) does not fit.")
+    if arch.weight_bytes + runtime > budget:
+        return (f"The weights ({arch.weight_bytes / MB:.0f} MB) and the runtime "
+                f"({runtime / MB:.0f} MB) do not fit together.")
+    return ""
+
+
 def _config_name(args) -> str:
     return args.config_json or args.model
 
@@ -232,8 +243,9 @@ def main(argv=None) -> int:
                   args.optimizer, arch_4bit=q4, checkpoints=ckpt)
     except MemoryBudgetError as e:            # the table is above: summary and advice only
         print(f"\nverdict: DOES NOT FIT. {e.summary}")
-        if arch.weight_bytes + est.runtime > budget:
-            print(f"The weights alone ({arch.weight_bytes / MB:.0f} MB) do not fit.")
+        why = _what_cannot_fit(arch, est.runtime, budget)
+        if why:
+            print(why)
         if e.advice:
             print("What would fit (add to this command):")
             for a in e.advice:
@@ -265,11 +277,12 @@ def _find(args, cfg, budget) -> int:
           f"{f', {args.quantize}-bit' if args.quantize else ''}), {args.method}, "
           f"{held}, {args.optimizer}; budget {budget / MB:.0f} MB")
     if not v:
-        why = (f"the weights alone ({arch.weight_bytes / MB:.0f} MB) do not fit"
-               if arch.weight_bytes >= budget else "")
+        why = _what_cannot_fit(arch, estimate(arch, args.method, 1, 1).runtime, budget)
+        ways = ["a smaller model"] + (["4-bit weights (--quantize 4)"] if not args.quantize
+                                      else []) + \
+            (["--method mesp"] if args.method != "mesp" else []) + ["a larger budget"]
         print(f"verdict: DOES NOT FIT at --{args.find} 1{': ' + why if why else ''}; use "
-              "a smaller model, 4-bit weights (--quantize 4), --method mesp or a larger "
-              "budget")
+              + ", ".join(ways[:-1]) + " or " + ways[-1])
         return 2
     setattr(args, name, v)
     a = arch if name != "rank" else arch_from_config(cfg, _DTYPES[args.dtype],

@@ -18,7 +18,7 @@ from .. import log
 from ..engine.batch import vocab_sizes
 from ..engine.lora_layers import apply_lora, lora_layers
 from ..engine.stream import resident_weight_bytes, streamed_weight_bytes
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelLoadError
 from ..memory import MemoryMonitor, preflight
 from ..models import loading
 from ..parallel import data_parallel, group
@@ -46,9 +46,14 @@ def _run(cfg, early, world) -> dict:
 
     if cfg.grad_checkpoint:
         log.say(GRAD_CHECKPOINT_NOTE + f" (method: {cfg.method})")
-    model, tokenizer, _ = loading.load_model(cfg.model, log=log.say,
-                                             trust_remote_code=cfg.trust_remote_code,
-                                             stream_weights=cfg.stream_weights)
+    try:
+        model, tokenizer, _ = loading.load_model(cfg.model, log=log.say,
+                                                 trust_remote_code=cfg.trust_remote_code,
+                                                 stream_weights=cfg.stream_weights)
+    except (KeyError, TypeError) as e:        # mlx-lm's ModelArgs from a bad config.json
+        what = f"the key {e.args[0]!r} is missing" if isinstance(e, KeyError) else str(e)
+        raise ModelLoadError(f"{cfg.model}: its config.json does not describe a model "
+                             f"mlx-lm can build ({what})") from None
     with warnings.catch_warnings():
         warnings.simplefilter("always", data.TruncationWarning)
         warnings.showwarning = lambda msg, *a, **k: log.say(f"Warning: {msg}")
