@@ -304,3 +304,18 @@ def test_batch_larger_than_the_training_set_is_refused(tiny_model_dir, text_data
                              "--iters", 1, "--batch-size", 100))
     assert rc == 1 and "--batch-size 100 is larger than the training set" in err
 
+
+
+def test_the_default_plan_uses_this_device_and_says_so(tiny_model_dir, text_data, tmp_path):
+    """No budget: the step plans against this machine's memory and the log states the
+    plan in one line; --memory-budget caps it; --activation-plan minimal forces none."""
+    rc, out, err = cli(*base(tiny_model_dir, text_data, tmp_path / "a", "--train",
+                             "--iters", 1, "--method", "mesp"))
+    assert rc == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("activation plan"))
+    assert re.search(r"activation plan: (\d+) of \1 blocks", line), line
+    assert ("physical memory" in line or "working set" in line) and "margin" in line
+    rc, out, err = cli(*base(tiny_model_dir, text_data, tmp_path / "b", "--train",
+                             "--iters", 1, "--method", "mesp", "--activation-plan",
+                             "minimal"))
+    assert rc == 0 and "activation plan: minimal" in out, err

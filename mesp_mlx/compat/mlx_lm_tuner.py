@@ -171,43 +171,21 @@ def _train(model, optimizer, train_dataset, val_dataset, args, loss, iterate_bat
     if args.grad_accumulation_steps < 1:
         raise ValueError("grad_accumulation_steps must be at least 1")
     n_converted = convert_lora_layers(model)
-    fallback = _fallback(model, loss, method)
-    method = "autodiff" if fallback else method
-    custom = loss is not default_loss
-    lora_only = not _engine_blockers(model)
-    train_dataset = _datasets(train_dataset)
+    method = "autodiff" if _fallback(model, loss, method) else method
     if n_converted:
         say(f"mesp_mlx: {n_converted} mlx-lm LoRA layers run on method {method}")
-    value_and_grad = nn.value_and_grad(model, loss) if custom else None
-
-    def step(batch, lengths):
-        """(loss, trained targets, grads of the mean loss)."""
-        if custom:
-            engine.step_dropout(model)               # this step's masks for our layers
-            (lv, toks), g = value_and_grad(model, batch, lengths)
-            mx.eval(lv, toks, g)
-            return lv.item(), int(toks.item()), g
-        b = to_batch(batch, lengths)
-        lv, g = engine.value_and_grad(model, b.inputs, b.targets, b.mask, method=method)
-        return lv.item(), b.n_targets, g
-
+    step = _step_fn(model, loss, method)
+    lora_only = not _engine_blockers(model)
     model.train()
-    losses, steps, n_tok, trained, t_train, out = 0.0, 0, 0, 0, 0.0, []
+    window, out = _Window(), []
     accum = loop.Accumulator(args.grad_accumulation_steps)
-    batches = iterate_batches(dataset=train_dataset, batch_size=args.batch_size,
+    batches = iterate_batches(dataset=_datasets(train_dataset), batch_size=args.batch_size,
                               max_seq_length=args.max_seq_length, loop=True,
                               comm_group=world)
     for it, (batch, lengths) in zip(range(1, args.iters + 1), batches):
         if val_dataset and (it == 1 or it % args.steps_per_eval == 0 or it == args.iters):
-            tic = time.perf_counter()
-            val_loss = evaluate(model, val_dataset, args.batch_size, args.val_batches,
-                                args.max_seq_length, loss, iterate_batches)
-            model.train()
-            secs = time.perf_counter() - tic
-            say(f"Iter {it}: val loss {val_loss:.3f}, val took {secs:.3f}s")
-            if training_callback is not None:
-                training_callback.on_val_loss_report(reporting.val_info(it - 1, val_loss,
-                                                                        secs))
+            _validate(model, val_dataset, args, loss, iterate_batches, it,
+                      training_callback)
         tic = time.perf_counter()
         lv, toks, g = step(batch, lengths)
         accum.add(g, toks)
@@ -215,21 +193,10 @@ def _train(model, optimizer, train_dataset, val_dataset, args, loss, iterate_bat
         if it % args.grad_accumulation_steps == 0:
             accum.apply(optimizer, model)
         loop.clear_cache(args.clear_cache_threshold or 0)
-        t_train += time.perf_counter() - tic
-        losses, steps, n_tok = losses + lv, steps + 1, n_tok + toks
+        window.add(lv, toks, time.perf_counter() - tic)
         out.append(lv)
         if it % args.steps_per_report == 0 or it == args.iters:
-            trained += n_tok
-            lr = loop.learning_rate(optimizer)
-            info = reporting.train_info(it, losses / steps, lr, steps, n_tok, t_train,
-                                        trained, mx.get_peak_memory())
-            say(f"Iter {it}: Train loss {info['train_loss']:.3f}, Learning Rate "
-                f"{lr:.3e}, It/sec {info['iterations_per_second']:.3f}, Tokens/sec "
-                f"{info['tokens_per_second']:.3f}, Trained Tokens {trained}, Peak mem "
-                f"{info['peak_memory']:.3f} GB")
-            if training_callback is not None:
-                training_callback.on_train_loss_report(info)
-            losses, steps, n_tok, t_train = 0.0, 0, 0, 0.0
+            window.report(it, optimizer, training_callback)
         if it % args.steps_per_save == 0:
             _save(model, args.adapter_file, lora_only)
             snap = _save(model, Path(args.adapter_file).parent /
@@ -238,3 +205,61 @@ def _train(model, optimizer, train_dataset, val_dataset, args, loss, iterate_bat
     _save(model, args.adapter_file, lora_only)
     say(f"Saved final weights to {args.adapter_file}.")
     return out
+
+
+def _step_fn(model, loss, method):
+    """step(batch, lengths) -> (loss, trained targets, grads of the mean loss): our
+    engine for mlx-lm's default loss, plain autodiff of a custom one."""
+    if loss is not default_loss:
+        value_and_grad = nn.value_and_grad(model, loss)
+
+        def custom(batch, lengths):
+            engine.step_dropout(model)               # this step's masks for our layers
+            (lv, toks), g = value_and_grad(model, batch, lengths)
+            mx.eval(lv, toks, g)
+            return lv.item(), int(toks.item()), g
+        return custom
+
+    def ours(batch, lengths):
+        b = to_batch(batch, lengths)
+        lv, g = engine.value_and_grad(model, b.inputs, b.targets, b.mask, method=method)
+        return lv.item(), b.n_targets, g
+    return ours
+
+
+def _validate(model, val_dataset, args, loss, iterate_batches, it, callback):
+    tic = time.perf_counter()
+    val_loss = evaluate(model, val_dataset, args.batch_size, args.val_batches,
+                        args.max_seq_length, loss, iterate_batches)
+    model.train()
+    secs = time.perf_counter() - tic
+    say(f"Iter {it}: val loss {val_loss:.3f}, val took {secs:.3f}s")
+    if callback is not None:
+        callback.on_val_loss_report(reporting.val_info(it - 1, val_loss, secs))
+
+
+class _Window:
+    """Losses, targets and training time since the last report (mlx-lm's report)."""
+
+    def __init__(self):
+        self.losses, self.steps, self.targets, self.seconds, self.trained = 0.0, 0, 0, 0.0, 0
+
+    def add(self, loss: float, targets: int, seconds: float):
+        self.losses += loss
+        self.steps += 1
+        self.targets += targets
+        self.seconds += seconds
+
+    def report(self, it, optimizer, callback):
+        self.trained += self.targets
+        lr = loop.learning_rate(optimizer)
+        info = reporting.train_info(it, self.losses / self.steps, lr, self.steps,
+                                    self.targets, self.seconds, self.trained,
+                                    mx.get_peak_memory())
+        say(f"Iter {it}: Train loss {info['train_loss']:.3f}, Learning Rate {lr:.3e}, "
+            f"It/sec {info['iterations_per_second']:.3f}, Tokens/sec "
+            f"{info['tokens_per_second']:.3f}, Trained Tokens {self.trained}, Peak mem "
+            f"{info['peak_memory']:.3f} GB")
+        if callback is not None:
+            callback.on_train_loss_report(info)
+        self.losses, self.steps, self.targets, self.seconds = 0.0, 0, 0, 0.0
