@@ -77,6 +77,34 @@ def test_masked_tokens_contribute_nothing():
     assert_close("dhn (masked rows changed)", dhn2, dhn)
 
 
+@pytest.mark.parametrize("kw", [{}, dict(softcap=3.0, logit_scale=0.5)])
+def test_signed_weights_and_per_token_losses(kw):
+    """mask = weights of any sign with denom=1: L = Σ w ℓ (nothing normalised, rows
+    with negative weight still scored); per_token: ℓ itself, 0 where w = 0."""
+    hn, W0, targets, mask = _case("partial")
+    w = mask * Rng(3).normal((N,))
+
+    def ref_tokens(h):
+        z = (h @ W0.dense().T).astype(mx.float32)
+        if "logit_scale" in kw:
+            z = z / kw["logit_scale"]
+        if "softcap" in kw:
+            z = kw["softcap"] * mx.tanh(z / kw["softcap"])
+        return nn.losses.cross_entropy(z, targets)
+
+    loss_ref, dhn_ref = mx.value_and_grad(lambda h: mx.sum(ref_tokens(h) * w))(hn)
+    loss, dhn = loss_head_value_and_grad(hn, W0, targets, w, 10, 300, denom=1.0, **kw)
+    assert_close("loss", loss, loss_ref)
+    assert_close("dhn", dhn, dhn_ref)
+    tokens, dhn1 = loss_head_value_and_grad(hn, W0, targets, w, 10, 300, denom=1.0,
+                                            per_token=True, **kw)
+    assert_close("dhn (per_token)", dhn1, dhn)
+    want = mx.where(w != 0, ref_tokens(hn), 0.0)
+    assert_close("per-token loss", tokens, want)
+    assert_close("per-token loss (value)", loss_head_value(hn, W0, targets, w, 10, 300,
+                                                           per_token=True, **kw), want)
+
+
 @pytest.mark.parametrize("chunk", [8, 10])
 def test_all_zero_mask(chunk):
     hn, W0, targets, mask = _case("zeros")

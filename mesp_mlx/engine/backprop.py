@@ -19,6 +19,10 @@ block runs RoPE and attention per example.
 Streamed weights (stream.py): each block runs inside `weights.block(b)` (its
 frozen arrays read, then released), and the spec's head/embedding read the file
 by tiles and rows; resident: no-ops.
+Token weights (`weights` [B, T], any sign, unnormalised): the loss is Σ w·ℓ in
+place of the masked mean; given as a function of the per-token ℓ, the head
+computes ℓ and the unweighted dℓ/dh in one pass, then scales dh by w (row-wise
+linear through the final norm). Preference objectives (preference.py) use both.
 """
 
 import time
@@ -41,9 +45,11 @@ from .walk import model_spec, walk
 
 
 def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] = None,
-        stats: Optional[dict] = None, segments=None):
+        stats: Optional[dict] = None, segments=None, weights=None, into=None):
     """Loss and LoRA gradients (tree of model.trainable_parameters()); segments
-    [B, T]: packed examples (method "mesp")."""
+    [B, T]: packed examples (method "mesp"); weights: [B, T] token weights, or a
+    function of the per-token ℓ [B, T] giving them (mask is then unused); into: a
+    {path: gradient} dict this call's gradients are added to (and returned from)."""
     if segments is not None and method != "mesp":
         raise ValueError(f"packed rows (segments) need method 'mesp', got {method!r}")
     packing = None if segments is None else Packing.of(segments)
@@ -80,13 +86,13 @@ def _step(model, inputs, targets, mask, method, opt, stats, packing):
         # mx.vjp / value_and_grad, where barriers would keep everything: 5.8 GB)
         with tile_barriers() if method == "mesp" else nullcontext():
             return _run(model, spec, store, hs, targets, mask, method, opt, stats, clock,
-                        packing, weight_source(model))
+                        packing, weight_source(model), weights, into)
     finally:
         store.close()                     # a disk file goes on success, error and Ctrl-C
 
 
 def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packing,
-         weights):
+         weights, token_weights, into):
     h = hs.pop()
     T = h.shape[1]
     # 1. forward, keeping block inputs from the lowest LoRA block up (and, for the
@@ -124,20 +130,15 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
 
     # 2. loss head
     if method == "mesp":
-        loss, dh = _chunked_head(spec, h, targets, mask, opt)
+        loss, dh = _chunked_head(spec, h, targets, mask, opt, token_weights)
     else:
-        def head(h):
-            logits = spec.logits(spec.norm(h)).astype(mx.float32)
-            ce = nn.losses.cross_entropy(logits, targets) * mask
-            return ce.sum() / mx.maximum(mask.sum(), 1.0)
-
-        loss, dh = mx.value_and_grad(head)(h)
+        loss, dh = _logits_head(spec, h, targets, mask, token_weights)
     del h
     mx.eval(loss, dh)
     clock.lap("head_s")
 
     # 3. backward, block by block in reverse
-    flat = {}
+    flat = {} if into is None else into
     for i in range(len(spec.blocks) - 1, spec.first - 1, -1):
         x, b = store.pop(i), spec.blocks[i]
         with weights.block(b):
@@ -160,23 +161,30 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
     return loss, grads
 
 
-def _chunked_head(spec, h, targets, mask, opt):
+def _chunked_head(spec, h, targets, mask, opt, weights=None):
     """Final norm + tiled head/loss, one row tile at a time (never the [N, V] logits,
-    nor more than a tile of normed rows); (loss, dL/dh)."""
+    nor more than a tile of normed rows); (loss, dL/dh). weights: as run's."""
     B, T, D = h.shape
     N, V = B * T, spec.head.shape[0]
     rows, vocab = head_tiles(opt, N, V)
-    hf, y, m = h.reshape(N, D), targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
-    denom = mx.maximum(m.sum(), 1.0)
-    loss, dh = mx.array(0.0, mx.float32), None
+    later = callable(weights)              # ℓ and the unweighted dh first, then w(ℓ)
+    hf, y = h.reshape(N, D), targets.reshape(-1)
+    m = mask if weights is None else mx.ones((N,)) if later else weights
+    m = m.reshape(-1).astype(mx.float32)
+    denom = mx.maximum(m.sum(), 1.0) if weights is None else 1.0
+    loss, dh, ce = mx.array(0.0, mx.float32), None, []
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         hc = hf[n0:n1]
         lc, dhn = loss_head_value_and_grad(spec.norm(hc), spec.head, y[n0:n1], m[n0:n1],
                                            rows, vocab, softcap=spec.final_softcap,
-                                           logit_scale=spec.logit_scale, denom=denom)
+                                           logit_scale=spec.logit_scale, denom=denom,
+                                           per_token=later)
         dhc = rmsnorm_backward(dhn, hc, spec.norm.w, spec.norm.eps)
-        loss = loss + lc
+        if later:
+            ce.append(lc)
+        else:
+            loss = loss + lc
         if n1 - n0 == N:
             dh = dhc
         else:
@@ -184,7 +192,36 @@ def _chunked_head(spec, h, targets, mask, opt):
             dh[n0:n1] = dhc
         del dhn, dhc
         mx.eval(loss, dh)
+    if later:
+        ce = mx.concatenate(ce).reshape(B, T)
+        w = _weights_of(weights, ce)
+        loss, dh = mx.sum(w * ce), dh * w.reshape(N, 1).astype(dh.dtype)
+        mx.eval(loss, dh)
     return loss, dh.reshape(h.shape)
+
+
+def _logits_head(spec, h, targets, mask, weights=None):
+    """Final norm + head + cross-entropy by autodiff on the full logits (mebp);
+    (loss, dL/dh). weights: as run's (a function: one more forward of the head)."""
+    def ce_of(h):
+        logits = spec.logits(spec.norm(h)).astype(mx.float32)
+        return nn.losses.cross_entropy(logits, targets)                 # [B, T]
+
+    if callable(weights):
+        weights = _weights_of(weights, ce_of(h))
+    if weights is None:
+        return mx.value_and_grad(lambda h: (ce_of(h) * mask).sum()
+                                 / mx.maximum(mask.sum(), 1.0))(h)
+    return mx.value_and_grad(lambda h: (ce_of(h) * weights).sum())(h)
+
+
+def _weights_of(fn, ce):
+    """fn(ℓ) for ℓ [B, T] (fp32): the token weights [B, T], checked."""
+    w = fn(ce)
+    if not isinstance(w, mx.array) or w.shape != ce.shape:
+        raise ValueError(f"token weights must be an mx.array of shape {ce.shape}, got "
+                         f"{getattr(w, 'shape', type(w).__name__)}")
+    return mx.stop_gradient(w.astype(mx.float32))
 
 
 class _Clock:
@@ -214,5 +251,6 @@ def _mebp_block(paths, b, x, g, flat, mask):
     blk.update(tree_unflatten(list(zip(names, params))))
     prefix = paths[id(blk)]
     for n, d in zip(names, vjps[1:]):
-        flat[f"{prefix}.{n}"] = d
+        k = f"{prefix}.{n}"
+        flat[k] = d if k not in flat else flat[k] + d
     return vjps[0]

@@ -8,7 +8,9 @@ method = "autodiff": plain MLX autodiff through the model (the reference).
                      tensors freed block by block, chunked loss head.
          "mezo":     NOT exact: MeZO's zeroth-order estimate p·z along one
                      random direction (mezo.py), two forward passes.
-loss = Σ CE(logits, targets) · mask / Σ mask.
+loss = Σ CE(logits, targets) · mask / Σ mask, or Σ CE · w for given token weights
+w [B, T] of any sign (unnormalised; or a function of the per-token CE giving them),
+the building block of preference objectives (preference.py).
 segments [B, T] (method "mesp"): rows packed with several examples, each run as
 if alone (packing.py); the loss is the same token-weighted mean.
 """
@@ -44,14 +46,17 @@ def _check(model, inputs, targets, mask, method):
 
 def value_and_grad(model, inputs, targets, mask=None, method="mesp", *,
                    options: Optional[EngineOptions] = None, stats: Optional[dict] = None,
-                   segments=None):
+                   segments=None, weights=None):
     """Loss and gradients w.r.t. model.trainable_parameters() (same tree).
 
     options: schedule knobs (chunk sizes, cache policy); stats: if a dict is
     given, the schedule records what it stored (e.g. "checkpoint_bytes").
     segments: [B, T] example ids of packed rows, non-decreasing per row (mesp).
+    weights: [B, T] token weights, loss Σ CE · w (in place of mask), or a function
+    of the per-token CE [B, T] (fp32) returning them.
     method="mezo" returns MeZO's random estimate (mezo.value_and_grad), not ∇L.
     """
+    _check_weights(weights, mask, inputs, method)
     mask = _check(model, inputs, targets, mask, method)
     if segments is not None:
         if method != "mesp":
@@ -67,13 +72,38 @@ def value_and_grad(model, inputs, targets, mask=None, method="mesp", *,
             raise ValueError("a model with streamed weights (--stream-weights) runs "
                              "with method mesp, mebp or mezo; autodiff needs every "
                              "weight resident")
-        return _autodiff(model, inputs, targets, mask)
-    return run(model, inputs, targets, mask, method, options, stats, segments)
+        return _autodiff(model, inputs, targets, mask, weights)
+    return run(model, inputs, targets, mask, method, options, stats, segments, weights)
 
 
-def _autodiff(model, inputs, targets, mask):
+def _check_weights(weights, mask, inputs, method):
+    if weights is None:
+        return
+    if mask is not None:
+        raise ValueError("pass mask or weights, not both: token weights replace the "
+                         "masked mean (a position with weight 0 is no target)")
+    if method == "mezo":
+        raise ValueError("method 'mezo' estimates the gradient of the masked mean "
+                         "loss only; token weights need an exact method (mesp, mebp, "
+                         "autodiff)")
+    if not callable(weights) and (not isinstance(weights, mx.array)
+                                  or weights.shape != inputs.shape):
+        raise ValueError(f"weights must be an mx.array of the inputs' shape "
+                         f"{inputs.shape} (or a function of the per-token loss), got "
+                         f"{getattr(weights, 'shape', type(weights).__name__)}")
+
+
+def _autodiff(model, inputs, targets, mask, weights=None):
+    if callable(weights):               # the weights of this forward's per-token CE
+        ce = nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
+        weights = mx.stop_gradient(weights(ce).astype(mx.float32))
+        del ce
+
     def loss_fn(model):
-        return masked_ce(model(inputs), targets, mask)
+        if weights is None:
+            return masked_ce(model(inputs), targets, mask)
+        ce = nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
+        return (ce * weights).sum()
 
     loss, grads = nn.value_and_grad(model, loss_fn)(model)
     mx.eval(loss, grads)

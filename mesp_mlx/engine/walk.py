@@ -3,6 +3,7 @@
     spec = model_spec(model, method, T, options)       # read + verified once
     h = walk(spec, spec.embed_ids(inputs), run)       # embedding -> blocks
     total = loss_sum(model, inputs, targets, mask)    # Σ CE · mask, forward only
+    logp = row_logprobs(model, inputs, targets, mask) # Σ log p · mask per row [B]
 
 `walk` runs blocks [start, stop) of a ModelSpec, each inside `weights.block(b)`
 (streamed frozen weights are read just before a block runs and released after it)
@@ -24,7 +25,7 @@ import mlx.nn as nn
 
 from ..ops.dequant_matmul import tile_barriers
 from ..ops.loss_head import loss_head_value
-from .block import block_forward
+from .block import block_forward, layer_mask
 from .families import read_spec
 from .plan import EngineOptions, head_tiles
 from .stream import is_streamed, weight_source
@@ -58,13 +59,15 @@ def walk(spec, h, run: Callable, weights=None, start: int = 0, stop: Optional[in
     return h
 
 
-def head_mean(spec, h, targets, mask, opt: EngineOptions) -> mx.array:
-    """Σ CE · mask / Σ mask of the final hidden state h [B, T, D], tile by tile."""
+def head_mean(spec, h, targets, mask, opt: EngineOptions, per_token=False) -> mx.array:
+    """Σ CE · mask / Σ mask of the final hidden state h [B, T, D], tile by tile
+    (per_token: the CE of each position [B·T], 0 where mask is 0)."""
     V, D = spec.head.shape
     rows, vocab = head_tiles(opt, targets.size, V)
     return loss_head_value(spec.norm(h.reshape(-1, D)), spec.head, targets.reshape(-1),
                            mask.reshape(-1).astype(mx.float32), rows, vocab,
-                           softcap=spec.final_softcap, logit_scale=spec.logit_scale)
+                           softcap=spec.final_softcap, logit_scale=spec.logit_scale,
+                           per_token=per_token)
 
 
 def loss_sum(model, inputs, targets, mask, options: Optional[EngineOptions] = None) -> float:
@@ -84,20 +87,54 @@ def loss_sum(model, inputs, targets, mask, options: Optional[EngineOptions] = No
         return head_mean(spec, h, targets, mask, opt).item() * n
 
 
+def row_logprobs(model, inputs, targets, mask, options: Optional[EngineOptions] = None,
+                 method: str = "mesp") -> mx.array:
+    """Σₜ mask · log p(targets) of each row, [B] fp32, forward only: the blocks as
+    `method` runs them (mebp: the model's own blocks) and the tiled head."""
+    opt = options or EngineOptions()
+    try:
+        spec = model_spec(model, "mesp" if method == "mesp" else "mebp",
+                          inputs.shape[1], opt)
+    except ValueError:      # a family or a model state the engine does not run
+        if is_streamed(model) or method != "autodiff":
+            raise
+        return -_own_forward_rows(model, inputs, targets, mask)
+    if method == "mesp":
+        run = lambda i, b, h: block_forward(b, h, opt)               # noqa: E731
+    else:
+        run = lambda i, b, h: b.module(h, layer_mask(b, h.shape[1]))  # noqa: E731
+    with tile_barriers():               # outside any transform: evaluate per W0 tile
+        h = spec.embed_ids(inputs)
+        mx.eval(h)
+        h = walk(spec, h, run, weight_source(model))
+        ce = head_mean(spec, h, targets, mask, opt, per_token=True)
+        out = -(ce.reshape(mask.shape) * mask).sum(axis=1)
+        mx.eval(out)
+        return out
+
+
 def _own_forward_sum(model, inputs, targets, mask) -> float:
     """Σ CE · mask through the model's own forward, never the full [B, T, V] logits."""
+    return _own_forward_rows(model, inputs, targets, mask).sum().item()
+
+
+def _own_forward_rows(model, inputs, targets, mask) -> mx.array:
+    """Σₜ CE · mask of each row [B] through the model's own forward, a row and
+    EVAL_ROWS positions of logits at a time."""
     body = getattr(model, "model", None)
     if body is None or not hasattr(body, "embed_tokens"):
         ce = nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
-        return (ce * mask).sum().item()
+        return (ce * mask).sum(axis=1)
     head = model.lm_head if hasattr(model, "lm_head") else body.embed_tokens.as_linear
-    total = mx.array(0.0)
+    rows = []
     for r in range(inputs.shape[0]):
         h = body(inputs[r:r + 1])                               # [1, T, D]
+        total = mx.array(0.0)
         for t in range(0, h.shape[1], EVAL_ROWS):
             s = slice(t, t + EVAL_ROWS)
             ce = nn.losses.cross_entropy(head(h[:, s]).astype(mx.float32),
                                          targets[r:r + 1, s])
             total = total + (ce * mask[r:r + 1, s]).sum()
             mx.eval(total)
-    return total.item()
+        rows.append(total)
+    return mx.stack(rows)

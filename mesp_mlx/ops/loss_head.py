@@ -3,6 +3,8 @@
 Letters: N = B·T token rows, D model, V vocab; c rows and v vocab entries per tile.
   forward   Z = hn W0ᵀ   (W0: (V, D), tied embedding or LM head, frozen)   [N, V]
             ℓₙ = logsumexp(Zₙ) − Zₙ[yₙ],   L = Σₙ wₙ ℓₙ,   wₙ = mₙ / max(Σ m, 1)
+            (or wₙ given, of any sign and unnormalised: a preference objective's
+            Σᵢ cᵢ log pᵢ is such a sum, log pᵢ = −Σ ℓ over row i's targets)
   backward  dZₙ = wₙ (softmax(Zₙ) − onehot(yₙ))
             dhn = dZ W0 = wₙ (Σᵥ pₙᵥ W0ᵥ − W0[yₙ])                       [N, D]
 Neither Z nor dZ is ever materialised: tiles of c rows × v vocabulary entries
@@ -29,12 +31,14 @@ from .frozen import FrozenWeight
 
 def loss_head_value_and_grad(hn, W0: FrozenWeight, targets, mask, chunk,
                              vocab_chunk=None, *, softcap=None, logit_scale=None,
-                             denom=None):
+                             denom=None, per_token=False):
     """hn [N, D], targets [N] int, mask [N] → (loss scalar fp32, dhn [N, D]).
 
     chunk: rows per tile; vocab_chunk: vocabulary entries per tile (None: all);
     softcap: final-logit cap c; logit_scale: logits are divided by it;
-    denom: Σ m of the whole batch when hn is some of its rows (default: these rows').
+    mask: 0/1, or weights of any sign with denom=1 (rows with 0 are no target);
+    denom: Σ m of the whole batch when hn is some of its rows (default: these rows');
+    per_token: return ℓ [N] (fp32, 0 where mask is 0) in place of L.
     """
     N, D = hn.shape
     V = W0.shape[0]
@@ -42,13 +46,13 @@ def loss_head_value_and_grad(hn, W0: FrozenWeight, targets, mask, chunk,
     inv = None if logit_scale is None else 1.0 / logit_scale
     mask = mask.astype(mx.float32)
     denom = mx.maximum(mask.sum(), 1.0) if denom is None else denom
-    loss = mx.array(0.0, mx.float32)
+    loss, tokens = mx.array(0.0, mx.float32), []
     dh = None
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         x = hn[n0:n1] if inv is None else hn[n0:n1] * inv          # [c, D]
         mu, s, acc = _online_softmax(x, W0, V, vc, softcap=softcap)
-        y = mx.where(mask[n0:n1] > 0, targets[n0:n1], 0)            # masked ids may be pads
+        y = mx.where(mask[n0:n1] != 0, targets[n0:n1], 0)           # masked ids may be pads
         Wy = W0.take(y).astype(mx.float32)                          # [c, D]
         zy = mx.sum(x.astype(mx.float32) * Wy, axis=-1, keepdims=True)
         if softcap is not None:
@@ -57,7 +61,11 @@ def loss_head_value_and_grad(hn, W0: FrozenWeight, targets, mask, chunk,
         w = mask[n0:n1, None] / denom                               # [c, 1]
         if inv is not None:
             w = w * inv
-        loss = loss + mx.sum((mu + mx.log(s) - zy) * mask[n0:n1, None] / denom)
+        ce = mu + mx.log(s) - zy                                    # [c, 1]
+        if per_token:
+            tokens.append(mx.where(mask[n0:n1] != 0, ce[:, 0], 0.0))
+        else:
+            loss = loss + mx.sum(ce * mask[n0:n1, None] / denom)
         dhc = ((acc / s - Wy) * w).astype(hn.dtype)
         if n1 - n0 == N:
             dh = dhc
@@ -65,30 +73,36 @@ def loss_head_value_and_grad(hn, W0: FrozenWeight, targets, mask, chunk,
             dh = mx.zeros(hn.shape, hn.dtype) if dh is None else dh
             dh[n0:n1] = dhc
         del dhc
-        mx.eval(loss, dh)
-    return loss, dh
+        mx.eval(loss, dh, *tokens[-1:])
+    return (mx.concatenate(tokens) if per_token else loss), dh
 
 
 def loss_head_value(hn, W0: FrozenWeight, targets, mask, chunk, vocab_chunk=None, *,
-                    softcap=None, logit_scale=None):
-    """The loss alone (forward-only users such as MeZO): same tiles, no accumulator."""
+                    softcap=None, logit_scale=None, per_token=False):
+    """The loss alone (forward-only users such as MeZO): same tiles, no accumulator;
+    per_token: ℓ [N] (fp32, 0 where mask is 0) in place of Σ m ℓ / Σ m."""
     N, V = hn.shape[0], W0.shape[0]
     vc = V if vocab_chunk is None else max(1, min(V, vocab_chunk))
     mask = mask.astype(mx.float32)
     denom = mx.maximum(mask.sum(), 1.0)
-    loss = mx.array(0.0, mx.float32)
+    loss, tokens = mx.array(0.0, mx.float32), []
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
         x = hn[n0:n1] if logit_scale is None else hn[n0:n1] * (1.0 / logit_scale)
         mu, s, _ = _online_softmax(x, W0, V, vc, need_acc=False, softcap=softcap)
-        y = mx.where(mask[n0:n1] > 0, targets[n0:n1], 0)
+        y = mx.where(mask[n0:n1] != 0, targets[n0:n1], 0)
         zy = mx.sum(x.astype(mx.float32) * W0.take(y).astype(mx.float32), axis=-1,
                     keepdims=True)
         if softcap is not None:
             zy = _cap(zy, softcap)
-        loss = loss + mx.sum((mu + mx.log(s) - zy) * mask[n0:n1, None]) / denom
-        mx.eval(loss)
-    return loss
+        ce = mu + mx.log(s) - zy                                    # [c, 1]
+        if per_token:
+            tokens.append(mx.where(mask[n0:n1] != 0, ce[:, 0], 0.0))
+            mx.eval(tokens[-1])
+        else:
+            loss = loss + mx.sum(ce * mask[n0:n1, None]) / denom
+            mx.eval(loss)
+    return mx.concatenate(tokens) if per_token else loss
 
 
 def _cap(z, c):
