@@ -1,6 +1,7 @@
 """mesp_mlx: exact-gradient LoRA fine-tuning for MLX at a fraction of the memory."""
 
 from .engine.step import METHODS, value_and_grad
+from .engine.preference import preference_value_and_grad
 from .engine.plan import EngineOptions
 from .engine.lora_layers import LoRALinear, apply_lora
 from .engine.mezo import mezo_gradient_estimate
@@ -15,7 +16,7 @@ from .train import job
 from .train.loop import TrainResult, evaluate, train
 
 __all__ = ["apply_lora", "value_and_grad", "EngineOptions", "LoRALinear", "METHODS",
-           "mezo_gradient_estimate",
+           "mezo_gradient_estimate", "preference_value_and_grad",
            "TrainConfig", "run", "train", "evaluate", "TrainResult", "load_model",
            "load_splits", "iterate_batches", "fixed_batches", "save_adapters",
            "load_adapter_dir", "stream_weights"]

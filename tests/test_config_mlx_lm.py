@@ -124,7 +124,7 @@ BASE = {"model": "m", "data": "d", "train": True}
 @pytest.mark.parametrize("kw,match", [
     ({"fine_tune_type": "dora"}, "fine_tune_type dora is not supported.*lora.*mlx_lm.lora"),
     ({"fine_tune_type": "full"}, "fine_tune_type full is not supported.*mlx_lm.lora"),
-    ({"training_mode": "dpo"}, "mlx-lm-lora"),
+    ({"train_mode": "grpo"}, "mlx-lm-lora"),
     ({"report_to": "tensorboard"}, "not a known service; choose from wandb, swanlab"),
     ({"report_to": "wandb"}, "pip install wandb"),
     ({"clear_cache_threshold": "lots"}, "clear-cache-threshold"),

@@ -7,12 +7,15 @@ walk) -> block.py (one generic block, forward and hand backward, from spec.py's
 BlockSpec, read by families.py and checked by verify.py) -> ../ops (the math).
 plan.py spends an activation budget; stream.py, checkpoints.py and packing.py are
 what a block reads its weights from, where its input waits, and packed rows.
+preference.py runs DPO/ORPO (objectives.py) as weighted token sums of the same step.
 """
 
 from .lora_layers import LoRALinear, apply_lora, step_dropout
 from .mezo import mezo_gradient_estimate
 from .plan import EngineOptions
+from .preference import preference_value_and_grad
 from .step import METHODS, masked_ce, value_and_grad
 
 __all__ = ["value_and_grad", "METHODS", "EngineOptions", "masked_ce", "step_dropout",
-           "LoRALinear", "apply_lora", "mezo_gradient_estimate"]
+           "LoRALinear", "apply_lora", "mezo_gradient_estimate",
+           "preference_value_and_grad"]

@@ -28,6 +28,7 @@ GRAD_CHECKPOINT_NOTE = ("Note: grad_checkpoint selects --method mebp (per-block 
                         "--method mesp needs less memory still, with the same gradients")
 LORA_DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATION_PLANS = ("fastest", "minimal")
+TRAIN_MODES = ("sft", "dpo", "orpo")
 
 
 def _f(default, help, **kw):
@@ -70,8 +71,15 @@ class TrainConfig:
     grad_checkpoint: bool = _f(False, "mlx-lm's gradient checkpointing: selects "
                                "--method mebp unless --method is given (mesp, the "
                                "default, needs less memory).")
-    training_mode: str = _f("normal", "mlx-lm's example key; only 'normal' (DPO/ORPO: "
-                            "use mlx-lm-lora). YAML only.", cli=False)
+    train_mode: str = _f("sft", "Objective: sft (token-mean cross-entropy), dpo "
+                         "(Direct Preference Optimization against the model with its "
+                         "adapters at zero) or orpo (odds-ratio preference "
+                         "optimization); dpo and orpo train on {prompt, chosen, "
+                         "rejected} records, prompts masked (mlx-lm-lora's flag; "
+                         "mlx-lm's YAML training_mode: normal is sft).",
+                         choices=TRAIN_MODES)
+    beta: float = _f(0.1, "β of --train-mode dpo (the scale of the implicit reward "
+                     "β·log(p/p_ref)) and orpo (the weight of the odds-ratio term).")
     rank: int = _f(8, "LoRA rank r.")
     scale: float = _f(20.0, "LoRA scale s in y = xW0ᵀ + s·(xA)B (mlx-lm's `scale`, "
                       "not alpha/r).")
@@ -251,9 +259,17 @@ class TrainConfig:
         need(self.fine_tune_type == "lora", f"fine_tune_type {self.fine_tune_type} is "
              "not supported: mesp_mlx trains LoRA adapters with exact gradients; use "
              "fine_tune_type lora, or mlx_lm.lora for dora and full fine-tuning")
-        need(self.training_mode == "normal", f"training_mode {self.training_mode!r} is "
-             "not supported: mesp_mlx does supervised fine-tuning (training_mode: "
-             "normal); for DPO/ORPO use mlx-lm-lora")
+        need(self.train_mode in TRAIN_MODES, f"--train-mode must be one of "
+             f"{', '.join(TRAIN_MODES)}, got {self.train_mode!r} (for cpo, grpo and "
+             "the online modes use mlx-lm-lora)")
+        if self.train_mode != "sft":
+            need(self.method != "mezo", f"--train-mode {self.train_mode} needs an exact "
+                 "gradient: --method mesp, mebp or autodiff (mezo estimates the SFT "
+                 "loss's gradient only)")
+            need(not self.pack, f"--pack does not apply to --train-mode "
+                 f"{self.train_mode}: each pair's sides run as their own rows")
+        need(math.isfinite(self.beta) and self.beta > 0,
+             f"--beta must be a finite number > 0, got {self.beta}")
         lr_schedules.check(self.lr_schedule, self.warmup, self.warmup_init)
         need(self.method != "mezo" or (self.lr_schedule is None and not self.warmup),
              "--method mezo uses a constant --learning-rate: drop lr_schedule/--warmup")
@@ -336,6 +352,9 @@ def load_yaml(path) -> dict:
     raw = dict(raw)
     if "save_every" in raw:
         raw.setdefault("steps_per_save", raw.pop("save_every"))
+    if "training_mode" in raw:                       # mlx-lm's key; its "normal" is sft
+        mode = raw.pop("training_mode")
+        raw.setdefault("train_mode", "sft" if mode == "normal" else mode)
     lora = raw.pop("lora_parameters", None) or {}
     if not isinstance(lora, dict):
         raise ConfigError(f"{path}: lora_parameters must be a mapping like {{rank: 8, "

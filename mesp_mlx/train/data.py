@@ -82,6 +82,9 @@ def tokenize(records, fmt, tokenizer, mask_prompt=False, name="data",
     vocab_size, every id must be below it (DataError with file:line)."""
     from mlx_lm.tuner import datasets as mld
 
+    if fmt == "preference":
+        raise DataError(f"{name}: preference records (chosen/rejected) are pairs: "
+                        "train_mode dpo or orpo reads them (train/preference_data.py)")
     if mask_prompt and fmt == "text":
         raise DataError(f"{name}: --mask-prompt needs prompt/completion or chat "
                         "data; this file has plain 'text' records")
@@ -274,7 +277,10 @@ def make_packed_batch(ds: Dataset, rows) -> Batch:
 
 def _plan(ds: Dataset, batch_size: int, pack: int):
     """Batches as (maker, groups): buckets of examples, or of packed rows (rows of
-    similar fill together, so a batch's T is its fullest row)."""
+    similar fill together, so a batch's T is its fullest row); a dataset with a
+    plan of its own (preference pairs) batches itself."""
+    if hasattr(ds, "plan"):
+        return ds.plan(batch_size)
     if not pack:
         return make_batch, bucket(ds, batch_size)
     rows = pack_rows(ds, pack)

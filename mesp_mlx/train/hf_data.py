@@ -37,9 +37,9 @@ def check_spec(spec) -> None:
         where = "hf_dataset" + (f"[{i}]" if isinstance(spec, list) else "")
         pref = sorted(k for k in d if k in PREFERENCE)
         if pref:
-            raise ConfigError(f"{where}: {', '.join(pref)} are preference-training "
-                              "(DPO/ORPO) features; mesp_mlx does supervised "
-                              "fine-tuning: use mlx-lm-lora for those")
+            raise ConfigError(f"{where}: {', '.join(pref)} are mlx-lm-lora's "
+                              "preference features; here --train-mode dpo/orpo reads "
+                              "records with the keys prompt, chosen and rejected")
         extra = sorted(str(k) for k in d if k not in KEYS)
         if extra:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)}; known: "

@@ -23,13 +23,14 @@ from ..memory import MemoryMonitor, preflight
 from ..models import loading
 from ..parallel import data_parallel, group
 from ..units import MB
-from . import adapters, data, loop, prechecks, reporting
+from . import adapters, data, loop, prechecks, preference, preference_data, reporting
 from .config import GRAD_CHECKPOINT_NOTE, TrainConfig
 
 
 def run(cfg: TrainConfig, log_fn: Optional[Callable] = None) -> dict:
     """Load model and data, train and/or test as `cfg` says; returns
-    {"train": TrainResult or None, "test_loss": float or None, "model": model}.
+    {"train": TrainResult or None, "test_loss": float or None, "model": model}
+    (+ "test_metrics": reward accuracy and margin, with --train-mode dpo/orpo).
     log_fn: where progress lines go (None: print)."""
     cfg.validate()
     early = prechecks.before_loading(cfg)           # before any download or write
@@ -57,8 +58,13 @@ def _run(cfg, early, world) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("always", data.TruncationWarning)
         warnings.showwarning = lambda msg, *a, **k: log.say(f"Warning: {msg}")
-        splits = data.tokenize_splits(early.raw, tokenizer, cfg.max_seq_length,
-                                      cfg.mask_prompt, _vocab(vocab_sizes(model)))
+        if cfg.train_mode in preference_data.MODES:
+            splits = preference_data.tokenize_splits(early.raw, tokenizer,
+                                                     cfg.max_seq_length,
+                                                     _vocab(vocab_sizes(model)))
+        else:
+            splits = data.tokenize_splits(early.raw, tokenizer, cfg.max_seq_length,
+                                          cfg.mask_prompt, _vocab(vocab_sizes(model)))
     _check_positions(model, splits, cfg.max_seq_length)
     out = {"train": None, "test_loss": None, "model": model}
     if cfg.train:
@@ -97,10 +103,13 @@ def _run(cfg, early, world) -> dict:
         log.say(f"Loaded adapters from {cfg.adapter_path}")
     if cfg.test:
         batches = data.fixed_batches(splits["test"], cfg.batch_size, cfg.test_batches)
-        loss = data_parallel.evaluate(world, lambda b: loop.evaluate(model, b),
-                                      batches, "the test")
+        loss, metrics = loop.measure(world, model, cfg, batches, "the test")
         out["test_loss"] = loss
-        log.say(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 50)):.3f}.")
+        if metrics:
+            out["test_metrics"] = metrics
+            log.say(f"Test loss {loss:.3f}, {preference.describe(metrics, 'test ')}.")
+        else:
+            log.say(f"Test loss {loss:.3f}, Test ppl {math.exp(min(loss, 50)):.3f}.")
     return out
 
 

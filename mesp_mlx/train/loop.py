@@ -5,8 +5,9 @@
 
 One iteration: draw the batch, run the step chosen once for the method (an exact
 gradient accumulated token-weighted and applied every --grad-accumulation-steps,
-or MeZO's in-place update), guard against divergence, then report, validate and
-save on their schedules. Iteration k's batch and dropout mask are pure functions of
+MeZO's in-place update, or with --train-mode dpo/orpo a preference step on pairs,
+preference.py), guard against divergence, then report, validate and save on their
+schedules. Iteration k's batch and dropout mask are pure functions of
 (seed, k), and the optimizer state and pending accumulated gradients are saved with
 the adapters, so a resumed run replays the uninterrupted run's losses exactly.
 Without `options`, train() plans the activation memory as the CLI does
@@ -34,7 +35,7 @@ from ..memory import plan, preflight, resolve_budget
 from ..parallel import data_parallel
 from ..parallel.group import World
 from ..units import MB
-from . import adapters, early_stop, lr_schedules, reporting
+from . import adapters, early_stop, lr_schedules, preference, reporting
 from .config import TrainConfig
 from .data import Dataset, fixed_batches, iterate_batches, longest_row
 from .divergence import all_finite, divergence_error, first_nonfinite
@@ -50,6 +51,7 @@ class TrainResult:
     adapter_file: Optional[str] = None
     best: Optional[tuple] = None          # (iteration, val loss) of --save-best's pick
     stopped_early: bool = False           # --early-stop-patience ended the run
+    val_metrics: List[tuple] = field(default_factory=list)    # (iteration, {reward_acc, margin})
 
 
 class SGD(optim.SGD):
@@ -103,6 +105,13 @@ def evaluate(model, batches: List[Batch], progress=None) -> float:
     return total / max(n, 1)
 
 
+def measure(world: World, model, cfg: TrainConfig, batches: List, what: str) -> tuple:
+    """(mean loss, preference metrics or None) of fixed batches over the ranks."""
+    if cfg.train_mode != "sft":
+        return preference.evaluate(world, model, batches, cfg, what)
+    return data_parallel.evaluate(world, lambda b: evaluate(model, b), batches, what), None
+
+
 # ---------------------------------------------------------------- step helpers
 
 class Accumulator:
@@ -152,14 +161,17 @@ def clear_cache(limit: int):
 
 def make_step(cfg: TrainConfig, model, optimizer, world: World, options: EngineOptions,
               accum: Accumulator) -> Callable:
-    """step(batch, it) -> (loss, what diverged or None), chosen once for the method:
-    an exact gradient (applied every --grad-accumulation-steps) or MeZO's update."""
+    """step(batch, it) -> (loss, what diverged or None, metrics or None), chosen once
+    for the method: an exact gradient (applied every --grad-accumulation-steps),
+    MeZO's update, or a preference objective's (reward accuracy and margin)."""
+    if cfg.train_mode != "sft":
+        return preference.make_step(cfg, model, optimizer, world, options, accum)
     if cfg.method == "mezo":
         def mezo(batch, it):
             loss = data_parallel.mezo_step(world, model, batch, learning_rate(optimizer),
                                            cfg.mezo_eps, cfg.mezo_weight_decay,
                                            f"iteration {it}").loss
-            return loss, first_nonfinite(loss)
+            return loss, first_nonfinite(loss), None
         return mezo
 
     def exact(batch, it):
@@ -172,7 +184,7 @@ def make_step(cfg: TrainConfig, model, optimizer, world: World, options: EngineO
         del grads
         if bad is None and it % cfg.grad_accumulation_steps == 0:
             accum.apply(optimizer, model)
-        return loss, bad
+        return loss, bad, None
     return exact
 
 
@@ -180,12 +192,17 @@ class _Window:
     """Counters between two reports."""
 
     def __init__(self):
-        self.loss = self.targets = self.tokens = self.iters = 0
+        self.loss = self.targets = self.tokens = self.iters = self.weight = 0
         self.t0 = time.perf_counter()
         self.rec = None           # last memory record, peaks maxed over the window
+        self.metrics = {}         # preference metrics, weighted like the loss
 
-    def add(self, loss, batch, rec):
-        self.loss += loss * batch.n_targets
+    def add(self, loss, batch, rec, metrics=None):
+        w = getattr(batch, "n_pairs", batch.n_targets)    # the loss's mean is over these
+        self.loss += loss * w
+        self.weight += w
+        for k, v in (metrics or {}).items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + v * w
         self.targets += batch.n_targets
         self.tokens += batch.n_tokens
         self.iters += 1
@@ -196,9 +213,15 @@ class _Window:
                 if vals:
                     self.rec[k] = pick(vals)
 
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(self.weight, 1)
+
     def line(self, it, optimizer, monitor) -> str:
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        line = (f"Iter {it}: train loss {self.loss / max(self.targets, 1):.3f}, "
+        extra = preference.describe({k: v / max(self.weight, 1) for k, v in
+                                     self.metrics.items()}) + ", " if self.metrics else ""
+        line = (f"Iter {it}: train loss {self.mean_loss:.3f}, {extra}"
                 f"lr {learning_rate(optimizer):.3e}, it/s {self.iters / dt:.3f}, tokens/s "
                 f"{self.tokens / dt:.1f} processed, {self.targets / dt:.1f} trained")
         if monitor is not None and self.rec is not None:
@@ -309,7 +332,7 @@ class _Run:
         mx.random.seed(cfg.seed * 1_000_003 + it)     # dropout keys, MeZO seed: f(seed, it)
         batch = next(self.batches)
         tic = time.perf_counter()
-        loss, bad = self.step(batch, it)
+        loss, bad, metrics = self.step(batch, it)
         if bad is None and not all_finite(self.model.trainable_parameters()):
             bad = "the LoRA parameters (after the update)"
         if bad is not None:                            # stop before anything is saved
@@ -317,7 +340,7 @@ class _Run:
         self.result.step_seconds.append(time.perf_counter() - tic)
         self.result.step_losses.append(loss)
         rec = self.monitor.record(it, loss=loss) if self.monitor is not None else None
-        self.window.add(loss, batch, rec)
+        self.window.add(loss, batch, rec, metrics)
         del batch
         if self.bar is not None:
             self.bar.update(1)
@@ -339,7 +362,7 @@ class _Run:
 
     def report(self, it: int):
         w = self.window
-        self.result.train_losses.append((it, w.loss / max(w.targets, 1)))
+        self.result.train_losses.append((it, w.mean_loss))
         log.say(w.line(it, self.opt, self.monitor) + data_parallel.memory_max(
             self.world, w.rec, f"the report at iteration {it}"))
         self.trained += w.targets
@@ -351,13 +374,16 @@ class _Run:
 
     def validate(self, it: int):
         cfg, tic = self.cfg, time.perf_counter()
-        loss = data_parallel.evaluate(self.world, lambda b: evaluate(self.model, b),
-                                      self.val, f"validation at iteration {it}")
+        loss, metrics = measure(self.world, self.model, cfg, self.val,
+                                f"validation at iteration {it}")
         self.result.val_losses.append((it, loss))
+        if metrics:
+            self.result.val_metrics.append((it, metrics))
         secs = time.perf_counter() - tic
         shown = max(it, 1)                  # as mlx-lm: the first validation is "Iter 1"
-        log.say(f"Iter {shown}: val loss {loss:.3f}, val ppl {math.exp(min(loss, 50)):.3f}, "
-                f"val took {secs:.2f}s")
+        extra = preference.describe(metrics, "val ") if metrics else \
+            f"val ppl {math.exp(min(loss, 50)):.3f}"
+        log.say(f"Iter {shown}: val loss {loss:.3f}, {extra}, val took {secs:.2f}s")
         if self.callback is not None:
             self.callback.on_val_loss_report(reporting.val_info(it, loss, secs))
         if it and it % cfg.steps_per_eval == 0 and self.tracker.update(it, loss) \

@@ -14,7 +14,7 @@ from typing import Optional
 
 from ..errors import ConfigError
 from ..memory import resolve_budget
-from . import adapters, data, hf_data
+from . import adapters, data, hf_data, preference_data
 from .records import feature_renames
 from .config import TrainConfig
 
@@ -85,7 +85,9 @@ def before_loading(cfg: TrainConfig) -> Early:
                 f"{d / adapters.CONFIG} not found: --test without --train evaluates the "
                 "adapters in --adapter-path (a directory written by training)")
     need = (("train",) if cfg.train else ()) + (("test",) if cfg.test else ())
-    return Early(budget, read_data(cfg, need), resume)
+    raw = read_data(cfg, need)
+    preference_data.check_mode(raw, cfg.train_mode)
+    return Early(budget, raw, resume)
 
 
 def read_data(cfg: TrainConfig, need) -> dict:
