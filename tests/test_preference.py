@@ -362,3 +362,15 @@ def test_demo_pairs_are_reproducible(tmp_path):
     held_out = {json.loads(line)["prompt"] for line in (tmp_path / "test.jsonl").open()}
     train = {json.loads(line)["prompt"] for line in (tmp_path / "train.jsonl").open()}
     assert held_out and not held_out & train
+
+
+def test_first_sides_gradients_parked_on_disk(tmp_path):
+    from mesp_mlx.engine.preference import preference_step
+    model, _ = model_and_base()
+    chosen, rejected = pairs(2, 9, 6)
+    want = preference_step(model, chosen, rejected, "dpo").grads
+    opts = mesp_mlx.EngineOptions(checkpoints="disk", checkpoint_dir=str(tmp_path))
+    for kw in (dict(park_grads="disk", options=mesp_mlx.EngineOptions(
+            checkpoint_dir=str(tmp_path))), dict(options=opts)):
+        assert_exact(preference_step(model, chosen, rejected, "dpo", **kw).grads, want)
+    assert list(tmp_path.iterdir()) == []               # the temporary files are gone

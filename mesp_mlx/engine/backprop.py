@@ -22,7 +22,9 @@ by tiles and rows; resident: no-ops.
 Token weights (`weights` [B, T], any sign, unnormalised): the loss is Σ w·ℓ in
 place of the masked mean; given as a function of the per-token ℓ, the head
 computes ℓ and the unweighted dℓ/dh in one pass, then scales dh by w (row-wise
-linear through the final norm). Preference objectives (preference.py) use both.
+linear through the final norm). `forward_head` is a forward and that head alone;
+its dh, weighted, can be handed to a later run (`head`), which then skips the head.
+Preference objectives (preference.py) use all three.
 """
 
 import time
@@ -45,11 +47,13 @@ from .walk import model_spec, walk
 
 
 def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] = None,
-        stats: Optional[dict] = None, segments=None, weights=None, into=None):
+        stats: Optional[dict] = None, segments=None, weights=None, into=None, head=None):
     """Loss and LoRA gradients (tree of model.trainable_parameters()); segments
     [B, T]: packed examples (method "mesp"); weights: [B, T] token weights, or a
     function of the per-token ℓ [B, T] giving them (mask is then unused); into: a
-    {path: gradient} dict this call's gradients are added to (and returned from)."""
+    {path: gradient} dict this call's gradients are added to (and returned from);
+    head: (loss, dL/dh [B, T, D] of the final hidden state), known already (the
+    head is skipped; forward_head)."""
     if segments is not None and method != "mesp":
         raise ValueError(f"packed rows (segments) need method 'mesp', got {method!r}")
     packing = None if segments is None else Packing.of(segments)
@@ -86,13 +90,13 @@ def _step(model, inputs, targets, mask, method, opt, stats, packing):
         # mx.vjp / value_and_grad, where barriers would keep everything: 5.8 GB)
         with tile_barriers() if method == "mesp" else nullcontext():
             return _run(model, spec, store, hs, targets, mask, method, opt, stats, clock,
-                        packing, weight_source(model), weights, into)
+                        packing, weight_source(model), weights, into, head)
     finally:
         store.close()                     # a disk file goes on success, error and Ctrl-C
 
 
 def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packing,
-         weights, token_weights, into):
+         weights, token_weights, into, given):
     h = hs.pop()
     T = h.shape[1]
     # 1. forward, keeping block inputs from the lowest LoRA block up (and, for the
@@ -129,7 +133,9 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
     clock.lap("forward_s")
 
     # 2. loss head
-    if method == "mesp":
+    if given is not None:
+        loss, dh = given
+    elif method == "mesp":
         loss, dh = _chunked_head(spec, h, targets, mask, opt, token_weights)
     else:
         loss, dh = _logits_head(spec, h, targets, mask, token_weights)
@@ -159,6 +165,35 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
         stats["grad_bytes"] = sum(g.nbytes for g in flat.values())
     grads = tree_map_with_path(lambda p, _: flat[p], model.trainable_parameters())
     return loss, grads
+
+
+def forward_head(model, inputs, targets, method="mesp",
+                 options: Optional[EngineOptions] = None):
+    """(ℓ [B, T] fp32, dℓ/dh [B, T, D]): a forward (as `method` runs it) and the head's
+    per-token loss and its unweighted gradient w.r.t. the final hidden state (row n:
+    ∂ℓₙ/∂hₙ), one head pass; run(head=(Σ w·ℓ, w ⊙ dℓ/dh)) is then the gradient of
+    Σ w·ℓ without a second head pass."""
+    opt = options or EngineOptions()
+    spec = model_spec(model, method, inputs.shape[1], opt)
+    if method == "mesp":
+        block = lambda i, b, h: block_forward(b, h, opt)              # noqa: E731
+    else:
+        block = lambda i, b, h: b.module(h, layer_mask(b, h.shape[1]))  # noqa: E731
+    got = {}
+
+    def keep(ce):                      # every weight 1: dh is the unweighted gradient
+        got["ce"] = ce
+        return mx.ones_like(ce)
+    with tile_barriers() if method == "mesp" else nullcontext():
+        h = spec.embed_ids(inputs)
+        mx.eval(h)
+        h = walk(spec, h, block, weight_source(model))
+        if method == "mesp":
+            _, dh = _chunked_head(spec, h, targets, None, opt, keep)
+        else:
+            _, dh = _logits_head(spec, h, targets, None, keep)
+        mx.eval(dh)
+    return got["ce"], dh
 
 
 def _chunked_head(spec, h, targets, mask, opt, weights=None):

@@ -8,24 +8,31 @@ function of the per-row log-probabilities Lᵢ = −Σₜ mᵢₜ ℓᵢₜ (ℓ
   ∇loss = Σᵢ cᵢ ∇Lᵢ = ∇ Σᵢₜ wᵢₜ ℓᵢₜ,   wᵢₜ = −cᵢ mᵢₜ,   cᵢ = ∂loss/∂Lᵢ,
 the engine's weighted token sum (step.py `weights`), exact with any method.
 Schedule (mesp, mebp): 0. DPO without `reference`: L̃ of both sides, forward only
-with every LoRA scale at 0 (the frozen model, no copy); 1. the shorter side S,
-forward only: L_S; 2. the other side G, one gradient pass whose head gives ℓ and
-the unweighted dℓ/dh together, then c from (L_S, L_G), then dh = w ⊙ dℓ/dh;
-3. side S, one gradient pass with its weights, added into G's gradients. Cost: two
-gradient passes and one forward of S (plus the reference forwards); memory: one
-side's step plus one gradient tree (never both sides' checkpoints). Each side
-keeps its own dropout masks across its passes. autodiff: the objective written
-out through the model's own forward (the reference).
+with every LoRA scale at 0 (the frozen model, no copy); 1. the shorter side S: a
+forward and its head, ℓ_S and the unweighted dℓ/dh_S (B·T·D, kept), so L_S;
+2. the other side G, one gradient pass whose head gives ℓ and the unweighted dℓ/dh
+together, then c from (L_S, L_G), then dh = w ⊙ dℓ/dh; 3. side S, one gradient
+pass from w ⊙ dℓ/dh_S (its head is not run again), added into G's gradients.
+Cost: two SFT steps and one forward of S's blocks (plus the reference forwards).
+Memory: one side's step, plus G's gradient tree while S's pass runs (never both
+sides' checkpoints); where that tree waits is a named choice, `park_grads`: "memory",
+or "disk" (a temporary file, written once and read back tensor by tensor into S's
+gradients: the step's peak is then one side's). Each side keeps its dropout
+masks across its passes. autodiff: the objective written out through the model's
+own forward (the reference).
 """
 
+import time
 from contextlib import contextmanager
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map_with_path
 
-from .backprop import run
+from .backprop import forward_head, run
 from .batch import check_batch, vocab_sizes
+from .checkpoints import KINDS, open_checkpoints
 from .lora_layers import lora_layers, set_dropout_keys
 from .objectives import Side, coefficients, objective
 from .plan import EngineOptions
@@ -55,22 +62,31 @@ def preference_value_and_grad(model, chosen, rejected, objective="dpo", beta=0.1
 
 def preference_step(model, chosen, rejected, objective="dpo", beta=0.1, method="mesp",
                     reference=None, options: Optional[EngineOptions] = None,
-                    grad=True) -> PreferenceResult:
-    """preference_value_and_grad with the per-pair figures; grad=False: forward only."""
+                    grad=True, stats: Optional[dict] = None,
+                    park_grads: Optional[str] = None) -> PreferenceResult:
+    """preference_value_and_grad with the per-pair figures; grad=False: forward only;
+    stats: if a dict, each phase's seconds and the MLX peak after it (mesp, mebp);
+    park_grads: "memory" or "disk" (None: as options.checkpoints, in its directory)."""
     obj = _check(objective, beta, method, reference, model)
     sides = [_side(model, s, name) for s, name in ((chosen, "chosen"), (rejected, "rejected"))]
     if sides[0][0].shape[0] != sides[1][0].shape[0]:
         raise ValueError(f"chosen and rejected must hold the same pairs: {sides[0][0].shape[0]} "
                          f"and {sides[1][0].shape[0]} rows")
     ns = [m.sum(axis=1) for _, _, m in sides]
+    clock = _Clock(stats)
     refs = _reference(model, sides, obj, reference, method, options)
+    clock.lap("reference")
     keys = _side_keys(model) if grad else (None, None)
     if method == "autodiff":
         return _autodiff(model, sides, ns, refs, obj, beta, keys, grad)
     if not grad:
         logps = [row_logprobs(model, *s, options, method) for s in sides]
         return _result(obj, beta, logps, ns, refs, None)
-    return _exact(model, sides, ns, refs, obj, beta, method, options, keys)
+    opt = options or EngineOptions()
+    park = park_grads or opt.checkpoints
+    if park not in KINDS:
+        raise ValueError(f"park_grads must be one of {', '.join(KINDS)}, got {park!r}")
+    return _exact(model, sides, ns, refs, obj, beta, method, opt, keys, clock, park)
 
 
 def _check(name, beta, method, reference, model):
@@ -147,12 +163,14 @@ def _result(obj, beta, logps, ns, refs, grads, loss=None) -> PreferenceResult:
     return PreferenceResult(loss, grads, c, r, rewards)
 
 
-def _exact(model, sides, ns, refs, obj, beta, method, options, keys):
+def _exact(model, sides, ns, refs, obj, beta, method, options, keys, clock, park):
     S = min((0, 1), key=lambda k: sides[k][0].size)         # the side run twice
     G = 1 - S
     set_dropout_keys(model, keys[S])
     logps = [None, None]
-    logps[S] = row_logprobs(model, *sides[S], options, method)
+    ce_S, g_S = forward_head(model, sides[S][0], sides[S][1], method, options)
+    logps[S] = -(ce_S * sides[S][2]).sum(axis=1)
+    clock.lap("forward_short")
     coef = {}
 
     def weights_G(ce):                                       # ℓ [B, T] of side G
@@ -163,13 +181,53 @@ def _exact(model, sides, ns, refs, obj, beta, method, options, keys):
 
     flat = {}
     set_dropout_keys(model, keys[G])
-    _, grads = run(model, *sides[G], method, options, weights=weights_G, into=flat)
+    _, grads = run(model, *sides[G], method, options, clock.sub("long"),
+                   weights=weights_G, into=flat)
     del grads                                                # `flat` alone holds them
+    clock.lap("gradient_long")
     set_dropout_keys(model, keys[S])
     w_S = -coef["c"][S][:, None] * sides[S][2]
-    _, grads = run(model, *sides[S], method, options, weights=w_S, into=flat)
+    head = (mx.sum(w_S * ce_S), g_S * w_S[..., None].astype(g_S.dtype))
+    del g_S
+    with open_checkpoints(park, options.checkpoint_dir,
+                          sum(g.nbytes for g in flat.values())) as parked:
+        if park == "disk":
+            for k in list(flat):
+                parked.put(k, flat.pop(k))
+        _, grads = run(model, *sides[S], method, options, clock.sub("short"), into=flat,
+                       head=head)
+        if park == "disk":
+            del grads                                        # `flat` alone holds them
+            grads = _unpark(model, flat, parked)
+    clock.lap("gradient_short")
     set_dropout_keys(model, None)
     return _result(obj, beta, logps, ns, refs, grads, coef["loss"])
+
+
+def _unpark(model, flat, parked):
+    """S's gradients plus G's read back from disk, one tensor at a time."""
+    for k in flat:
+        flat[k] = flat[k] + parked.pop(k)
+        mx.eval(flat[k])
+    return tree_map_with_path(lambda p, _: flat[p], model.trainable_parameters())
+
+
+class _Clock:
+    """Seconds per phase and the MLX peak after it into `stats` (no-op without)."""
+
+    def __init__(self, stats):
+        self.stats, self.t = stats, time.perf_counter()
+
+    def lap(self, name):
+        if self.stats is not None:
+            now = time.perf_counter()
+            self.stats[name + "_s"] = now - self.t
+            self.stats["peak_after_" + name] = mx.get_peak_memory()
+            self.t = now
+
+    def sub(self, name):
+        """A dict in `stats` for one gradient pass's own figures (backprop.run's)."""
+        return None if self.stats is None else self.stats.setdefault(name, {})
 
 
 def _autodiff(model, sides, ns, refs, obj, beta, keys, grad):
