@@ -1,6 +1,8 @@
 """Run `python -m mesp_mlx.lora` under `mlx.launch -n N --backend ring` on
 loopback (127.0.0.1), as a user would, for the data-parallel tests."""
 
+import contextlib
+import io
 import os
 import random
 import re
@@ -9,6 +11,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import mlx.core as mx
+
+from mesp_mlx.lora import main
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK_EXIT = re.compile(r"Node with rank (\d+) exited with code (-?\d+)")
@@ -67,3 +73,46 @@ def launch(args, cwd, n=2, prelude="", timeout=240):
     codes.update({int(r): int(c) for r, c in RANK_EXIT.findall(proc.stderr)})
     codes.update({int(r): -15 for r in RANK_KILLED.findall(proc.stderr)})    # SIGTERM
     return proc, codes
+
+
+TOL = 1e-5          # adapters of N ranks against one process: fp32 reassociation only
+
+
+def one_process(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    assert rc == 0, err.getvalue()
+    return out.getvalue()
+
+
+def two_ranks(argv, cwd):
+    proc, codes = launch(argv, cwd)
+    assert codes == {0: 0, 1: 0}, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.startswith("distributed: 2 ranks (ring)"), proc.stdout[:500]
+    return proc.stdout
+
+
+def initial_adapters(model_dir, rank=4, scale=2.0, seed=3):
+    import mlx_lm
+    from mesp_mlx.train.adapters import adapter_weights
+    from mesp_mlx.engine.lora_layers import apply_lora
+    model, _ = mlx_lm.load(str(model_dir))
+    mx.random.seed(seed)                      # as lora.run: seed, then apply_lora
+    return adapter_weights(apply_lora(model, rank, scale))
+
+
+def assert_same_adapters(got_dir, want_dir, init, update_tol=TOL, size_tol=TOL):
+    """max |got - want| relative to the largest entry of the adapters (≤ size_tol)
+    and to the largest change training made (the initial lora_a dominates the
+    former, so the latter is the sharper test)."""
+    got = mx.load(str(got_dir / "adapters.safetensors"))
+    want = mx.load(str(want_dir / "adapters.safetensors"))
+    assert got.keys() == want.keys()
+    diff = max(mx.abs(got[k] - want[k]).max().item() for k in want)
+    size = max(mx.abs(want[k]).max().item() for k in want)
+    moved = max(mx.abs(want[k] - init[k]).max().item() for k in want)
+    assert moved > 0
+    print(f"max diff {diff:.3g}: {diff / size:.3g} of the adapters, "
+          f"{diff / moved:.3g} of the update")
+    assert diff <= size_tol * size and diff <= update_tol * moved, (diff, size, moved)

@@ -2,22 +2,18 @@
 process with the same global batch: mesp with and without gradient
 accumulation (and resume), MeZO; the indivisible batch; rank 0 alone writes."""
 
-import contextlib
-import io
 import re
 
-import mlx.core as mx
 import pytest
 from conftest import sentence, write_jsonl
-from mlx_launch import launch, launcher
+from mlx_launch import (assert_same_adapters, initial_adapters, launch, launcher, one_process,
+                        two_ranks)
 
 from mesp_mlx.train import data
 from mesp_mlx.parallel import data_parallel
 from mesp_mlx.parallel.group import World
-from mesp_mlx.lora import main
 
 pytestmark = pytest.mark.skipif(launcher() is None, reason="mlx.launch not found")
-TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -44,48 +40,8 @@ def args(model_dir, data_dir, adapter_dir, *extra):
             "--seed", 3, *extra]
 
 
-def one_process(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    assert rc == 0, err.getvalue()
-    return out.getvalue()
-
-
-def two_ranks(argv, cwd):
-    proc, codes = launch(argv, cwd)
-    assert codes == {0: 0, 1: 0}, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.startswith("distributed: 2 ranks (ring)"), proc.stdout[:500]
-    return proc.stdout
-
-
 def numbers(text, what):
     return [float(v) for v in re.findall(what + r" ([\d.]+)", text)]
-
-
-def initial_adapters(model_dir, rank=4, scale=2.0, seed=3):
-    import mlx_lm
-    from mesp_mlx.train.adapters import adapter_weights
-    from mesp_mlx.engine.lora_layers import apply_lora
-    model, _ = mlx_lm.load(str(model_dir))
-    mx.random.seed(seed)                      # as lora.run: seed, then apply_lora
-    return adapter_weights(apply_lora(model, rank, scale))
-
-
-def assert_same_adapters(got_dir, want_dir, init, update_tol=TOL):
-    """max |got - want| relative to the largest entry of the adapters (≤ 1e-5)
-    and to the largest change training made (the initial lora_a dominates the
-    former, so the latter is the sharper test)."""
-    got = mx.load(str(got_dir / "adapters.safetensors"))
-    want = mx.load(str(want_dir / "adapters.safetensors"))
-    assert got.keys() == want.keys()
-    diff = max(mx.abs(got[k] - want[k]).max().item() for k in want)
-    size = max(mx.abs(want[k]).max().item() for k in want)
-    moved = max(mx.abs(want[k] - init[k]).max().item() for k in want)
-    assert moved > 0
-    print(f"max diff {diff:.3g}: {diff / size:.3g} of the adapters, "
-          f"{diff / moved:.3g} of the update")
-    assert diff <= TOL * size and diff <= update_tol * moved, (diff, size, moved)
 
 
 def test_the_data_gives_the_ranks_different_target_counts(tiny_model_dir, uneven_data):

@@ -219,7 +219,7 @@ def test_mezo_peak_is_inference_plus_lora_and_below_mesp():
 
 
 def test_cli_trains_and_resumes_with_mezo(tiny_model_dir, text_data, tmp_path):
-    from test_cli import base, cli, losses
+    from helpers import base, cli, losses
 
     common = ("--train", "--method", "mezo", "--mezo-eps", 1e-3, "--steps-per-save", 2,
               "--steps-per-report", 1)

@@ -13,8 +13,7 @@ import mlx.nn as nn
 import pytest
 from conftest import write_jsonl
 from mlx.utils import tree_flatten
-from test_cli import cli
-from test_engine import make, randomize_norms
+from helpers import cli, make, randomize_norms
 
 import mesp_mlx
 import mesp_mlx.demo
@@ -333,8 +332,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     losses, reward figures and adapters equal one process's (DPO, accumulation)."""
     import re
     from mlx_launch import launcher
-    from test_data_parallel import (assert_same_adapters, initial_adapters, one_process,
-                                    two_ranks)
+    from mlx_launch import assert_same_adapters, initial_adapters, one_process, two_ranks
     if launcher() is None:
         pytest.skip("mlx.launch not found")
     argv = lambda d: ["--model", "demo", "--data", _demo_dir(), "--train", "--test",    # noqa: E731
@@ -349,8 +347,12 @@ def test_two_ranks_equal_one_process(tmp_path):
         a, b = ([float(v) for v in re.findall(what + r" (-?\d+\.\d+)", t)] for t in (out, ref))
         assert len(a) == len(b) > 0, what
         assert max(abs(x - y) for x, y in zip(a, b)) <= 1.5e-3, (what, a, b)
+    # DPO's pair weights σ(−βΔ) come from the summed log-probabilities of each rank,
+    # so the fp32 reassociation of the rank sums reaches the weights too (1.5e-4 of the
+    # update measured over 4 steps)
     assert_same_adapters(tmp_path / "two", tmp_path / "one",
-                         initial_adapters(mesp_mlx.demo.model_path(), 8, 20.0, 0))
+                         initial_adapters(mesp_mlx.demo.model_path(), 8, 20.0, 0),
+                         update_tol=3e-4, size_tol=1e-4)
 
 
 def test_demo_pairs_are_reproducible(tmp_path):
