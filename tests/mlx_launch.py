@@ -60,7 +60,10 @@ def launch(args, cwd, n=2, prelude="", timeout=240):
         prog = [sys.executable, "-c", code]
     else:
         prog = [sys.executable, "-m", "mesp_mlx.lora", *argv]
+    # MESP_MLX_BLAS=keep: a rank that re-ran itself with OpenBLAS (blas.py) would drop
+    # the prelude that a fault-injection test runs before the CLI
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               MESP_MLX_BLAS="keep",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                        os.environ.get("PYTHONPATH")])))
     for k in ("MLX_HOSTFILE", "MLX_RANK", "MLX_JACCL_COORDINATOR", "OMPI_COMM_WORLD_SIZE"):
