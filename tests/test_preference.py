@@ -18,7 +18,7 @@ from helpers import cli, make, randomize_norms
 import mesp_mlx
 import mesp_mlx.demo
 from mesp_mlx.errors import ConfigError, DataError
-from mesp_mlx.models.configs import build_model, tiny_config
+from mesp_mlx.models.configs import TINY, build_model, tiny_config
 from mesp_mlx.train import data, preference_data
 from mesp_mlx.train.config import TrainConfig, load_yaml
 
@@ -106,6 +106,15 @@ def test_gradients_equal_the_written_out_objective(case, objective):
                                                      beta=0.3, method=method)
         assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item()), method
         assert_exact(g, g_ref)
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_every_family_dpo_mesp(family):
+    model, base = model_and_base(family)
+    chosen, rejected = pairs(2, 8, 7)
+    _, g_ref = written_out("dpo", model, base, chosen, rejected, 0.3)
+    _, g = mesp_mlx.preference_value_and_grad(model, chosen, rejected, "dpo", beta=0.3)
+    assert_exact(g, g_ref)
 
 
 def test_autodiff_method_and_a_given_reference():
@@ -292,7 +301,8 @@ def test_cli_trains_saves_and_tests_the_demo_pairs(tmp_path, mode):
     assert "val reward acc" in text and "test reward acc" in text and "Test loss" in text
     if mode == "dpo":
         assert "Iter 1: val loss 0.693, val reward acc 0.000, val margin 0.000" in text
-    assert (out / "adapters.safetensors").is_file() and (out / "adapters_best.safetensors").is_file()
+    for name in ("adapters.safetensors", "adapters_best.safetensors"):
+        assert (out / name).is_file(), name
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["train_mode"] == mode and cfg["lora_parameters"]["rank"] == 8
     import mlx_lm                                   # mlx-lm's own loader reads them
@@ -335,16 +345,18 @@ def test_two_ranks_equal_one_process(tmp_path):
     from mlx_launch import assert_same_adapters, initial_adapters, one_process, two_ranks
     if launcher() is None:
         pytest.skip("mlx.launch not found")
-    argv = lambda d: ["--model", "demo", "--data", _demo_dir(), "--train", "--test",    # noqa: E731
-                      "--train-mode", "dpo", "--iters", 4, "--batch-size", 4,
-                      "--grad-accumulation-steps", 2, "--val-batches", 2,
-                      "--test-batches", 2, "--steps-per-eval", 2, "--steps-per-report", 1,
-                      "--optimizer", "sgd", "--learning-rate", 0.05,
-                      "--adapter-path", tmp_path / d]
+
+    def argv(d):
+        return ["--model", "demo", "--data", _demo_dir(), "--train", "--test",
+                "--train-mode", "dpo", "--iters", 4, "--batch-size", 4,
+                "--grad-accumulation-steps", 2, "--val-batches", 2, "--test-batches", 2,
+                "--steps-per-eval", 2, "--steps-per-report", 1, "--optimizer", "sgd",
+                "--learning-rate", 0.05, "--adapter-path", tmp_path / d]
     ref, out = one_process(argv("one")), two_ranks(argv("two"), tmp_path)
     for what in ("train loss", "val loss", "val reward acc", "val margin", "Test loss",
                  "test margin"):
-        a, b = ([float(v) for v in re.findall(what + r" (-?\d+\.\d+)", t)] for t in (out, ref))
+        a, b = ([float(v) for v in re.findall(what + r" (-?\d+\.\d+)", t)]
+                for t in (out, ref))
         assert len(a) == len(b) > 0, what
         assert max(abs(x - y) for x, y in zip(a, b)) <= 1.5e-3, (what, a, b)
     # DPO's pair weights σ(−βΔ) come from the summed log-probabilities of each rank,
@@ -376,3 +388,25 @@ def test_first_sides_gradients_parked_on_disk(tmp_path):
             checkpoint_dir=str(tmp_path))), dict(options=opts)):
         assert_exact(preference_step(model, chosen, rejected, "dpo", **kw).grads, want)
     assert list(tmp_path.iterdir()) == []               # the temporary files are gone
+
+
+def test_docs_commands_run(tmp_path, monkeypatch):
+    """docs/preference.md's Python block and its command (3 iterations, one
+    validation and test batch) run as written."""
+    import re
+    import shlex
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "preference.md").read_text()
+    code = re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
+    assert len(code) == 1
+    exec(code[0], {})
+    line = next(l for l in text.splitlines() if l.startswith("python -m mesp_mlx.lora"))
+    argv = shlex.split(line)[3:]
+    for flag, value in (("--iters", 3), ("--val-batches", 1), ("--test-batches", 1),
+                        ("--adapter-path", tmp_path / "ad")):
+        argv[argv.index(flag) + 1] = str(value)
+    monkeypatch.chdir(root)
+    rc, out, err = cli(*argv)
+    assert rc == 0, err
+    assert "val reward acc" in out and "test reward acc" in out

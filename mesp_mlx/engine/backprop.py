@@ -59,7 +59,8 @@ def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] =
     packing = None if segments is None else Packing.of(segments)
     opt = options or EngineOptions()
     with no_cache() if cache_policy(opt) == "always" else nullcontext():
-        return _step(model, inputs, targets, mask, method, opt, stats, packing)
+        return _step(model, inputs, targets, mask, method, opt, stats, packing, weights,
+                     into, head)
 
 
 @contextmanager
@@ -74,7 +75,7 @@ def no_cache():
         mx.clear_cache()
 
 
-def _step(model, inputs, targets, mask, method, opt, stats, packing):
+def _step(model, inputs, targets, mask, method, opt, stats, packing, weights, into, head):
     B, T = inputs.shape
     spec = model_spec(model, method, T, opt)
     clock = _Clock(stats)

@@ -6,8 +6,8 @@ Letters: B pairs; for each side (chosen c, rejected r) of pair i:
   L̃ᵢ                                the reference model's Lᵢ (DPO)      [B]
   DPO   z = β((L_c − L̃_c) − (L_r − L̃_r)),   loss = −meanᵢ log σ(zᵢ)
         reward = β(L − L̃)
-  ORPO  l̄ = L/n,  odds = l̄ − log(1 − e^l̄),   loss = meanᵢ(−l̄_c) − β meanᵢ log σ(odds_c − odds_r)
-        reward = β l̄
+  ORPO  l̄ = L/n,  odds = l̄ − log(1 − e^l̄),
+        loss = meanᵢ(−l̄_c) − β meanᵢ log σ(odds_c − odds_r),   reward = β l̄
 Each loss is written plainly; `coefficients` differentiates it w.r.t. the [B]
 log-probabilities (a few scalars per pair), which is all the engine needs:
 ∇loss = Σᵢ (c_c,ᵢ ∇L_c,ᵢ + c_r,ᵢ ∇L_r,ᵢ). A new objective (CPO, SimPO, ...) is one
@@ -31,7 +31,7 @@ class Side:
 
 @dataclass(frozen=True)
 class Objective:
-    loss: Callable          # (chosen: Side, rejected: Side, beta) -> scalar, mean over pairs
+    loss: Callable          # (chosen: Side, rejected: Side, beta) -> mean over pairs
     reward: Callable        # (side: Side, beta) -> [B] implicit reward, for reports
     reference: bool         # needs the reference model's log-probabilities
 

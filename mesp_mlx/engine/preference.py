@@ -22,6 +22,7 @@ masks across its passes. autodiff: the objective written out through the model's
 own forward (the reference).
 """
 
+import math
 import time
 from contextlib import contextmanager
 from typing import NamedTuple, Optional
@@ -44,7 +45,7 @@ EXACT = ("autodiff", "mebp", "mesp")
 
 class PreferenceResult(NamedTuple):
     loss: mx.array                    # scalar: the objective, mean over pairs
-    grads: Optional[dict]             # tree of model.trainable_parameters() (None: forward only)
+    grads: Optional[dict]             # like model.trainable_parameters() (None: forward only)
     chosen: Side                      # per-pair log-probabilities (and reference) [B]
     rejected: Side
     rewards: tuple                    # (reward_c [B], reward_r [B]) of the objective
@@ -68,10 +69,10 @@ def preference_step(model, chosen, rejected, objective="dpo", beta=0.1, method="
     stats: if a dict, each phase's seconds and the MLX peak after it (mesp, mebp);
     park_grads: "memory" or "disk" (None: as options.checkpoints, in its directory)."""
     obj = _check(objective, beta, method, reference, model)
-    sides = [_side(model, s, name) for s, name in ((chosen, "chosen"), (rejected, "rejected"))]
-    if sides[0][0].shape[0] != sides[1][0].shape[0]:
-        raise ValueError(f"chosen and rejected must hold the same pairs: {sides[0][0].shape[0]} "
-                         f"and {sides[1][0].shape[0]} rows")
+    sides = [_side(model, chosen, "chosen"), _side(model, rejected, "rejected")]
+    Bc, Br = sides[0][0].shape[0], sides[1][0].shape[0]
+    if Bc != Br:
+        raise ValueError(f"chosen and rejected must hold the same pairs: {Bc} and {Br} rows")
     ns = [m.sum(axis=1) for _, _, m in sides]
     clock = _Clock(stats)
     refs = _reference(model, sides, obj, reference, method, options)
@@ -93,10 +94,11 @@ def _check(name, beta, method, reference, model):
     obj = objective(name)
     if method == "mezo":
         raise ValueError("method 'mezo' estimates the gradient of the SFT loss only; a "
-                         "preference objective needs an exact method: mesp, mebp or autodiff")
+                         "preference objective needs an exact method: mesp, mebp or "
+                         "autodiff")
     if method not in EXACT:
         raise ValueError(f"unknown method {method!r}; supported: {', '.join(EXACT)}")
-    if not (isinstance(beta, (int, float)) and beta > 0 and beta == beta and beta != float("inf")):
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if reference is not None and not obj.reference:
         raise ValueError(f"{name} uses no reference model; pass reference=None")

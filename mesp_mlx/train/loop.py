@@ -51,7 +51,8 @@ class TrainResult:
     adapter_file: Optional[str] = None
     best: Optional[tuple] = None          # (iteration, val loss) of --save-best's pick
     stopped_early: bool = False           # --early-stop-patience ended the run
-    val_metrics: List[tuple] = field(default_factory=list)    # (iteration, {reward_acc, margin})
+    val_metrics: List[tuple] = field(default_factory=list)    # (iteration, preference
+                                                              # {reward_acc, margin})
 
 
 class SGD(optim.SGD):
@@ -116,9 +117,10 @@ def measure(world: World, model, cfg: TrainConfig, batches: List, what: str) -> 
 
 class Accumulator:
     """Token-weighted gradient sum over the batches of one optimizer update:
-    Σ n_b·g_b / Σ n_b is the exact gradient of the mean loss over all their targets.
-    With one batch per update the gradient is used as it is. `apply` updates and
-    drops every gradient, so nothing of this step stays alive into the next."""
+    Σ n_b·g_b / Σ n_b is the exact gradient of the mean loss over all their targets
+    (n_b: pairs for a preference objective, a mean over pairs). With one batch per
+    update the gradient is used as it is. `apply` updates and drops every gradient,
+    so nothing of this step stays alive into the next."""
 
     def __init__(self, every: int = 1, grads=None, n: int = 0):
         self.every, self.grads, self.n = every, grads, n
