@@ -9,7 +9,7 @@ See make_data.py (how the data was made) and build.py (how the model was made).
 from pathlib import Path
 
 _HERE = Path(__file__).parent
-DATASETS = ("task", "corpus")
+DATASETS = ("task", "corpus", "preference")
 
 
 def model_path() -> str:
