@@ -1,4 +1,4 @@
-"""Family readers: mlx-lm modules -> ModelSpec (ARCHITECTURES.md §1, §4).
+"""Family readers: mlx-lm modules -> ModelSpec.
 
 Each reader is a few attribute reads; the block math lives in block.py once.
 A family is named by the mlx-lm module that defines the model class
@@ -14,15 +14,12 @@ from .lora_layers import LoRALinear
 from ..ops.frozen import FrozenWeight
 from ..ops.rmsnorm import effective_weight
 from ..ops.rope import rope_from_module
-from .spec import BlockSpec, Fused, ModelSpec, Norm
+from .spec import BlockSpec, DeltaSpec, Fused, ModelSpec, Norm
 from ..errors import UnsupportedModelError
 
-# out of reach of a dense generic block (ARCHITECTURES.md §1): why, per family
+# out of reach of the per-block engines: why, per family
 OUT_OF_REACH = {
     "qwen3_moe": "a mixture-of-experts MLP (router + SwitchGLU)",
-    "qwen3_next": "linear-attention (gated delta) layers",
-    "qwen3_5": "linear-attention (gated delta) layers",
-    "qwen3_5_moe": "linear-attention layers and a mixture-of-experts MLP",
     "gemma3n": "AltUp streams and Laurel blocks",
     "gemma4": "KV shared across layers and per-layer inputs",
 }
@@ -45,10 +42,21 @@ def _out_dim(mod) -> int:
     return FrozenWeight.of(mod.linear if isinstance(mod, LoRALinear) else mod).shape[0]
 
 
+def _mlp(blk) -> dict:
+    """gate_up and down of a block's dense GLU MLP."""
+    mlp = blk.mlp
+    if "gate_up_proj" in mlp:
+        F = _out_dim(mlp.gate_up_proj) // 2
+        gate_up = Fused(mlp.gate_up_proj, (F, F))
+    else:
+        gate_up = (mlp.gate_proj, mlp.up_proj)
+    return dict(gate_up=gate_up, down=mlp.down_proj)
+
+
 def _block(blk, *, norms, act="silu", window=None, residual=1.0, softcap=None,
            mask_array=False, qk_norm="none") -> BlockSpec:
     """Read the attention/MLP modules shared by every family's block."""
-    a, mlp = blk.self_attn, blk.mlp
+    a = blk.self_attn
     H, K = a.n_heads, a.n_kv_heads
     if "qkv_proj" in a:
         hd = _out_dim(a.qkv_proj) // (H + 2 * K)
@@ -56,16 +64,11 @@ def _block(blk, *, norms, act="silu", window=None, residual=1.0, softcap=None,
     else:
         hd = _out_dim(a.q_proj) // H
         qkv = (a.q_proj, a.k_proj, a.v_proj)
-    if "gate_up_proj" in mlp:
-        F = _out_dim(mlp.gate_up_proj) // 2
-        gate_up = Fused(mlp.gate_up_proj, (F, F))
-    else:
-        gate_up = (mlp.gate_proj, mlp.up_proj)
     qn = dict(q_norm=_norm(a.q_norm), k_norm=_norm(a.k_norm),
               qk_norm_full=qk_norm == "full") if qk_norm != "none" else {}
-    return BlockSpec(blk, qkv, a.o_proj, gate_up, mlp.down_proj, H, K, hd, a.scale,
-                     rope=rope_from_module(a.rope), softcap=softcap, window=window,
-                     act=act, residual=residual, mask_array=mask_array,
+    return BlockSpec(blk, **_mlp(blk), qkv=qkv, o=a.o_proj, H=H, K=K, hd=hd,
+                     scale=a.scale, rope=rope_from_module(a.rope), softcap=softcap,
+                     window=window, act=act, residual=residual, mask_array=mask_array,
                      **{k: _norm(getattr(blk, n)) for k, n in norms.items()}, **qn)
 
 
@@ -122,13 +125,50 @@ def _olmo2(model, lm, inner):
     return [_block(b, norms=POST, qk_norm="full") for b in inner.layers], {}
 
 
+def _gated_attention(blk) -> BlockSpec:
+    """Qwen3-Next attention: q_proj emits (query, gate) per head, q/k RMSNorm per
+    head, partial RoPE, o_proj reads the attention output ⊙ σ(gate)."""
+    a = blk.self_attn
+    H, K, hd = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+    return BlockSpec(blk, **_mlp(blk), qkv=(a.q_proj, a.k_proj, a.v_proj), o=a.o_proj,
+                     H=H, K=K, hd=hd, scale=a.scale, q_gate=True, q_norm=_norm(a.q_norm),
+                     k_norm=_norm(a.k_norm), rope=rope_from_module(a.rope),
+                     **{k: _norm(getattr(blk, n)) for k, n in PRE.items()})
+
+
+def _gated_delta(blk) -> BlockSpec:
+    """A gated DeltaNet layer (DeltaSpec); its gated norm's weight is used as is
+    (mlx-lm shifts the other norms by 1 when it converts a checkpoint, not this one)."""
+    m = blk.linear_attn
+    grouped = "in_proj_qkvz" in m
+    proj = ((m.in_proj_qkvz, m.in_proj_ba) if grouped else
+            (m.in_proj_qkv, m.in_proj_z, m.in_proj_b, m.in_proj_a))
+    d = DeltaSpec(m, proj, m.out_proj, m.num_k_heads, m.num_v_heads, m.head_k_dim,
+                  m.head_v_dim, m.conv_kernel_size, m.norm.eps, grouped=grouped)
+    return BlockSpec(blk, **_mlp(blk), delta=d,
+                     **{k: _norm(getattr(blk, n)) for k, n in PRE.items()})
+
+
+def _qwen3_5(model, lm, inner):      # also qwen3_5_moe and qwen3_next, dense blocks only
+    blocks = []
+    for i, b in enumerate(inner.layers):
+        if "switch_mlp" in b.mlp:
+            raise UnsupportedModelError(
+                f"{family_of(model)} layer {i} has a mixture-of-experts MLP (router + "
+                "SwitchGLU), which the per-block engines (mesp, mebp) do not implement; "
+                "use method='autodiff' (--method autodiff), which is exact for any model")
+        blocks.append(_gated_delta(b) if b.is_linear else _gated_attention(b))
+    return blocks, {}
+
+
 READERS = {"qwen2": _qwen2, "qwen3": _qwen3, "llama": _llama, "smollm3": _llama,
            "gemma": _gemma, "gemma2": _gemma2, "gemma3_text": _gemma3_text,
-           "gemma3": _gemma3_text, "phi3": _phi3, "granite": _granite, "olmo2": _olmo2}
+           "gemma3": _gemma3_text, "phi3": _phi3, "granite": _granite, "olmo2": _olmo2,
+           "qwen3_5": _qwen3_5, "qwen3_5_moe": _qwen3_5, "qwen3_next": _qwen3_5}
 
 
 def language_model(model):
-    """The text model: VLM wrappers (gemma3) keep it in `language_model`."""
+    """The text model: VLM wrappers (gemma3, qwen3_5) keep it in `language_model`."""
     return model.language_model if "language_model" in model else model
 
 

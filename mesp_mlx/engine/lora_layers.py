@@ -8,7 +8,7 @@ interchangeable with `mlx_lm.tuner.lora.LoRALinear`. Its call goes through
 Dropout: the mask is drawn from `_drop_key`, a per-layer PRNG key that the
 engine sets once per step (`set_dropout_keys`). Any recompute of the layer
 within the step therefore sees the same mask (mlx-lm redraws it, giving wrong
-gradients under checkpointing; REFERENCE §4).
+gradients under checkpointing).
 """
 
 import math
@@ -132,8 +132,10 @@ def apply_lora(model: nn.Module, rank: int = 8, scale: float = 20.0,
     if not 0 <= n <= len(blocks):
         raise ValueError(f"num_layers={num_layers} but the model has {len(blocks)} blocks")
     model.freeze()
-    for block in blocks[len(blocks) - n:]:
-        for path in _resolve_keys(keys, block_linears(block)):
+    targets = blocks[len(blocks) - n:]
+    per_block = _resolve_keys(keys, [block_linears(b) for b in targets])
+    for block, paths in zip(targets, per_block):
+        for path in paths:
             parent, name = _parent(block, path)
             lora = LoRALinear(getattr(parent, name), rank, scale, dropout)
             if dtype is not None:
@@ -152,15 +154,22 @@ def _dtype(d):
 
 
 def _resolve_keys(keys, available):
+    """Per block (available: each block's linear paths), the paths `keys` names.
+    A key may be missing from some blocks (hybrid models: a DeltaNet layer has no
+    q_proj), as in mlx-lm, but must name a linear of at least one block."""
     if keys is None:
         return available
-    out = []
+    out = [[] for _ in available]
     for k in keys:
-        full = [a for a in available if a == k or a.endswith("." + k)]
-        if not full:
+        hit = False
+        for paths, have in zip(out, available):
+            full = [a for a in have if a == k or a.endswith("." + k)]
+            paths += [a for a in full if a not in paths]
+            hit = hit or bool(full)
+        if not hit and available:
+            names = list(dict.fromkeys(a for have in available for a in have))
             raise ValueError(f"unknown LoRA key {k!r}; this model's blocks have "
-                             f"{', '.join(available)}")
-        out += [a for a in full if a not in out]
+                             f"{', '.join(names)}")
     return out
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from .block import block_width, extra_bytes, kept_bytes, probs_bytes, spans
+from .deltanet import CHUNK, PIECE
 
 
 @dataclass
@@ -29,6 +30,13 @@ class EngineOptions:
     checkpoints: str = "memory"       # block inputs kept in "memory" or on "disk" (a temp file)
     checkpoint_dir: Optional[str] = None  # directory of the "disk" file (None: the temp dir)
     keep_probs: bool = False          # recompute keeps P for the backward (set by the plan)
+    delta_chunk: int = CHUNK          # gated DeltaNet: tokens per recurrence chunk (a power
+                                      # of two; one chunk-start state kept per chunk)
+    delta_piece: int = PIECE          # gated DeltaNet: tokens per piece of the recurrence's
+                                      # forward/backward (its C×C terms live per piece)
+    delta_states: str = "pieces"      # gated DeltaNet recompute keeps the state before each
+                                      # piece (the backward reruns a piece's forward for its
+                                      # chunk-start states) or every chunk's: "chunks"
 
 
 def cache_policy(opt: EngineOptions) -> str:
@@ -51,14 +59,14 @@ def head_tiles(opt: EngineOptions, N: int, V: int):
 WIDE_ROW_BYTES = 12   # × 4·B·F: peak allowed per extra token-chunk row (chunk_plan)
 
 
-def activation_plan(spec, budget: int, B: int, T: int, itemsize: int):
+def activation_plan(spec, budget: int, B: int, T: int, itemsize: int, opt=None):
     """[(block, bytes)]: the blocks whose forward keeps what their backward reads
     (block.Kept), head side first (their backward runs first), while the total
     fits `budget`. Every kept block skips its recompute; all of them are alive
     together at the loss head, so the peak grows by at most the total."""
     out, used = [], 0
     for i in range(len(spec.blocks) - 1, spec.first - 1, -1):
-        n = kept_bytes(spec.blocks[i], B, T, itemsize)
+        n = kept_bytes(spec.blocks[i], B, T, itemsize, opt)
         if used + n > budget:
             break
         out.append((i, n))
@@ -125,7 +133,7 @@ def planned(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
     wide = chunk_plan(spec, opt, B, T, spare)
     if wide is not None:
         opt, spare = replace(opt, token_chunk_bytes=wide[1]), spare - wide[2]
-    plan = activation_plan(spec, spare, B, T, itemsize)
+    plan = activation_plan(spec, spare, B, T, itemsize, opt)
     spare -= sum(n for _, n in plan)
     pb = max(probs_bytes(b, opt, B, T) for b in spec.blocks)
     if 0 < pb <= spare and len(plan) < len(spec.blocks) - spec.first:

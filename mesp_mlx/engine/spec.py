@@ -1,15 +1,19 @@
 """What the per-block engine needs to know about a model, as data.
 
 A family reader (families.py) turns mlx-lm modules into a `ModelSpec`; the
-generic block (block.py) and the driver (schedule.py) walk it and know no
+generic block (block.py) and the driver (backprop.py) walk it and know no
 family. One block, by role (not by mlx-lm attribute name):
 
     a  = N_attn_in(x)                      (pre-norm; olmo2 has none)
-    q, k, v = proj(a)  → [N_q/N_k full width] → heads → [N_q/N_k per head] → RoPE
-    r1 = o_proj(attention(q, k, v; scale, softcap, window))
+    r1 = mixer(a)                          (the token mixer, below)
     h  = x + α · N_attn_out(r1)            (sandwich / post-norm; α granite's residual)
     r2 = down(act(gate(N_mlp_in(h))) ⊙ up(N_mlp_in(h)))
     out = h + α · N_mlp_out(r2)
+Token mixers (`BlockSpec.mixer`):
+  "attention":   q, k, v = proj(a) → [N_q/N_k full width] → heads → [N_q/N_k per head]
+                 → RoPE;  r1 = o_proj(attention(q, k, v; scale, softcap, window) ⊙ σ(z))
+                 with z the per-head output gate q_proj also emits (q_gate, Qwen3-Next)
+  "gated_delta": the gated DeltaNet of `DeltaSpec` (deltanet.py has its math).
 Embedding: h0 = embed(ids) · embed_scale. Head: z = (N_final(h) W_headᵀ) / logit_scale,
 then z' = c · tanh(z / c) with c the final softcap.
 """
@@ -47,16 +51,40 @@ Proj = Union[Tuple[nn.Module, ...], Fused]     # separate projections, or one fu
 
 
 @dataclass
+class DeltaSpec:
+    """A gated DeltaNet token mixer (Qwen3.5, Qwen3-Next linear attention).
+    The frozen A_log, dt_bias, conv1d.weight and norm.weight are read from `module`
+    when the block runs (streamed weights swap them in per block), never copied."""
+    module: nn.Module               # the mlx-lm GatedDeltaNet
+    proj: Tuple[nn.Module, ...]     # (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a), or
+                                    # grouped: (in_proj_qkvz, in_proj_ba)
+    out: nn.Module                  # out_proj
+    Hk: int                         # key heads
+    Hv: int                         # value heads (a multiple of Hk)
+    Dk: int                         # key head dim
+    Dv: int                         # value head dim
+    kernel: int                     # causal conv kernel K
+    norm_eps: float                 # eps of the gated RMSNorm
+    qk_eps: float = 1e-6            # normalize_qk's eps (fixed in mlx-lm)
+    grouped: bool = False           # Qwen3-Next: outputs interleaved per key head
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.Hk * self.Dk + self.Hv * self.Dv
+
+
+@dataclass
 class BlockSpec:
     module: nn.Module               # the mlx-lm block itself (mebp runs it)
-    qkv: Proj                       # (q, k, v) or Fused
-    o: nn.Module
     gate_up: Proj                   # (gate, up) or Fused
     down: nn.Module
-    H: int                          # query heads
-    K: int                          # kv heads
-    hd: int                         # head dim
-    scale: float                    # attention logit scale
+    qkv: Optional[Proj] = None      # attention: (q, k, v) or Fused
+    o: Optional[nn.Module] = None   # attention: o_proj
+    H: int = 0                      # query heads
+    K: int = 0                      # kv heads
+    hd: int = 0                     # head dim
+    scale: float = 1.0              # attention logit scale
+    delta: Optional[DeltaSpec] = None   # the gated DeltaNet mixer (instead of attention)
     attn_in: Optional[Norm] = None
     attn_out: Optional[Norm] = None
     mlp_in: Optional[Norm] = None
@@ -64,12 +92,18 @@ class BlockSpec:
     q_norm: Optional[Norm] = None
     k_norm: Optional[Norm] = None
     qk_norm_full: bool = False      # q/k norm over the full projection width (olmo2)
+    q_gate: bool = False            # q_proj emits (query, gate) per head; o ⊙ σ(gate)
     rope: Optional[Rope] = None     # None: no positional rotation (smollm3 NoPE layers)
     softcap: Optional[float] = None  # attention logits c·tanh(s/c) (gemma2)
     window: Optional[int] = None    # sliding window W: keys i − W < j ≤ i
     act: str = "silu"               # GLU activation: silu | gelu_tanh | gelu
     residual: float = 1.0           # α on both sub-layer outputs (granite)
     mask_array: bool = False        # mlx-lm hands this block a bool-array mask (gemma2)
+
+    @property
+    def mixer(self) -> str:
+        """The token mixer: "attention" or "gated_delta"."""
+        return "attention" if self.delta is None else "gated_delta"
 
 
 @dataclass

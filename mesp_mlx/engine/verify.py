@@ -75,12 +75,15 @@ def _needed_T(spec: ModelSpec, T: int) -> int:
 
 
 def _kind(b) -> tuple:
+    """What makes two blocks compute differently (one check per distinct kind)."""
     r = b.rope
     rope = None if r is None else (r.dims, r.traditional, r.base, r.scale, r.mscale,
                                    None if r.freqs is None else r.freqs.sum().item())
-    return (b.window, b.mask_array, rope, b.softcap, b.act, b.residual,
+    d = b.delta
+    delta = None if d is None else (d.Hk, d.Hv, d.Dk, d.Dv, d.kernel, d.grouped)
+    return (b.mixer, delta, b.window, b.mask_array, rope, b.softcap, b.act, b.residual,
             b.attn_in is None, b.attn_out is None, b.mlp_in is None, b.mlp_out is None,
-            b.q_norm is None, b.qk_norm_full)
+            b.q_norm is None, b.qk_norm_full, b.q_gate)
 
 
 def verify_spec(model, spec: ModelSpec, method: str, T: int, opt, weights=None) -> None:

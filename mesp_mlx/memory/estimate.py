@@ -1,7 +1,9 @@
 """Analytic pre-flight estimate of one training step's MLX peak (any supported family).
 
 Letters: L blocks (with LoRA), B batch, T tokens, D model, F MLP width,
-H heads, K kv heads, d head dim, V vocab, s activation itemsize, r rank.
+H heads, K kv heads, d head dim, V vocab, s activation itemsize, r rank; hybrid
+models (Qwen3.5) also: L_Δ gated DeltaNet layers of Hk/Hv key/value heads of Dk/Dv,
+C = 2·Hk·Dk + Hv·Dv conv channels, S = Hv·Dv·Dk·4 bytes of one recurrent state.
 The peak includes the resident weights; coefficients were calibrated against
 `mx.get_peak_memory()` of `mesp_mlx.value_and_grad` on small configs
 (tests/test_memory.py states the tolerance per method).
@@ -36,10 +38,26 @@ class Arch:
     lora_bytes: int           # LoRA parameters (fp32 A and B)
     quant_bits: Optional[int] = None
     head_dim: Optional[int] = None   # None: D / H (qwen2); qwen3, gemma, llama may differ
+    n_delta: int = 0                 # gated DeltaNet layers (Qwen3.5); the rest attention
+    Hk: int = 0                      # DeltaNet key heads
+    Hv: int = 0                      # DeltaNet value heads
+    Dk: int = 0                      # DeltaNet key head dim
+    Dv: int = 0                      # DeltaNet value head dim
+    q_gate: bool = False             # attention q_proj also emits an output gate
 
     @property
     def d(self) -> int:
         return self.head_dim or self.D // self.H
+
+    @property
+    def C(self) -> int:
+        """DeltaNet conv channels (q, k, v)."""
+        return 2 * self.Hk * self.Dk + self.Hv * self.Dv
+
+    @property
+    def S(self) -> int:
+        """Bytes of one recurrent state [Hv, Dv, Dk] (fp32)."""
+        return 4 * self.Hv * self.Dv * self.Dk
 
 
 def _text_args(model):
@@ -65,8 +83,17 @@ def _arch(model, weight_bytes, lora_bytes, s, bits) -> Arch:
     H = a.num_attention_heads
     K = getattr(a, "num_key_value_heads", None) or H
     hd = getattr(a, "head_dim", None) or a.hidden_size // H
+    hybrid = {}
+    if hasattr(a, "linear_num_value_heads"):         # Qwen3.5 / Qwen3-Next
+        if getattr(a, "num_experts", 0) > 0:
+            raise ValueError("the memory estimate does not model mixture-of-experts "
+                             "blocks; pass no memory budget, or train with --method "
+                             "autodiff")
+        hybrid = dict(n_delta=sum(1 for b in lm.model.layers if b.is_linear),
+                      Hk=a.linear_num_key_heads, Hv=a.linear_num_value_heads,
+                      Dk=a.linear_key_head_dim, Dv=a.linear_value_head_dim, q_gate=True)
     return Arch(a.num_hidden_layers, a.hidden_size, a.intermediate_size, H, K,
-                a.vocab_size, s, weight_bytes, lora_bytes, bits, hd)
+                a.vocab_size, s, weight_bytes, lora_bytes, bits, hd, **hybrid)
 
 
 def arch_from_config(cfg: dict, dtype=mx.float32, quant_bits: Optional[int] = None,
@@ -142,7 +169,23 @@ class Estimate:
 def _layer_graph(a: Arch, N: int, T: int) -> int:
     # autodiff keeps per token ~8D + 2Kd + 6F (block input, norms, q/k/v, attention
     # output, residual, gate/up/silu/product) plus the H×T attention probs
-    return N * ((8 * a.D + 2 * a.K * a.d + 6 * a.F) * a.s + a.H * T * 4)
+    gate = 2 * a.H * a.d if a.q_gate else 0          # the output gate and its sigmoid
+    return N * ((8 * a.D + 2 * a.K * a.d + gate + 6 * a.F) * a.s + a.H * T * 4)
+
+
+STATES_PER_TOKEN = 3.2   # autodiff's token loop keeps ~this many [Hv, Dv, Dk] states a token
+MEBP_STATES_PER_TOKEN = 2.2   # ... and one block under mx.vjp (mebp), before its ~2× transients
+
+
+def _delta_graph(a: Arch, N: int, states: float = STATES_PER_TOKEN) -> int:
+    """A DeltaNet layer under autodiff (mlx-lm's training path: a loop over T whose
+    graph keeps `states` states a token, measured) plus the block's position-wise tensors."""
+    per_token = (8 * a.D + 3 * a.C + 4 * a.Hv * a.Dv + 6 * a.F) * a.s
+    return N * (per_token + int(states * a.S))
+
+
+def _layers_graph(a: Arch, N: int, T: int) -> int:
+    return (a.L - a.n_delta) * _layer_graph(a, N, T) + a.n_delta * _delta_graph(a, N)
 
 
 def _full_head(a: Arch, N: int) -> int:
@@ -159,12 +202,47 @@ def _mesp_block(a: Arch, N: int, B: int, T: int, opt) -> int:
     (of scores, probs, dP, dS about 2.25 × attn_chunk_bytes alive at once, measured;
     held to 10% by tests/test_memory.py and bench/estimate_check.py)."""
     qkvo = N * a.s * (2 * a.H * a.d + 2 * a.K * a.d)
+    qkvo += N * a.s * a.H * a.d if a.q_gate else 0                  # the gate, then dz
     dqkv = N * a.s * (a.H * a.d + 2 * a.K * a.d) + N * a.H * 4      # + δ (fp32)
+    attn = 9 * min(opt.attn_chunk_bytes, B * a.H * T * T * 4) // 4
+    return qkvo + max(_mlp_chunk(a, B, T, opt), dqkv + attn)
+
+
+def _mlp_chunk(a: Arch, B: int, T: int, opt) -> int:
     rows = B * max(t1 - t0 for t0, t1 in spans(T, max(1, opt.token_chunk_bytes
                                                        // (4 * B * a.F))))
-    mlp = rows * (5 * a.F + 6 * a.D) * 4
-    attn = 9 * min(opt.attn_chunk_bytes, B * a.H * T * T * 4) // 4
-    return qkvo + max(mlp, dqkv + attn)
+    return rows * (5 * a.F + 6 * a.D) * 4
+
+
+def _delta_pieces(a: Arch, T: int, opt):
+    """(tokens of the widest piece, states the recompute keeps): deltanet.pieces and
+    deltanet.state_count without a model."""
+    c = opt.delta_chunk
+    P = c * max(1, -(-opt.delta_piece // c))
+    n, last = -(-T // P), T - P * (-(-T // P) - 1)
+    chunks = lambda t: -(-t // min(c, 1 << max(t - 1, 0).bit_length()))  # noqa: E731
+    if n == 1 or opt.delta_states == "chunks":
+        states = (n - 1) * chunks(P) + chunks(last)
+    else:
+        states = n - 1 + chunks(last)
+    return min(P, T), states
+
+
+def _piece_bytes(a: Arch, P: int, opt) -> int:
+    """A piece's recurrence + conv temporaries a token (measured on Qwen3.5-0.8B: the
+    conv's p, σ(p) and gradients ~6C; the recurrence's [C_chunk, D] terms ~20 Hv·Dv,
+    its C×C terms ~10 Hv·c, its per-chunk state terms ~3 S / c)."""
+    c = min(opt.delta_chunk, 1 << max(P - 1, 0).bit_length())
+    return P * ((6 * a.C + 20 * a.Hv * a.Dv + 10 * a.Hv * c) * 4 + 3 * a.S // c)
+
+
+def _mesp_delta_block(a: Arch, N: int, B: int, T: int, opt) -> int:
+    """A DeltaNet block's recompute + backward (deltanet.py): u, z, y (then du, dz, dy)
+    and b̃, ã for all T, the kept states, and one piece's temporaries or one MLP chunk."""
+    P, n_states = _delta_pieces(a, T, opt)
+    all_T = N * a.s * (a.C + 2 * a.Hv * a.Dv + 2 * a.Hv)
+    return all_T + B * n_states * a.S + max(_mlp_chunk(a, B, T, opt),
+                                            B * _piece_bytes(a, P, opt))
 
 
 def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool,
@@ -175,21 +253,30 @@ def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool,
     opt = EngineOptions()        # the engine's defaults: the tiles a step really uses
     attn_chunk = opt.attn_chunk_bytes
     if method == "autodiff":     # every block's graph + the full-logits head
-        return 0, a.L * _layer_graph(a, N, T) + _full_head(a, N)
+        return 0, _layers_graph(a, N, T) + _full_head(a, N)
     x = N * a.D * a.s
     ckpt = a.L * x if checkpoints == "memory" else 2 * x   # block inputs kept by the forward
     dh = N * a.D * 4             # gradient flowing down the residual stream
     if method == "mebp":         # one block's graph + its vjp's transients (~2×) vs the full head
-        return ckpt, dh + max(2 * _layer_graph(a, N, T), _full_head(a, N))
+        graph = max(_layer_graph(a, N, T) if a.n_delta < a.L else 0,
+                    _delta_graph(a, N, MEBP_STATES_PER_TOKEN) if a.n_delta else 0)
+        return ckpt, dh + max(2 * graph, _full_head(a, N))
     if method == "mesp":         # hand backward of one block vs a [rows, vocab] head tile
         rows, vocab = head_tiles(opt, N, a.V)
         head = 9 * rows * vocab + N * a.D * 4 + 3 * rows * a.D * 4   # + h, a tile's hn, dhn
-        return ckpt, dh + max(_mesp_block(a, N, B, T, opt), head)
+        block = _mesp_block(a, N, B, T, opt) if a.n_delta < a.L else 0
+        if a.n_delta:
+            block = max(block, _mesp_delta_block(a, N, B, T, opt))
+        return ckpt, dh + max(block, head)
     if method == "mezo":         # forward only: h0 + h, then one block's transients
         rows, vocab = head_tiles(opt, N, a.V)         # vs a loss-only head tile:
         head = 9 * rows * vocab + 2 * N * a.D * 4        # fp32 z, exp(z − μ) (~2.25×) + hn
         attn = 0 if fused_sdpa else 2 * min(attn_chunk, B * a.H * T * T * 4)
         block = N * (4 * a.D + 3 * a.F) * a.s + attn
+        if a.n_delta:            # u, z, y for all T and a piece's forward temporaries
+            P, _ = _delta_pieces(a, T, opt)
+            block = max(block, N * a.s * (a.C + 2 * a.Hv * a.Dv)
+                        + B * _piece_bytes(a, P, opt) // 3)
         return 0, 2 * N * a.D * a.s + max(block, head)
     raise ValueError(f"no memory estimate for method {method!r}; "
                      "supported: autodiff, mebp, mesp, mezo")

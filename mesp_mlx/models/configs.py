@@ -1,11 +1,12 @@
 """Real architectures from their config values, with random weights.
 
 Memory does not depend on weight values, so benchmarks and "will it fit?"
-answers build the exact architecture offline (REFERENCE §2, ARCHITECTURES §5)
+answers build the exact architecture offline (values from each model's config.json)
 instead of downloading weights. `tiny_config(family)` gives a small config of
 every supported family for tests (windows and no-RoPE layers included).
 """
 
+import copy
 from typing import Optional
 
 import mlx.core as mx
@@ -29,6 +30,19 @@ _GEMMA3 = dict(model_type="gemma3_text", rms_norm_eps=1e-6, rope_theta=1000000.0
                sliding_window_pattern=6)
 _SMOLLM2 = dict(model_type="llama", rms_norm_eps=1e-5, vocab_size=49152,
                 tie_word_embeddings=True, max_position_embeddings=8192, head_dim=64)
+
+_QWEN35_ROPE = dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25)
+# Qwen3.5 dense text models (the text_config of each model's config.json, which mlx-lm
+# also reads flat): layer i is a gated DeltaNet layer unless (i + 1) % 4 == 0; 16 key
+# heads of 128, value heads of 128, conv kernel 4; attention heads of 256 with a
+# per-head output gate and RoPE on a quarter of each head (θ 1e7); tied head
+_QWEN35 = dict(model_type="qwen3_5", rms_norm_eps=1e-6, vocab_size=248320,
+               tie_word_embeddings=True, max_position_embeddings=262144, head_dim=256,
+               full_attention_interval=4, linear_num_key_heads=16, linear_key_head_dim=128,
+               linear_value_head_dim=128, linear_conv_kernel_dim=4,
+               rope_parameters=dict(rope_type="default", rope_theta=10000000.0,
+                                    partial_rotary_factor=0.25, mrope_interleaved=True,
+                                    mrope_section=[11, 11, 10]))
 
 CONFIGS = {
     "Qwen2.5-0.5B": dict(_QWEN25, hidden_size=896, num_hidden_layers=24,
@@ -73,6 +87,16 @@ CONFIGS = {
                        num_key_value_heads=4, head_dim=128, vocab_size=128256,
                        rms_norm_eps=1e-6, rope_theta=5000000.0, tie_word_embeddings=True,
                        max_position_embeddings=65536, no_rope_layer_interval=4),
+    # Qwen3.5-0.8B, -2B, -4B: each model's config.json
+    "Qwen3.5-0.8B": dict(_QWEN35, hidden_size=1024, num_hidden_layers=24,
+                         intermediate_size=3584, num_attention_heads=8,
+                         num_key_value_heads=2, linear_num_value_heads=16),
+    "Qwen3.5-2B": dict(_QWEN35, hidden_size=2048, num_hidden_layers=24,
+                       intermediate_size=6144, num_attention_heads=8,
+                       num_key_value_heads=2, linear_num_value_heads=16),
+    "Qwen3.5-4B": dict(_QWEN35, hidden_size=2560, num_hidden_layers=32,
+                       intermediate_size=9216, num_attention_heads=16,
+                       num_key_value_heads=4, linear_num_value_heads=32),
 }
 
 # Tiny configs per family (tests): D 64, 2-4 blocks, vocab 256, GQA 2:1.
@@ -119,6 +143,17 @@ TINY = {
                     attention_multiplier=0.2, embedding_multiplier=3.0,
                     residual_multiplier=0.5, attention_bias=False, mlp_bias=False),
     "olmo2": dict(_T, model_type="olmo2", tie_word_embeddings=False),
+    # text-only qwen3_5 config (mlx-lm wraps it as the text_config): DeltaNet layers
+    # 0, 2 and gated attention 1, 3; 2 key / 4 value heads, conv kernel 4. eps 1e-3:
+    # the gated RMSNorm divides by the rms of the recurrence output, ~1e-3 in a random
+    # model, so at eps 1e-6 it amplifies fp32 rounding up to 1000×; 1e-3 caps that at
+    # ~30× (the model's own fp32 noise floor: tests/test_qwen3_5.py)
+    "qwen3_5": dict(_T, model_type="qwen3_5", num_hidden_layers=4, head_dim=16,
+                    rms_norm_eps=1e-3,
+                    tie_word_embeddings=True, full_attention_interval=2,
+                    linear_num_key_heads=2, linear_num_value_heads=4,
+                    linear_key_head_dim=16, linear_value_head_dim=8,
+                    linear_conv_kernel_dim=4, rope_parameters=_QWEN35_ROPE),
 }
 
 
@@ -139,7 +174,7 @@ def config_for(name: str) -> dict:
     """Bundled config of a model name (org prefix, -Instruct/-it/-Base and
     quantization suffixes ignored), e.g. mlx-community/Qwen3-0.6B-4bit."""
     key = name.split("/")[-1]
-    for suffix in ("-4bit", "-8bit", "-bf16", "-Instruct", "-Base", "-it"):
+    for suffix in ("-4bit", "-8bit", "-bf16", "-MLX", "-Instruct", "-Base", "-it"):
         key = key.replace(suffix, "")
     folded = {k.lower(): k for k in CONFIGS}
     if key.lower() not in folded:
@@ -161,9 +196,8 @@ def build_model(config, dtype=mx.float32, seed: int = 0,
     quantize: e.g. {"group_size": 64, "bits": 4} to quantize like mlx-lm.
     lazy: leave the weights unevaluated (shapes and nbytes only, no memory).
     """
-    if isinstance(config, str):
-        config = config_for(config)
-    Model, Args = model_class(config)
+    config = config_for(config) if isinstance(config, str) else copy.deepcopy(config)
+    Model, Args = model_class(config)          # (a copy: qwen3_5 edits rope_parameters)
     mx.random.seed(seed)
     model = Model(Args.from_dict(config))
     if hasattr(model, "sanitize"):       # gemma3: no lm_head weight -> tie it

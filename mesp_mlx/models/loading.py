@@ -3,7 +3,10 @@
 `--model` takes a local directory, a Hugging Face repo id, `demo`, or a short
 name: `Qwen2.5-{0.5B,1.5B,3B}` (Qwen/ originals), `-Instruct`, and the
 mlx-community conversions `-Instruct-4bit` / `-Instruct-bf16`, plus the published
-mlx-community conversions of the other families (PUBLISHED, ARCHITECTURES §5).
+mlx-community conversions of the other families (PUBLISHED), and
+`Qwen3.5-{0.8B,2B,4B}` (Qwen/ originals) with `-4bit` / `-8bit` for mlx-community's
+mlx-lm conversions (`Qwen3.5-0.8B-MLX-4bit`: its `Qwen3.5-0.8B-4bit` holds the
+multimodal mlx-vlm package).
 """
 
 import re
@@ -14,6 +17,8 @@ from ..errors import ModelLoadError
 
 SIZES = ("0.5B", "1.5B", "3B")
 _SHORT = re.compile(r"^qwen2\.5-(0\.5b|1\.5b|3b)(-instruct)?(-4bit|-bf16)?$", re.I)
+SIZES_35 = ("0.8B", "2B", "4B")
+_SHORT_35 = re.compile(r"^qwen3\.5-(0\.8b|2b|4b)(?:-mlx)?(-4bit|-8bit)?$", re.I)
 
 
 PUBLISHED = ("Qwen3-0.6B-4bit", "Qwen3-0.6B-bf16", "Qwen3-4B-4bit",
@@ -28,6 +33,8 @@ def short_names() -> list:
     for s in SIZES:
         out += [f"Qwen2.5-{s}", f"Qwen2.5-{s}-Instruct", f"Qwen2.5-{s}-Instruct-4bit",
                 f"Qwen2.5-{s}-Instruct-bf16"]
+    for s in SIZES_35:
+        out += [f"Qwen3.5-{s}", f"Qwen3.5-{s}-4bit", f"Qwen3.5-{s}-8bit"]
     return out + list(PUBLISHED)
 
 
@@ -44,6 +51,12 @@ def resolve_model_name(name: str) -> str:
             raise ModelLoadError(str(e)) from None
     if name.lower() in _PUBLISHED and not Path(name).exists():
         return _PUBLISHED[name.lower()]
+    m35 = _SHORT_35.match(name)
+    if m35 is not None and not Path(name).exists():
+        size = m35.group(1).upper()
+        if m35.group(2):
+            return f"mlx-community/Qwen3.5-{size}-MLX-{m35.group(2)[1:].lower()}"
+        return f"Qwen/Qwen3.5-{size}"
     m = _SHORT.match(name)
     if m is None or Path(name).exists():
         return name

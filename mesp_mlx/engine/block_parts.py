@@ -1,0 +1,211 @@
+"""What every block kind shares: projections, token-chunk buffers and the MLP half.
+
+A block is a token mixer (softmax attention in block.py, gated DeltaNet in
+deltanet.py) followed by the same pre/sandwich-norm MLP:
+    m_in = N_mi(h);  g, u = proj(m_in);  m = act(g) ⊙ u;  r2 = down(m);  out = h + α N_mo(r2)
+    backward:  dr2 = N_mo'(α G);  dm = down'(dr2);  dg, du = act'(dm);  dh = G + N_mi'(proj'(dg, du))
+Everything here is position-wise, so it runs over token chunks (`token_spans`: the
+widest chunk tensor, T_c × F, holds about opt.token_chunk_bytes), one evaluation per
+chunk, LoRA gradients summed over chunks into `flat` under mlx-lm's names.
+"""
+
+from typing import Callable, NamedTuple, Optional
+
+import mlx.core as mx
+
+from .lora_layers import LoRALinear
+from ..ops.frozen import FrozenWeight
+from ..ops.geglu import geglu, geglu_backward
+from ..ops.lora_linear import lora_linear, lora_linear_backward
+from ..ops.rmsnorm import rmsnorm_backward
+from ..ops.swiglu import swiglu, swiglu_backward, swiglu_from_saved, swiglu_saving
+from .spec import BlockSpec, Fused, Norm
+
+
+class Act(NamedTuple):
+    """A GLU activation's ops: m = act(gate) ⊙ up, its backward, and what a
+    recompute can hand from the forward to the backward (`saved`, e.g. σ(gate))."""
+    forward: Callable            # (a, u) -> m
+    saving: Callable             # (a, u) -> (m, saved or None)
+    backward: Callable           # (dm, a, u, saved or None) -> (da, du)
+    from_saved: Optional[Callable] = None   # (a, u, saved) -> m; None: nothing to keep
+
+
+def _geglu_act(approx: bool) -> Act:
+    fwd = lambda a, u: geglu(a, u, approx)                       # noqa: E731
+    return Act(fwd, lambda a, u: (fwd(a, u), None),
+               lambda d, a, u, _: geglu_backward(d, a, u, approx))
+
+
+ACTS = {"silu": Act(swiglu, swiglu_saving, swiglu_backward, swiglu_from_saved),
+        "gelu_tanh": _geglu_act(True), "gelu": _geglu_act(False)}
+
+
+# ------------------------------------------------------------ projections
+def _frozen(mod) -> FrozenWeight:
+    return FrozenWeight.of(mod.linear if isinstance(mod, LoRALinear) else mod)
+
+
+def lin(mod, x, at=None):
+    """Forward of a frozen or LoRA projection; at = (t0, T) when x is a token chunk
+    (the chunk's rows of the dropout mask)."""
+    if isinstance(mod, LoRALinear):
+        return lora_linear(x, FrozenWeight.of(mod.linear), mod.lora_a, mod.lora_b,
+                           mod.scale, mod.linear.get("bias"), mod.drop_multiplier(x, at))
+    return lora_linear(x, FrozenWeight.of(mod), bias=mod.get("bias"))
+
+
+def lin_bwd(paths, mod, g, x, flat, need_dx=True, at=None):
+    """dx of a projection; LoRA grads are added into `flat` under mlx-lm's names."""
+    if not isinstance(mod, LoRALinear):
+        return FrozenWeight.of(mod).gW(g) if need_dx else None
+    dx, dA, dB = lora_linear_backward(g, x, FrozenWeight.of(mod.linear), mod.lora_a,
+                                      mod.lora_b, mod.scale, mod.drop_multiplier(x, at),
+                                      need_dx)
+    p = paths[id(mod)]
+    _acc(flat, p + ".lora_a", dA)
+    _acc(flat, p + ".lora_b", dB)
+    return dx
+
+
+def _acc(flat, key, d):
+    flat[key] = d if key not in flat else flat[key] + d
+
+
+def proj(p, x, at=None):
+    """Outputs of separate projections, or the parts of one fused projection."""
+    if isinstance(p, Fused):
+        y = lin(p.module, x, at)
+        cuts = [sum(p.sizes[:i + 1]) for i in range(len(p.sizes) - 1)]
+        return mx.split(y, cuts, axis=-1)
+    return [lin(m, x, at) for m in p]
+
+
+def proj_bwd(paths, p, grads, x, flat, need_dx=True, at=None):
+    """Σ dx over the projections (a fused one: one backward of [g1 | g2 | …])."""
+    if isinstance(p, Fused):
+        return lin_bwd(paths, p.module, mx.concatenate(grads, axis=-1), x, flat, need_dx,
+                       at)
+    dxs = [lin_bwd(paths, m, g, x, flat, need_dx, at) for m, g in zip(p, grads)]
+    return sum(dxs[1:], dxs[0]) if need_dx else None
+
+
+def has_lora(p) -> bool:
+    mods = (p.module,) if isinstance(p, Fused) else p
+    return any(isinstance(m, LoRALinear) for m in mods)
+
+
+def norm(n: Optional[Norm], x):
+    return x if n is None else n(x)
+
+
+def norm_bwd(n: Optional[Norm], dy, x):
+    return dy if n is None else rmsnorm_backward(dy, x, n.w, n.eps)
+
+
+def scaled(t, a):
+    return t if a == 1.0 else t * a
+
+
+# ------------------------------------------------------------ token chunks
+def block_width(b: BlockSpec) -> int:
+    """F, the MLP width (down_proj's input)."""
+    return _frozen(b.down).shape[1]
+
+
+MERGE_TAIL = 4   # a last chunk under 1/4 of the rows joins the chunk before it
+
+
+def spans(T: int, n: int):
+    """[(t0, t1)] chunks of n rows over T, a tail shorter than n / MERGE_TAIL merged
+    into the chunk before (≤ 1.25 n rows): one pass fewer over every weight, which
+    on the CPU's quantized path is one dequantization fewer (T 256 at F 4864: 215 +
+    41 rows were two passes), for at most a quarter more chunk memory."""
+    cuts = list(range(0, T, n))
+    if len(cuts) > 1 and (T - cuts[-1]) * MERGE_TAIL < n:
+        cuts.pop()
+    return [(t, T if i + 1 == len(cuts) else cuts[i + 1]) for i, t in enumerate(cuts)]
+
+
+def token_spans(b: BlockSpec, opt, B: int, T: int):
+    """[(t0, t1)]: token chunks whose widest tensor, [B, T_c, F] in fp32, holds about
+    opt.token_chunk_bytes (one chunk when T is short; see `spans` for the tail)."""
+    F = block_width(b)
+    return spans(T, max(1, opt.token_chunk_bytes // (4 * B * F)))
+
+
+def rows(a, t0, t1, axis):
+    return a[(slice(None),) * axis + (slice(t0, t1),)]
+
+
+def take(a, t0, t1, axis):
+    """A copy of rows t0…t1 (a token-axis slice), so that writing the chunk's result
+    into `a` afterwards (`put`) reuses a's buffer instead of copying all of it."""
+    return mx.contiguous(rows(a, t0, t1, axis))
+
+
+def put(buf, part, t0, t1, T, axis):
+    """Rows t0…t1 of an all-T result: `part` itself if it spans T, else written into
+    buf (allocated on first use; MLX updates a sole-owner buffer in place)."""
+    if t1 - t0 == T:
+        return part
+    if buf is None:
+        shape = list(part.shape)
+        shape[axis] = T
+        buf = mx.zeros(shape, part.dtype)
+    buf[(slice(None),) * axis + (slice(t0, t1),)] = part
+    return buf
+
+
+# ------------------------------------------------------------ the MLP half
+def mlp_half(b: BlockSpec, h, at=None, saving=False):
+    """m_in, gate, up, m = act(gate) ⊙ up: the MLP up to (not through) down_proj;
+    saving: m is (m, what the act's backward reuses, e.g. σ(gate))."""
+    m_in = norm(b.mlp_in, h)
+    gate, up = proj(b.gate_up, m_in, at)
+    act = ACTS[b.act]
+    return m_in, gate, up, (act.saving if saving else act.forward)(gate, up)
+
+
+def mlp_forward(b: BlockSpec, h, at=None, saving=False):
+    """(out = h + α N_mo(r2), (gate, up, r2 if N_mo, saved)): the block's output of a
+    chunk and what a kept block hands its backward (saved only when `saving`)."""
+    _, gate, up, m = mlp_half(b, h, at, saving=saving)
+    m, sig = m if saving else (m, None)
+    r2 = lin(b.down, m, at)
+    out = h + scaled(norm(b.mlp_out, r2), b.residual)
+    return out, (gate, up, r2 if b.mlp_out is not None else None, sig)
+
+
+def mlp_backward(paths, b: BlockSpec, h, g, flat, at, kept=None):
+    """dL/dh of a chunk's MLP half, G = dL/dout: recompute from h, or take the
+    forward's (gate, up, r2, saved) from `kept` (saved None: recomputed)."""
+    act = ACTS[b.act]
+    if kept is None:
+        m_in, gate, up, (m, saved) = mlp_half(b, h, at, saving=True)
+        r2 = lin(b.down, m, at) if b.mlp_out is not None else None
+    else:
+        gate, up, r2, saved = kept
+        m_in = norm(b.mlp_in, h)
+        m, saved = ((act.from_saved(gate, up, saved), saved) if saved is not None
+                    else act.saving(gate, up))
+    dr2 = scaled(g, b.residual)
+    if b.mlp_out is not None:
+        dr2 = norm_bwd(b.mlp_out, dr2, r2)
+    dm = lin_bwd(paths, b.down, dr2, m, flat, at=at)
+    dgate, dup = act.backward(dm, gate, up, saved)
+    del m, dm, dr2, gate, up, r2, saved
+    return g + norm_bwd(b.mlp_in, proj_bwd(paths, b.gate_up, [dgate, dup], m_in, flat,
+                                           at=at), h)
+
+
+def mlp_kept_bytes(b: BlockSpec, B: int, T: int, itemsize: int) -> int:
+    """Bytes a kept block holds for its MLP half: h, gate, up (and r2 if N_mo)."""
+    D = _frozen(b.down).shape[0]
+    per_token = D + 2 * block_width(b) + (D if b.mlp_out is not None else 0)
+    return B * T * per_token * itemsize
+
+
+def sig_bytes(b: BlockSpec, B: int, T: int, itemsize: int) -> int:
+    """Bytes of σ(gate) a kept block may also keep (SwiGLU only: B·T·F)."""
+    return B * T * block_width(b) * itemsize if ACTS[b.act].from_saved is not None else 0
