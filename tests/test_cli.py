@@ -319,3 +319,10 @@ def test_the_default_plan_uses_this_device_and_says_so(tiny_model_dir, text_data
                              "--iters", 1, "--method", "mesp", "--activation-plan",
                              "minimal"))
     assert rc == 0 and "activation plan: minimal" in out, err
+
+
+def test_a_budget_below_the_runtime_blames_the_runtime_in_training(tiny_model_dir, text_data,
+                                                                   tmp_path):
+    rc, out, err = cli(*base(tiny_model_dir, text_data, tmp_path / "ad", "--train",
+                             "--iters", 1, "--memory-budget", "2MB"))
+    assert rc == 1 and "The runtime alone" in err and "weights alone" not in err, err

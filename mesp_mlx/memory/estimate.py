@@ -398,8 +398,12 @@ def preflight(model, method: str, seq_len: int, batch_size: int,
                f"B={batch_size} exceeds the budget of {budget_bytes / MB:.0f} MB by "
                f"{over / MB:.0f} MB.")
     msg = f"{summary}\n{est}\n"
-    if arch.weight_bytes + est.runtime > budget_bytes:
-        msg += (f"The weights alone ({arch.weight_bytes / MB:.0f} MB) do not fit. ")
+    if est.runtime >= budget_bytes:
+        msg += (f"The runtime alone (Python, MLX and the libraries, measured: "
+                f"{est.runtime / MB:.0f} MB) does not fit. ")
+    elif arch.weight_bytes + est.runtime > budget_bytes:
+        msg += (f"The weights ({arch.weight_bytes / MB:.0f} MB) and the runtime "
+                f"({est.runtime / MB:.0f} MB) do not fit together. ")
     msg += ("What would fit: " + "; ".join(a.text for a in tips) + "." if tips else
             "Nothing smaller in T, method or 4-bit fits: use a smaller model or a larger budget.")
     raise MemoryBudgetError(msg, est, tips, summary)
