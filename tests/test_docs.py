@@ -16,7 +16,7 @@ DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
 EXPECTED = ("mlx-lm", "families", "paper-setting", "long-context", "memory-budget",
             "data-parallel", "mezo", "python-api", "how-it-works", "results")
-PROCESS = re.compile(r"issue [0-9]+|REFERENCE §|ARCHITECTURES §|stop [0-9]+|"
+PROCESS = re.compile(r"[i]ssue [0-9]+|REFERENC[E] §|ARCHITECTURE[S] §|stop [0-9]+|"
                      r"stop [0-9]+'s|\b[0-9]+(st|nd|rd|th) stop\b", re.I)
 UNIT = "MB = 10⁶ bytes"
 needs_demo = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(),
