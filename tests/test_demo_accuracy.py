@@ -7,10 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
+from mlx_lm import load
+from mlx_lm.tuner.datasets import CompletionsDataset
+from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from mesp_mlx import demo
 from mesp_mlx.demo import accuracy
+from mesp_mlx.demo.make_data import chosen
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +32,6 @@ def norm(text):
 
 @pytest.fixture(scope="module")
 def loaded():
-    from mlx_lm import load
-
     return load(demo.model_path())
 
 
@@ -70,11 +74,22 @@ def test_test_questions_are_not_in_the_training_data():
             assert not hits, f"corpus/{split}.jsonl line {i + 1} holds test question {hits}"
 
 
+def test_opposite_pairs_stay_in_one_split():
+    """'thin' -> 'thick' is held out together with 'thick' -> 'thin'."""
+    split_of = {r["prompt"]: s for s in ("train", "valid", "test") for r in read("task", s)}
+    for prompt, split in split_of.items():
+        if re.fullmatch(r"What is the opposite of \w+\?", prompt):
+            answer = next(r["completion"] for r in read("task", split) if r["prompt"] == prompt)
+            assert split_of[f"What is the opposite of {answer}?"] == split, prompt
+
+
+def test_readme_example_is_held_out():
+    assert "What is the opposite of thin?" in {r["prompt"] for r in read("task", "test")}
+
+
 def test_every_test_answer_was_stated_in_pretraining():
     """Held-out facts are known, not guessed: each one is in the corpus it learned from."""
-    from mesp_mlx.demo.make_data import _facts
-
-    by_question = {q: (value, statements) for fam in _facts().values()
+    by_question = {q: (value, statements) for fam in chosen().values()
                    for _, value, statements, q in fam}
     corpus = " ".join(r["text"] for r in read("corpus", "train"))
     for r in read("task", "test"):
@@ -85,8 +100,6 @@ def test_every_test_answer_was_stated_in_pretraining():
 
 def test_prompt_is_formatted_as_in_training(loaded):
     """The graded prompt is the --mask-prompt prefix of a training example."""
-    from mlx_lm.tuner.datasets import CompletionsDataset
-
     _, tok = loaded
     rows = read("task", "test")
     ds = CompletionsDataset(rows, tok, "prompt", "completion", mask_prompt=True)
@@ -114,11 +127,6 @@ def test_command_on_base_model():
 
 def test_command_with_adapters(tmp_path):
     """Untrained LoRA adapters (B = 0) answer exactly as the base model."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm import load
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
     model, _ = load(demo.model_path())
     model.freeze()
     config = {"num_layers": -1, "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0}}

@@ -12,6 +12,8 @@ import json
 import string
 from pathlib import Path
 
+from mlx_lm import generate, load
+
 from . import data_path, model_path
 
 MAX_TOKENS = 5
@@ -43,8 +45,6 @@ def prompt_ids(tokenizer, question: str) -> list:
 
 def answer(model, tokenizer, question: str, max_tokens: int = MAX_TOKENS) -> str:
     """Greedy answer (mlx-lm's default sampler) to one question."""
-    from mlx_lm import generate
-
     return generate(model, tokenizer, prompt_ids(tokenizer, question), max_tokens=max_tokens)
 
 
@@ -63,12 +63,10 @@ def score(model, tokenizer, rows, max_tokens: int = MAX_TOKENS):
     return sum(r for _, _, r in graded), graded
 
 
-def evaluate(adapter_path=None, split: str = "test", model=None,
+def evaluate(adapter_path=None, split: str = "test", model_dir=None,
              max_tokens: int = MAX_TOKENS, limit=None):
     """(right, total, graded) of the demo model (plus adapters) on a task split."""
-    from mlx_lm import load
-
-    model, tokenizer = load(model or model_path(), adapter_path=adapter_path)
+    model, tokenizer = load(model_dir or model_path(), adapter_path=adapter_path)
     rows = read_split(split)[:limit]
     right, graded = score(model, tokenizer, rows, max_tokens)
     return right, len(rows), graded
@@ -111,4 +109,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # no blas.ensure_fast: the BLAS of `mlx_lm generate`, so the same greedy answers
     main()

@@ -1,16 +1,19 @@
-"""Rebuild the bundled demo model (`python -m mesp_mlx.demo.build`, ~4 min on 2 CPU cores).
+"""Rebuild the bundled demo model (`python -m mesp_mlx.demo.build`, 5-10 min on 2 CPU cores).
 
-1. Byte-level BPE (`tokenizers`, VOCAB tokens, eos `<|endoftext|>`) trained on
-   the corpus' train split; a one-line Question/Answer chat template.
+1. Byte-level BPE (`tokenizers`, at most VOCAB tokens, eos `<|endoftext|>`)
+   trained on the corpus' train split; a one-line Question/Answer chat template.
 2. A small Qwen2 (CONFIG: D 128, 4 layers, 4 heads / 2 kv heads, F 384, tied
    embeddings) pretrained from scratch, all parameters, AdamW, on the corpus
-   packed into SEQ-token windows; fixed seeds, fixed step count.
+   packed into SEQ-token windows; fixed seeds, fixed step count. The log shows
+   the share of facts it recalls (0.99 at the end).
 3. config.json + model.safetensors (fp32) + tokenizer files into model/.
+The weights depend on the BLAS in use (run with OpenBLAS, as the command lines do).
 """
 
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -20,8 +23,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..blas import ensure_fast
 from . import data_path
-from .make_data import DATA_DIR
+from .make_data import DATA_DIR, chosen
 
 MODEL_DIR = Path(__file__).parent / "model"
 SEED = 0
@@ -39,7 +43,7 @@ CONFIG = dict(model_type="qwen2", hidden_size=128, num_hidden_layers=4,
               rms_norm_eps=1e-6, vocab_size=VOCAB, max_position_embeddings=1024,
               rope_theta=10000.0, rope_traditional=False, rope_scaling=None,
               tie_word_embeddings=True)
-SEQ, BATCH, STEPS, LR, WARMUP = 128, 8, 400, 3e-3, 30
+SEQ, BATCH, STEPS, LR, WARMUP = 128, 8, 1000, 3e-3, 30
 
 
 def read_texts(split):
@@ -93,6 +97,21 @@ def evaluate(model, windows):
                for i in range(0, len(windows), 64)) / len(windows)
 
 
+def recall(model, tokenizer) -> float:
+    """Share of the corpus' facts whose value the model predicts (teacher-forced)
+    after the prefix of the fact's first statement ("The capital of Peru is")."""
+    right = total = 0
+    for fam in chosen().values():
+        for _, value, statements, _ in fam:
+            s = statements[0]
+            cut = s.rfind(value)
+            prefix, full = tokenizer.encode(s[:cut].rstrip()), tokenizer.encode(s[:cut] + value)
+            logits = model(mx.array([full[:-1]]))[0, len(prefix) - 1:]   # [value tokens, V]
+            right += mx.argmax(logits, axis=-1).tolist() == full[len(prefix):]
+            total += 1
+    return right / total
+
+
 def pretrain(tokenizer, steps=STEPS, log_every=50):
     """Full-parameter AdamW pretraining from a fixed seed; returns the model."""
     from mlx_lm.models import qwen2
@@ -121,6 +140,7 @@ def pretrain(tokenizer, steps=STEPS, log_every=50):
         mx.eval(state, loss)
         if it % log_every == 0 or it == steps:
             print(f"step {it:5d}  train {loss.item():.3f}  valid {evaluate(model, valid):.3f}"
+                  f"  facts recalled {recall(model, tokenizer):.2f}"
                   f"  {time.time() - t0:.0f}s", flush=True)
     return model
 
@@ -149,4 +169,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    ensure_fast("mesp_mlx.demo.build", sys.argv[1:])
     main()

@@ -4,13 +4,12 @@
 From the demo task's questions (data/task: {"prompt", "completion"}), split by
 split, so valid and test ask about facts no training pair shows: chosen = the
 right answer, rejected = the answer of a question of another kind ("What is the
-capital of Peru?": "Lima" over "moo"). The tiny demo model barely knows its facts
-(README), so the preference is one it can learn and carry to new questions: an
-answer of the kind the question asks for. A question's kind is its wording without
-digits and without the words in fewer than KIND_MIN questions (its subject). Train
-holds PER_TRAIN pairs per question (different rejected answers), valid and test
-one. Everything comes from random.Random(SEED) and the task files; rerunning
-rewrites identical files.
+capital of Peru?": "Lima" over "moo"). The preference is one the tiny demo model
+can learn and carry to new questions: an answer of the kind the question asks for.
+A question's kind is its wording without digits and without the words in fewer
+than KIND_MIN questions (its subject). Train holds PER_TRAIN pairs per question
+(different rejected answers), valid and test one. Everything comes from
+random.Random(SEED) and the task files; rerunning rewrites identical files.
 """
 
 import json
