@@ -48,7 +48,8 @@ def test_family_fp32_exact(family):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama-bias-sliding", "gemma2",
-                                    "gemma3_text", "phi3", "granite", "olmo2"])
+                                    "gemma3_text", "phi3", "granite", "olmo2", "olmo3",
+                                    "exaone4"])
 def test_family_quantized_exact(family):
     model = make({}, family=family, quantize=dict(group_size=32, bits=4))
     check_exact(model, *batch(11))

@@ -10,7 +10,7 @@ from mesp_mlx.models.configs import TINY, build_model
 from mesp_mlx.engine.families import UnsupportedModelError
 from mesp_mlx.engine.lora_layers import lora_layers
 
-from helpers import batch, make
+from helpers import batch, check_exact, make
 
 
 def test_default_keys_are_every_block_linear():
@@ -48,3 +48,13 @@ def test_out_of_reach_family_names_autodiff(method):
         mesp_mlx.value_and_grad(model, x, y, mask, method=method)
     loss, _ = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
     assert mx.isfinite(loss).item()
+
+
+def test_position_scaled_queries_refuse_beyond_their_range():
+    """ministral3 scales queries by 1 + β·log(1 + ⌊t / N⌋): exact (scale 1) for T ≤ N,
+    a clear error beyond (the tiny config's N is 64)."""
+    model = make({}, family="ministral3")
+    x, y, mask = batch(65, B=1)
+    with pytest.raises(UnsupportedModelError, match="up to 64 tokens.*autodiff"):
+        mesp_mlx.value_and_grad(model, x, y, mask, method="mesp")
+    check_exact(model, *batch(64, B=1))

@@ -119,7 +119,7 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
             return h
         if method == "mesp":
             return block_forward(b, h, opt, packing=packing)
-        return b.module(h, layer_mask(b, T))
+        return b.run(h, layer_mask(b, T))
 
     h = walk(spec, h, forward, weights)
     if stats is not None:
@@ -281,7 +281,7 @@ def _mebp_block(paths, b, x, g, flat, mask):
 
     def f(x, *ps):
         blk.update(tree_unflatten(list(zip(names, ps))))
-        return blk(x, mask)
+        return b.run(x, mask)
 
     _, vjps = mx.vjp(f, [x, *params], [g])
     blk.update(tree_unflatten(list(zip(names, params))))

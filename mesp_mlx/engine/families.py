@@ -20,7 +20,9 @@ from ..errors import UnsupportedModelError
 # out of reach of the per-block engines: why, per family
 OUT_OF_REACH = {
     "qwen3_moe": "a mixture-of-experts MLP (router + SwitchGLU)",
-    "gemma3n": "AltUp streams and Laurel blocks",
+    "gemma3n": ("AltUp (four hidden-state streams, predicted and corrected by per-token "
+                "routers in every block), Laurel low-rank residual branches and a sparse "
+                "top-k GELU (a per-token mean + k·std cutoff on the gate)"),
     "gemma4": "KV shared across layers and per-layer inputs",
 }
 
@@ -54,10 +56,12 @@ def _mlp(blk) -> dict:
 
 
 def _block(blk, *, norms, act="silu", window=None, residual=1.0, softcap=None,
-           mask_array=False, qk_norm="none") -> BlockSpec:
-    """Read the attention/MLP modules shared by every family's block."""
+           mask_array=False, qk_norm="none", rope=True, mask_arg=1) -> BlockSpec:
+    """Read the attention/MLP modules shared by every family's block (rope False:
+    a layer without positional rotation, e.g. exaone4's global layers)."""
     a = blk.self_attn
-    H, K = a.n_heads, a.n_kv_heads
+    H = getattr(a, "n_heads", None) or a.num_attention_heads       # olmo3 names them
+    K = getattr(a, "n_kv_heads", None) or a.num_key_value_heads    # num_*_heads
     if "qkv_proj" in a:
         hd = _out_dim(a.qkv_proj) // (H + 2 * K)
         qkv = Fused(a.qkv_proj, (H * hd, K * hd, K * hd))
@@ -67,8 +71,9 @@ def _block(blk, *, norms, act="silu", window=None, residual=1.0, softcap=None,
     qn = dict(q_norm=_norm(a.q_norm), k_norm=_norm(a.k_norm),
               qk_norm_full=qk_norm == "full") if qk_norm != "none" else {}
     return BlockSpec(blk, **_mlp(blk), qkv=qkv, o=a.o_proj, H=H, K=K, hd=hd,
-                     scale=a.scale, rope=rope_from_module(a.rope), softcap=softcap,
-                     window=window, act=act, residual=residual, mask_array=mask_array,
+                     scale=a.scale, rope=rope_from_module(a.rope) if rope else None,
+                     softcap=softcap, window=window, act=act, residual=residual,
+                     mask_array=mask_array, mask_arg=mask_arg,
                      **{k: _norm(getattr(blk, n)) for k, n in norms.items()}, **qn)
 
 
@@ -159,12 +164,43 @@ def _qwen3_5(model, lm, inner):      # also qwen3_5_moe and qwen3_next, dense bl
                 "use method='autodiff' (--method autodiff), which is exact for any model")
         blocks.append(_gated_delta(b) if b.is_linear else _gated_attention(b))
     return blocks, {}
+def _olmo3(model, lm, inner):         # post-norm, full-width q/k norm, sliding layers
+    W = inner.sliding_window
+    return [_block(b, norms=POST, qk_norm="full", window=W if t == "sliding_attention"
+                   else None) for b, t in zip(inner.layers, inner.layer_types)], {}
+
+
+def _exaone4(model, lm, inner):       # post-norm, per-head q/k norm; local layers
+    W = inner.window_size             # slide with RoPE, global layers have no RoPE
+    return [_block(b, norms=POST, qk_norm="head", rope=b.self_attn.use_rope,
+                   window=W if b.self_attn.is_local else None) for b in inner.layers], {}
+
+
+def _ministral3(model, lm, inner):
+    """Llama layout; queries scaled by 1 + β·log(1 + ⌊t / N⌋) (Llama 4 attention
+    scaling), which is exactly 1 for positions t < N: the engine runs T ≤ N."""
+    W, rp = inner.sliding_window, lm.args.rope_parameters
+    N = int(rp["original_max_position_embeddings"])
+    return ([_block(b, norms=PRE, window=W if b.use_sliding else None, mask_arg=2)
+             for b in inner.layers],
+            dict(max_tokens=(N, "beyond it queries are scaled by position")))
+
+
+def _mistral3(model, lm, inner):      # the VLM wrapper: its text model's reader
+    fam = family_of(lm)
+    if fam not in ("ministral3", "llama"):
+        raise UnsupportedModelError(
+            f"mistral3 with a {fam} text model is not supported by the per-block engines; "
+            "use method='autodiff' (--method autodiff)")
+    return READERS[fam](model, lm, inner)
 
 
 READERS = {"qwen2": _qwen2, "qwen3": _qwen3, "llama": _llama, "smollm3": _llama,
            "gemma": _gemma, "gemma2": _gemma2, "gemma3_text": _gemma3_text,
            "gemma3": _gemma3_text, "phi3": _phi3, "granite": _granite, "olmo2": _olmo2,
-           "qwen3_5": _qwen3_5, "qwen3_5_moe": _qwen3_5, "qwen3_next": _qwen3_5}
+           "qwen3_5": _qwen3_5, "qwen3_5_moe": _qwen3_5, "qwen3_next": _qwen3_5,
+           "olmo3": _olmo3, "exaone4": _exaone4, "ministral3": _ministral3,
+           "mistral3": _mistral3, "helium": _qwen2}
 
 
 def language_model(model):
@@ -193,7 +229,7 @@ def read_spec(model) -> ModelSpec:
         raise UnsupportedModelError(
             f"{fam} model does not have the layout its reader expects ({e}); "
             "use method='autodiff'") from None
-    head_mod = lm.lm_head if "lm_head" in lm else inner.embed_tokens
+    head_mod = _head(lm, inner)
     paths = {id(m): p for p, m in model.named_modules()}
     lora_blocks = [i for i, b in enumerate(inner.layers)
                    if any(isinstance(m, LoRALinear) for _, m in b.named_modules())]
@@ -202,6 +238,15 @@ def read_spec(model) -> ModelSpec:
                      FrozenWeight.of(head_mod),
                      head_mod if head_mod is not inner.embed_tokens else head_mod.as_linear,
                      paths, lora_blocks[0] if lora_blocks else len(blocks), **extra)
+
+
+def _head(lm, inner):
+    """The LM head the model applies: the embedding when tied (helium builds an
+    lm_head it does not use then), else lm_head."""
+    tied = getattr(lm, "tie_word_embeddings", None)          # gemma3_text keeps it here
+    if tied is None:
+        tied = getattr(getattr(lm, "args", None), "tie_word_embeddings", False)
+    return inner.embed_tokens if tied or "lm_head" not in lm else lm.lm_head
 
 
 def _check_trainable(model):

@@ -99,6 +99,12 @@ class BlockSpec:
     act: str = "silu"               # GLU activation: silu | gelu_tanh | gelu
     residual: float = 1.0           # α on both sub-layer outputs (granite)
     mask_array: bool = False        # mlx-lm hands this block a bool-array mask (gemma2)
+    mask_arg: int = 1               # position of the mask in the block's call (ministral3:
+                                    # block(x, attn_scale, mask))
+
+    def run(self, x, mask):
+        """The mlx-lm block itself on x with the mask its model hands it (mebp, verify)."""
+        return self.module(x, *([None] * (self.mask_arg - 1)), mask)
 
     @property
     def mixer(self) -> str:
@@ -120,6 +126,7 @@ class ModelSpec:
     embed_scale: Optional[float] = None   # multiplies the embedding (exactly as the model)
     logit_scale: Optional[float] = None   # logits are divided by this (granite)
     final_softcap: Optional[float] = None  # z' = c·tanh(z/c) (gemma2)
+    max_tokens: Optional[tuple] = None    # (T, why): exact only up to T tokens a row
     extra: dict = field(default_factory=dict)
 
     def embed_ids(self, ids):

@@ -27,14 +27,14 @@ TOL = {mx.float32: 1e-4, mx.bfloat16: 3e-2, mx.float16: 1e-2}   # max err / max 
 class _Probe:
     """Stands in for a block: records the mask, returns the input unchanged."""
 
-    def __init__(self, blk):
-        self._blk, self.mask = blk, None
+    def __init__(self, blk, mask_arg=1):
+        self._blk, self._at, self.mask = blk, mask_arg, None
 
     def __getattr__(self, name):          # e.g. llama reads layer.use_sliding
         return getattr(self._blk, name)
 
-    def __call__(self, x, mask=None, *args, **kwargs):
-        self.mask = mask
+    def __call__(self, x, *args, **kwargs):
+        self.mask = args[self._at - 1] if len(args) >= self._at else kwargs.get("mask")
         return x
 
 
@@ -42,7 +42,7 @@ def _probe_masks(model, spec: ModelSpec, T: int, V: int):
     """(masks the model builds at T tokens, model logits of 2 tokens) with probe blocks."""
     layers = spec.inner.layers
     saved = list(layers)
-    probes = [_Probe(b) for b in saved]
+    probes = [_Probe(b, s.mask_arg) for b, s in zip(saved, spec.blocks)]
     layers[:] = probes
     try:
         ids = (mx.arange(T) % V)[None]
@@ -126,7 +126,7 @@ def _check_blocks(spec: ModelSpec, Tc: int, dtype, opt, weights):
             continue
         seen.add(_kind(b))
         with weights.block(b):
-            ref = b.module(x, layer_mask(b, Tc))
+            ref = b.run(x, layer_mask(b, Tc))
             err = _rel_err(block_forward(b, x, opt), ref)
         if not err <= TOL.get(dtype, 3e-2):
             raise SpecMismatchError(

@@ -27,6 +27,7 @@ from ..ops.dequant_matmul import tile_barriers
 from ..ops.loss_head import loss_head_value
 from .block import block_forward, layer_mask
 from .families import read_spec
+from ..errors import UnsupportedModelError
 from .plan import EngineOptions, head_tiles
 from .stream import is_streamed, weight_source
 from .verify import verify_spec
@@ -39,6 +40,11 @@ def model_spec(model, method: str, T: int, opt: Optional[EngineOptions] = None):
     streamed weights, its head and embedding read the weights file."""
     opt = opt or EngineOptions()
     spec = read_spec(model)
+    if spec.max_tokens is not None and T > spec.max_tokens[0]:
+        raise UnsupportedModelError(
+            f"{spec.family}: the per-block engines are exact up to {spec.max_tokens[0]} "
+            f"tokens a row ({spec.max_tokens[1]}), got {T}; use method='autodiff' "
+            "(--method autodiff)")
     weights = weight_source(model)
     if opt.verify:
         verify_spec(model, spec, method, T, opt, weights)
