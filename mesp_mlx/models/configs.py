@@ -199,6 +199,8 @@ TINY = {
         rope_parameters=dict(_TINY_YARN, rope_theta=10000.0, llama_4_scaling_beta=0.1))),
     "helium": dict(_T, model_type="helium", head_dim=16, attention_bias=True,
                    mlp_bias=True, tie_word_embeddings=True),
+    "ernie4_5": dict(_T, model_type="ernie4_5", head_dim=16, use_bias=True,
+                     tie_word_embeddings=False),
 }
 
 
