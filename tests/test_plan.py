@@ -28,12 +28,16 @@ def _plan_budgets(model, T, B=2, widen=0):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "gemma3_text", "phi3",
-                                    "olmo2"])
+                                    "olmo2", "lfm2"])
 def test_every_activation_plan_is_exact(family):
     """Budget 0, wider token chunks only, partial and everything kept (with and
     without token chunks: 5-row chunks, 5+5+3, become 7+6 for 2 rows, then one chunk
     of 13 before any block is kept): the same gradients as autodiff."""
-    model = make(dict(num_hidden_layers=3), family=family)
+    three = dict(num_hidden_layers=3)
+    if family == "gemma4_text":          # block 2 reads block 1's K, V
+        three.update(num_kv_shared_layers=1, layer_types=["sliding_attention",
+                                                          "full_attention", "full_attention"])
+    model = make(three, family=family)
     x, y, mask = batch(13)
     loss_ref, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
     for chunks in (None, 5):

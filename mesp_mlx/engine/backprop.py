@@ -16,6 +16,8 @@ checks it against the model's own forward once.
 Packed rows ("mesp" only): `segments` [B, T] gives each position's example; the
 positions within examples are derived once here (packing.Packing) and every
 block runs RoPE and attention per example.
+Cross-block inputs (links.py): per-block constant inputs and K, V shared between
+blocks travel beside h, so the driver stays family-agnostic.
 Streamed weights (stream.py): each block runs inside `weights.block(b)` (its
 frozen arrays read, then released), and the spec's head/embedding read the file
 by tiles and rows; resident: no-ops.
@@ -40,6 +42,7 @@ from ..ops.loss_head import loss_head_value_and_grad
 from ..ops.rmsnorm import rmsnorm_backward
 from .block import block_backward, block_forward, layer_mask
 from .checkpoints import open_checkpoints
+from .links import StepLinks
 from .packing import Packing
 from .plan import EngineOptions, cache_policy, head_tiles, planned
 from .stream import weight_source
@@ -82,6 +85,7 @@ def _step(model, inputs, targets, mask, method, opt, stats, packing, weights, in
 
     h = spec.embed_ids(inputs)
     mx.eval(h)
+    links = StepLinks(spec, inputs, h)
     store = open_checkpoints(opt.checkpoints, opt.checkpoint_dir,
                              (len(spec.blocks) - spec.first) * h.nbytes)
     hs = [h]                              # handed over, so _run can free h
@@ -91,13 +95,13 @@ def _step(model, inputs, targets, mask, method, opt, stats, packing, weights, in
         # mx.vjp / value_and_grad, where barriers would keep everything: 5.8 GB)
         with tile_barriers() if method == "mesp" else nullcontext():
             return _run(model, spec, store, hs, targets, mask, method, opt, stats, clock,
-                        packing, weight_source(model), weights, into, head)
+                        packing, weight_source(model), weights, into, head, links)
     finally:
         store.close()                     # a disk file goes on success, error and Ctrl-C
 
 
 def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packing,
-         weights, token_weights, into, given):
+         weights, token_weights, into, given, links):
     h = hs.pop()
     T = h.shape[1]
     # 1. forward, keeping block inputs from the lowest LoRA block up (and, for the
@@ -113,13 +117,17 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
         if i >= spec.first:
             store.put(i, h)
             n_ckpt += 1
+        bl = links.forward(i, b)
         if i in plan:
             h, kept[i] = block_forward(b, h, opt, keep=True, packing=packing,
-                                       extras=plan[i][1])
+                                       extras=plan[i][1], links=bl)
             return h
         if method == "mesp":
-            return block_forward(b, h, opt, packing=packing)
-        return b.run(h, layer_mask(b, T))
+            return block_forward(b, h, opt, packing=packing, links=bl)
+        out, kv = b.run(h, layer_mask(b, T), *_side_kv(bl))
+        if bl is not None and bl.export:
+            bl.put_kv(*kv)
+        return out
 
     h = walk(spec, h, forward, weights)
     if stats is not None:
@@ -148,13 +156,14 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
     flat = {} if into is None else into
     for i in range(len(spec.blocks) - 1, spec.first - 1, -1):
         x, b = store.pop(i), spec.blocks[i]
+        bl = links.backward(i, b)
         with weights.block(b):
             if method == "mesp":
                 dh = block_backward(spec.paths, b, x, dh, flat, opt,
                                     need_dx=i > spec.first, kept=kept.pop(i, None),
-                                    packing=packing)
+                                    packing=packing, links=bl)
             else:
-                dh = _mebp_block(spec.paths, b, x, dh, flat, layer_mask(b, T))
+                dh = _mebp_block(spec.paths, b, x, dh, flat, layer_mask(b, T), bl)
             del x
             mx.eval(dh, *flat.values())
         if cache_policy(opt) == "block":
@@ -176,10 +185,6 @@ def forward_head(model, inputs, targets, method="mesp",
     Σ w·ℓ without a second head pass."""
     opt = options or EngineOptions()
     spec = model_spec(model, method, inputs.shape[1], opt)
-    if method == "mesp":
-        block = lambda i, b, h: block_forward(b, h, opt)              # noqa: E731
-    else:
-        block = lambda i, b, h: b.module(h, layer_mask(b, h.shape[1]))  # noqa: E731
     got = {}
 
     def keep(ce):                      # every weight 1: dh is the unweighted gradient
@@ -188,6 +193,16 @@ def forward_head(model, inputs, targets, method="mesp",
     with tile_barriers() if method == "mesp" else nullcontext():
         h = spec.embed_ids(inputs)
         mx.eval(h)
+        links = StepLinks(spec, inputs, h)
+
+        def block(i, b, h):
+            bl = links.forward(i, b)
+            if method == "mesp":
+                return block_forward(b, h, opt, links=bl)
+            out, kv = b.run(h, layer_mask(b, h.shape[1]), *_side_kv(bl))
+            if bl is not None and bl.export:
+                bl.put_kv(*kv)
+            return out
         h = walk(spec, h, block, weight_source(model))
         if method == "mesp":
             _, dh = _chunked_head(spec, h, targets, None, opt, keep)
@@ -274,19 +289,33 @@ class _Clock:
             self.t = now
 
 
-def _mebp_block(paths, b, x, g, flat, mask):
-    """Recompute the mlx-lm block under mx.vjp; autodiff gives dx and the LoRA grads."""
+def _side_kv(links):
+    """(per-layer input, shared K, V) of a block's links, for BlockSpec.run."""
+    return (None, None) if links is None else (links.side, links.kv)
+
+
+def _mebp_block(paths, b, x, g, flat, mask, links=None):
+    """Recompute the mlx-lm block under mx.vjp; autodiff gives dx and the LoRA grads
+    (and, across blocks, dK, dV: a reader's go to its source's links, a source's
+    readers' sum is the cotangent of the K, V it hands out)."""
     blk = b.module
     names, params = zip(*tree_flatten(blk.trainable_parameters()))
+    side, kv = _side_kv(links)
+    export = links is not None and links.dkv is not None     # readers' dK, dV to take
+    n = len(params)
 
     def f(x, *ps):
-        blk.update(tree_unflatten(list(zip(names, ps))))
-        return b.run(x, mask)
+        blk.update(tree_unflatten(list(zip(names, ps[:n]))))
+        out, kv_out = b.run(x, mask, side, tuple(ps[n:]) if kv is not None else None)
+        return [out, *kv_out] if export else [out]
 
-    _, vjps = mx.vjp(f, [x, *params], [g])
+    cot = [g, *links.dkv] if export else [g]
+    _, vjps = mx.vjp(f, [x, *params, *(kv or ())], cot)
     blk.update(tree_unflatten(list(zip(names, params))))
     prefix = paths[id(blk)]
-    for n, d in zip(names, vjps[1:]):
-        k = f"{prefix}.{n}"
+    for nm, d in zip(names, vjps[1:n + 1]):
+        k = f"{prefix}.{nm}"
         flat[k] = d if k not in flat else flat[k] + d
+    if kv is not None:
+        links.add_dkv(*vjps[n + 1:])
     return vjps[0]

@@ -20,8 +20,12 @@ evaluation per chunk, LoRA gradients summed over chunks. Four phases:
   4. per chunk: RoPE'/N_q' and the q/k/v backward; dx written over dh.
 Kept for all T: x, q, k, v, o → do, G → dh → dx, dq, dk, dv (T × (D, H·hd, K·hd)):
 the MLP's T × F tensors exist for one chunk only.
-A gated DeltaNet block (b.delta) runs the same four phases with its own mixer:
-deltanet.py, dispatched from block_forward / block_backward.
+A KV-shared block (b.kv_from, gemma4) projects q only and attends over its source's
+K, V (links.py: kept from the source's forward); its phase 3 hands dK, dV back, which
+the source adds to its own before its phase 4. N_v (gemma4) is a per-head norm of v
+like N_k's, kept pre-norm like q/k. A gated DeltaNet block (b.delta) and a short-conv
+block (b.conv) run the same phases with their own mixers: deltanet.py and
+short_conv.py, dispatched from block_forward / block_backward.
 Packed rows (packing.py, `packing` not None): RoPE at each token's position in its
 example and a block-diagonal causal mask; None is the plain path, unchanged.
 """
@@ -31,7 +35,7 @@ from typing import NamedTuple, Optional
 
 import mlx.core as mx
 
-from . import deltanet
+from . import deltanet, short_conv
 from ..ops.attention import (attention, attention_backward_rows, attention_chunked,
                              attention_delta)
 from ..ops.rope import (rope_apply, rope_apply_at, rope_apply_at_backward,
@@ -40,6 +44,7 @@ from .block_parts import (ACTS, MERGE_TAIL, _frozen, block_width, has_lora, lin,
                           lin_bwd, mlp_backward, mlp_forward, mlp_half, mlp_kept_bytes,
                           norm, norm_bwd, proj, proj_bwd, put, rows, scaled, sig_bytes,
                           spans, take, token_spans)
+from .links import BlockLinks
 from .spec import BlockSpec, Norm
 
 
@@ -70,8 +75,8 @@ def causal_mask(T: int, window: Optional[int] = None):
 
 def layer_mask(b: BlockSpec, T: int):
     """The mask mlx-lm's model hands this block (mebp runs the block itself); a
-    DeltaNet layer gets none in training (create_ssm_mask without a cache)."""
-    if T == 1 or b.delta is not None:
+    DeltaNet or short-conv layer gets none in training (create_ssm_mask, no cache)."""
+    if T == 1 or b.delta is not None or b.conv is not None:
         return None
     if b.mask_array or (b.window is not None and T > b.window):
         return causal_mask(T, b.window)
@@ -92,7 +97,7 @@ def probs_bytes(b: BlockSpec, opt, B: int, T: int) -> int:
     fp32 within opt.attn_chunk_bytes). Kept, the backward skips that block's QKᵀ
     and softmax (exp costs 9 ns an element on the CPU backend:
     bench/elementwise_timing.py)."""
-    if b.delta is not None or b.softcap is not None or T == 1 or fused_attention_ok(opt) \
+    if b.mixer != "attention" or b.softcap is not None or T == 1 or fused_attention_ok(opt) \
             or _chunk(opt, b.H, T) < T:
         return 0
     return 4 * B * b.H * T * T
@@ -133,28 +138,30 @@ def _rope(x, spec, t0, packing, backward=False):
 
 def _qk(b: BlockSpec, q, k, t0=0, packing=None):
     """Pre-RoPE q/k norms (full width or per head) and RoPE at positions t0… (or
-    the packed positions); q, k in token layout."""
+    the packed positions); q, k in token layout, k None in a KV-shared block."""
     qf, kf = q, k
     if b.q_norm is not None and b.qk_norm_full:
         q, k = b.q_norm(q), b.k_norm(k)
-    q, k = _heads(q, b.H), _heads(k, b.K)
+    q, k = _heads(q, b.H), None if k is None else _heads(k, b.K)
     qh, kh = q, k
     if b.q_norm is not None and not b.qk_norm_full:
-        q, k = b.q_norm(q), b.k_norm(k)
+        q, k = b.q_norm(q), None if k is None else b.k_norm(k)
     if b.rope is not None:
-        q, k = _rope(q, b.rope, t0, packing), _rope(k, b.rope, t0, packing)
+        q = _rope(q, b.rope, t0, packing)
+        k = None if k is None else _rope(k, b.rope, t0, packing)
     return q, k, (qf, kf) if b.qk_norm_full else (qh, kh)
 
 
 def _qk_bwd(b: BlockSpec, dq, dk, pre, t0=0, packing=None):
-    """dq, dk (head layout, after RoPE) -> token layout before the norms."""
+    """dq, dk (head layout, after RoPE) -> token layout before the norms (dk None in
+    a KV-shared block)."""
     if b.rope is not None:
         dq = _rope(dq, b.rope, t0, packing, backward=True)
-        dk = _rope(dk, b.rope, t0, packing, backward=True)
+        dk = None if dk is None else _rope(dk, b.rope, t0, packing, backward=True)
     if b.q_norm is not None and not b.qk_norm_full:
         dq = norm_bwd(b.q_norm, dq, pre[0])
-        dk = norm_bwd(b.k_norm, dk, pre[1])
-    dq, dk = _tokens(dq), _tokens(dk)
+        dk = None if dk is None else norm_bwd(b.k_norm, dk, pre[1])
+    dq, dk = _tokens(dq), None if dk is None else _tokens(dk)
     if b.q_norm is not None and b.qk_norm_full:
         dq = norm_bwd(b.q_norm, dq, pre[0])
         dk = norm_bwd(b.k_norm, dk, pre[1])
@@ -195,41 +202,57 @@ def _gated_bwd(b: BlockSpec, dô, o_tok, z):
 # ------------------------------------------------------------ the block
 class Pre(NamedTuple):
     """Phase 1's all-T tensors beside q, k, v: the pre-norm q/k (when the block has
-    q/k norms) and the output gate z (q_gate), else None."""
+    q/k norms), the output gate z (q_gate) and the pre-norm v (N_v), else None."""
     q: Optional[mx.array] = None
     k: Optional[mx.array] = None
     z: Optional[mx.array] = None
+    v: Optional[mx.array] = None
 
 
 def _pre_axis(b: BlockSpec):
     return 1 if b.qk_norm_full else 2      # token layout [B,T,·] or heads [B,n,T,hd]
 
 
-def attention_inputs(b: BlockSpec, x, spans, packing=None):
+def attention_inputs(b: BlockSpec, x, spans, packing=None, links=None):
     """Phase 1: q, k (after RoPE), v in head layout for all T, and Pre (the pre-norm
-    q/k if the block has q/k norms, the output gate), one token chunk at a time."""
+    q/k if the block has q/k norms, the output gate, the pre-norm v), one token chunk
+    at a time; a KV-shared block projects q only and takes K, V from `links`."""
     T = x.shape[1]
-    q = k = v = pq = pk = z = None
+    shared = b.kv_from is not None
+    q = k = v = pq = pk = z = pv = None
     for t0, t1 in spans:
         at = (t0, T)
-        qc, kc, vc = proj(b.qkv, norm(b.attn_in, x[:, t0:t1]), at)
+        qkv = proj(b.qkv, norm(b.attn_in, x[:, t0:t1]), at)
+        qc, kc, vc = (qkv[0], None, None) if shared else qkv
         if b.q_gate:
             qc, zc = _split_gate(qc, b.H)
             z = put(z, zc, t0, t1, T, 1)
         qc, kc, (pqc, pkc) = _qk(b, qc, kc, t0, packing)
-        q, k, v = (put(buf, c, t0, t1, T, 2)
-                   for buf, c in ((q, qc), (k, kc), (v, _heads(vc, b.K))))
+        q = put(q, qc, t0, t1, T, 2)
+        if not shared:
+            vc = _heads(vc, b.K)
+            if b.v_norm is not None:
+                pv, vc = put(pv, vc, t0, t1, T, 2), b.v_norm(vc)
+            k, v = put(k, kc, t0, t1, T, 2), put(v, vc, t0, t1, T, 2)
         if b.q_norm is not None:
             ax = _pre_axis(b)
-            pq, pk = put(pq, pqc, t0, t1, T, ax), put(pk, pkc, t0, t1, T, ax)
-        mx.eval(q, k, v, *[a for a in (pq, pk, z) if a is not None])
-    return q, k, v, Pre(pq, pk, z)
+            pq = put(pq, pqc, t0, t1, T, ax)
+            pk = None if shared else put(pk, pkc, t0, t1, T, ax)
+        mx.eval(*[a for a in (q, k, v, pq, pk, z, pv) if a is not None])
+    if shared:
+        k, v = links.kv
+    return q, k, v, Pre(pq, pk, z, pv)
 
 
 def _residual_in(b: BlockSpec, x, o, z, at):
     """r1 = o_proj(ô), h = x + α N_ao(r1) for a token chunk (o in head layout)."""
     r1 = lin(b.o, _gated(b, _tokens(o), z), at)
     return r1, x + scaled(norm(b.attn_out, r1), b.residual)
+
+
+def _side(links, t0, t1):
+    """Rows t0…t1 of the block's per-layer input (None without one)."""
+    return None if links is None or links.side is None else links.side[:, t0:t1]
 
 
 @dataclass
@@ -257,12 +280,17 @@ class Kept:
 
 def kept_bytes(b: BlockSpec, B: int, T: int, itemsize: int, opt=None) -> int:
     """Bytes of a block's Kept at [B, T] (exactly the arrays block_forward keeps;
-    a DeltaNet block's states depend on opt's chunks: default ones without opt)."""
+    a DeltaNet block's states depend on opt's chunks: default ones without opt; a
+    KV-shared block's K, V are its source's, counted there)."""
     if b.delta is not None:
         return deltanet.kept_bytes(b, B, T, itemsize, opt)
+    if b.conv is not None:
+        return short_conv.kept_bytes(b, B, T, itemsize)
     D = _frozen(b.o).shape[0]
-    per_token = (2 * b.H + 2 * b.K) * b.hd
-    per_token += (b.H + b.K) * b.hd if b.q_norm is not None else 0
+    kv = 0 if b.kv_from is not None else 1
+    per_token = (2 * b.H + 2 * b.K * kv) * b.hd
+    per_token += (b.H + b.K * kv) * b.hd if b.q_norm is not None else 0
+    per_token += b.K * b.hd * kv if b.v_norm is not None else 0
     per_token += b.H * b.hd if b.q_gate else 0
     per_token += D if b.attn_out is not None else 0
     return B * T * per_token * itemsize + mlp_kept_bytes(b, B, T, itemsize)
@@ -275,15 +303,20 @@ def extra_bytes(b: BlockSpec, opt, B: int, T: int, itemsize: int) -> int:
 
 
 def block_forward(b: BlockSpec, x, opt, keep: bool = False, packing=None,
-                  extras: bool = False):
+                  extras: bool = False, links: Optional[BlockLinks] = None):
     """The block's output through the same ops as its recompute; with keep, also
     the Kept its backward reads instead of recomputing: (out, Kept); with extras,
-    the Kept also holds P and σ(gate) (`extra_bytes`)."""
+    the Kept also holds P and σ(gate) (`extra_bytes`). A source of shared K, V hands
+    them to `links`."""
     if b.delta is not None:
         return deltanet.block_forward(b, x, opt, keep, packing, extras)
+    if b.conv is not None:
+        return short_conv.block_forward(b, x, opt, keep, packing, extras, links)
     B, T, _ = x.shape
     spans = token_spans(b, opt, B, T)
-    q, k, v, pre = attention_inputs(b, x, spans, packing)
+    q, k, v, pre = attention_inputs(b, x, spans, packing, links)
+    if links is not None and links.export:
+        links.put_kv(k, v)
     p = None
     if keep and extras and probs_bytes(b, opt, B, T) > 0:
         o, p = _attend(b, q, k, v, opt, packing, probs=True)
@@ -298,7 +331,7 @@ def block_forward(b: BlockSpec, x, opt, keep: bool = False, packing=None,
         at = (t0, T)
         zc = None if z is None else z[:, t0:t1]
         r1, h = _residual_in(b, x[:, t0:t1], o[:, :, t0:t1], zc, at)
-        oc, mlp = mlp_forward(b, h, at, saving=saving)
+        oc, mlp = mlp_forward(b, h, at, saving=saving, side=_side(links, t0, t1))
         out = put(out, oc, t0, t1, T, 1)
         if keep:
             kept.rows.append((r1 if b.attn_out is not None else None, h, *mlp))
@@ -308,16 +341,16 @@ def block_forward(b: BlockSpec, x, opt, keep: bool = False, packing=None,
     return (out, kept) if keep else out
 
 
-def _mlp_chunk_backward(paths, b: BlockSpec, x, o, z, g, flat, at, row=None):
+def _mlp_chunk_backward(paths, b: BlockSpec, x, o, z, g, flat, at, row=None, side=None):
     """Phase 2 for one chunk: recompute h and the MLP (or take them from `row`, a
     Kept chunk), backprop G; returns (dh, do, δ, dz) of the chunk (o, do head
     layout; dz None without an output gate)."""
     if row is None:
         r1, h = _residual_in(b, x, o, z, at)
-        dh = mlp_backward(paths, b, h, g, flat, at)
+        dh = mlp_backward(paths, b, h, g, flat, at, side=side)
     else:
         r1, h, *mlp = row
-        dh = mlp_backward(paths, b, h, g, flat, at, kept=tuple(mlp))
+        dh = mlp_backward(paths, b, h, g, flat, at, kept=tuple(mlp), side=side)
     del h
     dr1 = norm_bwd(b.attn_out, scaled(dh, b.residual), r1)
     o_tok = _tokens(o)
@@ -328,18 +361,23 @@ def _mlp_chunk_backward(paths, b: BlockSpec, x, o, z, g, flat, at, row=None):
 
 
 def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
-                   kept: Optional[Kept] = None, packing=None):
+                   kept: Optional[Kept] = None, packing=None,
+                   links: Optional[BlockLinks] = None):
     """Recompute the block from its input x (or take its forward's `kept` tensors)
     and backprop G = dL/dout; returns dL/dx (LoRA gradients added into `flat`).
     Over several token chunks G's buffer is reused for dL/dh and then dL/dx (the
-    caller must not read g afterwards)."""
+    caller must not read g afterwards). A KV-shared block hands dK, dV to `links`;
+    a source adds those of its readers (links.dkv) to its own."""
     if b.delta is not None:
         return deltanet.block_backward(paths, b, x, g, flat, opt, need_dx, kept, packing)
+    if b.conv is not None:
+        return short_conv.block_backward(paths, b, x, g, flat, opt, need_dx, kept,
+                                         packing, links)
     B, T, _ = x.shape
     spans = token_spans(b, opt, B, T)
     kept_rows = p = None
     if kept is None:
-        q, k, v, pre = attention_inputs(b, x, spans, packing)
+        q, k, v, pre = attention_inputs(b, x, spans, packing, links)
         if keeps_probs(b, opt, T):
             o, p = _attend(b, q, k, v, opt, packing, probs=True)
         else:
@@ -347,7 +385,7 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
         mx.eval(o, *([] if p is None else [p]))
     else:
         q, k, v, pre, o, kept_rows, p = kept.take()
-    z, pre = pre.z, pre[:2]
+    z, pv, pre = pre.z, pre.v, pre[:2]
 
     # phase 2: dh over G's buffer, do over o's, dz over z's, δ = rowsum(do ⊙ o)
     cut = take if len(spans) > 1 else rows
@@ -358,7 +396,7 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
         mx.eval(oc, gc, *([] if zc is None else [zc]))
         row = None if kept_rows is None else kept_rows.pop(0)
         dhc, doc, dc, dzc = _mlp_chunk_backward(paths, b, xc, oc, zc, gc, flat, (t0, T),
-                                                row)
+                                                row, _side(links, t0, t1))
         del oc, gc, zc, row
         dh = put(dh, dhc, t0, t1, T, 1)
         o = put(o, doc, t0, t1, T, 2)
@@ -368,12 +406,18 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
     do, dz = o, z
     del o, z, dhc, doc, dc, dzc
 
-    # phase 3: attention backward in query blocks
+    # phase 3: attention backward in query blocks (dK, dV of the readers added)
     dq, dk, dv = attention_backward_rows(
         lambda t0, t1: (do[:, :, t0:t1], delta[:, :, t0:t1]), q, k, v, b.scale,
         _chunk(opt, b.H, T), window=b.window, softcap=b.softcap,
         segments=_segments(packing), p=p)
     del do, delta, q, k, v, p
+    if b.kv_from is not None:
+        links.add_dkv(dk, dv)
+        dk = dv = None
+    elif links is not None and links.dkv is not None:
+        dk, dv = dk + links.dkv[0], dv + links.dkv[1]
+        links.dkv = None
     if not need_dx and not has_lora(b.qkv):
         return dh                                           # unused by the caller
 
@@ -381,18 +425,23 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
     for t0, t1 in spans:
         at = (t0, T)
         xc = rows(x, t0, t1, 1)
-        dqc, dkc = _qk_bwd(b, dq[:, :, t0:t1], dk[:, :, t0:t1],
+        dqc, dkc = _qk_bwd(b, dq[:, :, t0:t1], None if dk is None else dk[:, :, t0:t1],
                            [None if a is None else rows(a, t0, t1, _pre_axis(b))
                             for a in pre], t0, packing)
         if dz is not None:
             dqc = _join_gate(dqc, dz[:, t0:t1], b.H)
-        da = proj_bwd(paths, b.qkv, [dqc, dkc, _tokens(dv[:, :, t0:t1])],
-                      norm(b.attn_in, xc), flat, need_dx, at)
+        grads = [dqc]
+        if dk is not None:
+            dvc = dv[:, :, t0:t1]
+            if b.v_norm is not None:
+                dvc = norm_bwd(b.v_norm, dvc, pv[:, :, t0:t1])
+            grads += [dkc, _tokens(dvc)]
+        da = proj_bwd(paths, b.qkv, grads, norm(b.attn_in, xc), flat, need_dx, at)
         if need_dx:
             dhc = cut(dh, t0, t1, 1)
             mx.eval(dhc)
             dh = put(dh, dhc + norm_bwd(b.attn_in, da, xc), t0, t1, T, 1)
             del dhc
-        del da, dqc, dkc
+        del da, dqc, dkc, grads
         mx.eval(*([dh] if need_dx else []), *flat.values())
     return dh

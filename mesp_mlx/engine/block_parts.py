@@ -1,9 +1,13 @@
 """What every block kind shares: projections, token-chunk buffers and the MLP half.
 
 A block is a token mixer (softmax attention in block.py, gated DeltaNet in
-deltanet.py) followed by the same pre/sandwich-norm MLP:
-    m_in = N_mi(h);  g, u = proj(m_in);  m = act(g) ⊙ u;  r2 = down(m);  out = h + α N_mo(r2)
-    backward:  dr2 = N_mo'(α G);  dm = down'(dr2);  dg, du = act'(dm);  dh = G + N_mi'(proj'(dg, du))
+deltanet.py, the short conv in short_conv.py) followed by the same pre/sandwich-norm
+MLP and, in gemma4, a tail:
+    m_in = N_mi(h);  g, u = proj(m_in);  m = act(g) ⊙ u;  r2 = down(m);  h2 = h + α N_mo(r2)
+    tail:  c = gate_t(h2);  n = gelu(c) ⊙ e;  r3 = proj_t(n);  out = s (h2 + N_t(r3))
+    backward:  dn3 = s G;  dn = proj_t'(N_t'(dn3));  dc = gelu'(dn) ⊙ e;  dh2 = dn3 + gate_t'(dc)
+               dr2 = N_mo'(α dh2);  dm = down'(dr2);  dg, du = act'(dm);  dh = dh2 + N_mi'(proj'(dg, du))
+(out = h2 without a tail; e the block's per-layer input, a constant.)
 Everything here is position-wise, so it runs over token chunks (`token_spans`: the
 widest chunk tensor, T_c × F, holds about opt.token_chunk_bytes), one evaluation per
 chunk, LoRA gradients summed over chunks into `flat` under mlx-lm's names.
@@ -19,7 +23,7 @@ from ..ops.geglu import geglu, geglu_backward
 from ..ops.lora_linear import lora_linear, lora_linear_backward
 from ..ops.rmsnorm import rmsnorm_backward
 from ..ops.swiglu import swiglu, swiglu_backward, swiglu_from_saved, swiglu_saving
-from .spec import BlockSpec, Fused, Norm
+from .spec import BlockSpec, Fused, Norm, Tail
 
 
 class Act(NamedTuple):
@@ -167,28 +171,38 @@ def mlp_half(b: BlockSpec, h, at=None, saving=False):
     return m_in, gate, up, (act.saving if saving else act.forward)(gate, up)
 
 
-def mlp_forward(b: BlockSpec, h, at=None, saving=False):
-    """(out = h + α N_mo(r2), (gate, up, r2 if N_mo, saved)): the block's output of a
-    chunk and what a kept block hands its backward (saved only when `saving`)."""
+def _keeps_r2(b: BlockSpec) -> bool:
+    return b.mlp_out is not None or b.tail is not None
+
+
+def mlp_forward(b: BlockSpec, h, at=None, saving=False, side=None):
+    """(out, (gate, up, r2 if N_mo or a tail, saved)): the block's output of a chunk
+    (h2 = h + α N_mo(r2), through the tail if any, with side the chunk's rows of e)
+    and what a kept block hands its backward (saved only when `saving`)."""
     _, gate, up, m = mlp_half(b, h, at, saving=saving)
     m, sig = m if saving else (m, None)
     r2 = lin(b.down, m, at)
     out = h + scaled(norm(b.mlp_out, r2), b.residual)
-    return out, (gate, up, r2 if b.mlp_out is not None else None, sig)
+    if b.tail is not None:
+        out = tail_forward(b.tail, out, side, at)
+    return out, (gate, up, r2 if _keeps_r2(b) else None, sig)
 
 
-def mlp_backward(paths, b: BlockSpec, h, g, flat, at, kept=None):
-    """dL/dh of a chunk's MLP half, G = dL/dout: recompute from h, or take the
-    forward's (gate, up, r2, saved) from `kept` (saved None: recomputed)."""
+def mlp_backward(paths, b: BlockSpec, h, g, flat, at, kept=None, side=None):
+    """dL/dh of a chunk's MLP half (and tail), G = dL/dout: recompute from h, or take
+    the forward's (gate, up, r2, saved) from `kept` (saved None: recomputed)."""
     act = ACTS[b.act]
     if kept is None:
         m_in, gate, up, (m, saved) = mlp_half(b, h, at, saving=True)
-        r2 = lin(b.down, m, at) if b.mlp_out is not None else None
+        r2 = lin(b.down, m, at) if _keeps_r2(b) else None
     else:
         gate, up, r2, saved = kept
         m_in = norm(b.mlp_in, h)
         m, saved = ((act.from_saved(gate, up, saved), saved) if saved is not None
                     else act.saving(gate, up))
+    if b.tail is not None:
+        g = tail_backward(paths, b.tail, h + scaled(norm(b.mlp_out, r2), b.residual), g,
+                          side, flat, at)
     dr2 = scaled(g, b.residual)
     if b.mlp_out is not None:
         dr2 = norm_bwd(b.mlp_out, dr2, r2)
@@ -199,10 +213,30 @@ def mlp_backward(paths, b: BlockSpec, h, g, flat, at, kept=None):
                                            at=at), h)
 
 
+def tail_forward(t: Tail, h2, e, at=None):
+    """out = s (h2 + N_t(proj_t(gelu(gate_t(h2)) ⊙ e))), or s h2 without a gate."""
+    if t.gate is not None:
+        h2 = h2 + norm(t.norm, lin(t.proj, geglu(lin(t.gate, h2, at), e), at))
+    return h2 * t.s()
+
+
+def tail_backward(paths, t: Tail, h2, g, e, flat, at):
+    """dL/dh2 from G = dL/dout (the tail's c, n, r3 recomputed from h2)."""
+    dn3 = g * t.s()
+    if t.gate is None:
+        return dn3
+    c = lin(t.gate, h2, at)
+    n = geglu(c, e)
+    dr3 = dn3 if t.norm is None else norm_bwd(t.norm, dn3, lin(t.proj, n, at))
+    dc, _ = geglu_backward(lin_bwd(paths, t.proj, dr3, n, flat, at=at), c, e)
+    return dn3 + lin_bwd(paths, t.gate, dc, h2, flat, at=at)
+
+
 def mlp_kept_bytes(b: BlockSpec, B: int, T: int, itemsize: int) -> int:
-    """Bytes a kept block holds for its MLP half: h, gate, up (and r2 if N_mo)."""
+    """Bytes a kept block holds for its MLP half: h, gate, up (and r2 if N_mo or a
+    tail)."""
     D = _frozen(b.down).shape[0]
-    per_token = D + 2 * block_width(b) + (D if b.mlp_out is not None else 0)
+    per_token = D + 2 * block_width(b) + (D if _keeps_r2(b) else 0)
     return B * T * per_token * itemsize
 
 

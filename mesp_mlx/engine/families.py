@@ -14,7 +14,8 @@ from .lora_layers import LoRALinear
 from ..ops.frozen import FrozenWeight
 from ..ops.rmsnorm import effective_weight
 from ..ops.rope import rope_from_module
-from .spec import BlockSpec, DeltaSpec, Fused, ModelSpec, Norm
+from .spec import (PLAIN_IO, BlockIO, BlockSpec, ConvSpec, DeltaSpec, Fused, ModelSpec,
+                   Norm, Tail)
 from ..errors import UnsupportedModelError
 
 # out of reach of the per-block engines: why, per family
@@ -23,7 +24,7 @@ OUT_OF_REACH = {
     "gemma3n": ("AltUp (four hidden-state streams, predicted and corrected by per-token "
                 "routers in every block), Laurel low-rank residual branches and a sparse "
                 "top-k GELU (a per-token mean + k·std cutoff on the gate)"),
-    "gemma4": "KV shared across layers and per-layer inputs",
+    "lfm2_moe": "a mixture-of-experts feed-forward (router + SwitchGLU)",
 }
 
 
@@ -56,7 +57,7 @@ def _mlp(blk) -> dict:
 
 
 def _block(blk, *, norms, act="silu", window=None, residual=1.0, softcap=None,
-           mask_array=False, qk_norm="none", rope=True, mask_arg=1) -> BlockSpec:
+           mask_array=False, qk_norm="none", rope=True, io=PLAIN_IO) -> BlockSpec:
     """Read the attention/MLP modules shared by every family's block (rope False:
     a layer without positional rotation, e.g. exaone4's global layers)."""
     a = blk.self_attn
@@ -73,7 +74,7 @@ def _block(blk, *, norms, act="silu", window=None, residual=1.0, softcap=None,
     return BlockSpec(blk, **_mlp(blk), qkv=qkv, o=a.o_proj, H=H, K=K, hd=hd,
                      scale=a.scale, rope=rope_from_module(a.rope) if rope else None,
                      softcap=softcap, window=window, act=act, residual=residual,
-                     mask_array=mask_array, mask_arg=mask_arg,
+                     mask_array=mask_array, io=io,
                      **{k: _norm(getattr(blk, n)) for k, n in norms.items()}, **qn)
 
 
@@ -176,12 +177,17 @@ def _exaone4(model, lm, inner):       # post-norm, per-head q/k norm; local laye
                    window=W if b.self_attn.is_local else None) for b in inner.layers], {}
 
 
+_SCALED_Q_IO = BlockIO(lambda m, x, mask, side, kv: (m(x, None, mask), None),
+                       lambda args, kw: args[1] if len(args) > 1 else kw.get("mask"),
+                       lambda x: x)        # block(x, attn_scale, mask): scale None = computed
+
+
 def _ministral3(model, lm, inner):
     """Llama layout; queries scaled by 1 + β·log(1 + ⌊t / N⌋) (Llama 4 attention
     scaling), which is exactly 1 for positions t < N: the engine runs T ≤ N."""
     W, rp = inner.sliding_window, lm.args.rope_parameters
     N = int(rp["original_max_position_embeddings"])
-    return ([_block(b, norms=PRE, window=W if b.use_sliding else None, mask_arg=2)
+    return ([_block(b, norms=PRE, window=W if b.use_sliding else None, io=_SCALED_Q_IO)
              for b in inner.layers],
             dict(max_tokens=(N, "beyond it queries are scaled by position")))
 
@@ -195,12 +201,34 @@ def _mistral3(model, lm, inner):      # the VLM wrapper: its text model's reader
     return READERS[fam](model, lm, inner)
 
 
+def _lfm2(model, lm, inner):
+    """Pre-norm blocks (operator_norm, ffn_norm), SwiGLU feed_forward (w1 gate, w3 up,
+    w2 down); the token mixer a short conv ("conv" layers) or GQA attention with
+    per-head q/k norms and out_proj; the final norm is `embedding_norm`."""
+    blocks = []
+    for b in inner.layers:
+        ff = b.feed_forward
+        common = dict(gate_up=(ff.w1, ff.w3), down=ff.w2, attn_in=_norm(b.operator_norm),
+                      mlp_in=_norm(b.ffn_norm))
+        if b.is_attention_layer:
+            a = b.self_attn
+            blocks.append(BlockSpec(
+                b, **common, qkv=(a.q_proj, a.k_proj, a.v_proj), o=a.out_proj, H=a.n_heads,
+                K=a.n_kv_heads, hd=a.head_dim, scale=a.scale, q_norm=_norm(a.q_layernorm),
+                k_norm=_norm(a.k_layernorm), rope=rope_from_module(a.rope)))
+        else:
+            c = b.conv
+            blocks.append(BlockSpec(b, **common, conv=ConvSpec(c, c.in_proj, c.out_proj,
+                                                               c.L_cache)))
+    return blocks, dict(final_norm=inner.embedding_norm)
+
+
 READERS = {"qwen2": _qwen2, "qwen3": _qwen3, "llama": _llama, "smollm3": _llama,
            "gemma": _gemma, "gemma2": _gemma2, "gemma3_text": _gemma3_text,
            "gemma3": _gemma3_text, "phi3": _phi3, "granite": _granite, "olmo2": _olmo2,
            "qwen3_5": _qwen3_5, "qwen3_5_moe": _qwen3_5, "qwen3_next": _qwen3_5,
            "olmo3": _olmo3, "exaone4": _exaone4, "ministral3": _ministral3,
-           "mistral3": _mistral3, "helium": _qwen2, "ernie4_5": _qwen2}
+           "mistral3": _mistral3, "helium": _qwen2, "ernie4_5": _qwen2, "lfm2": _lfm2}
 
 
 def language_model(model):
@@ -229,18 +257,19 @@ def read_spec(model) -> ModelSpec:
         raise UnsupportedModelError(
             f"{fam} model does not have the layout its reader expects ({e}); "
             "use method='autodiff'") from None
-    head_mod = _head(lm, inner)
+    head_mod = head_module(lm, inner)
     paths = {id(m): p for p, m in model.named_modules()}
     lora_blocks = [i for i, b in enumerate(inner.layers)
                    if any(isinstance(m, LoRALinear) for _, m in b.named_modules())]
     _check_trainable(model)
-    return ModelSpec(fam, inner, inner.embed_tokens, blocks, _norm(inner.norm),
+    final = extra.pop("final_norm") if "final_norm" in extra else inner.norm
+    return ModelSpec(fam, inner, inner.embed_tokens, blocks, _norm(final),
                      FrozenWeight.of(head_mod),
                      head_mod if head_mod is not inner.embed_tokens else head_mod.as_linear,
                      paths, lora_blocks[0] if lora_blocks else len(blocks), **extra)
 
 
-def _head(lm, inner):
+def head_module(lm, inner):
     """The LM head the model applies: the embedding when tied (helium builds an
     lm_head it does not use then), else lm_head."""
     tied = getattr(lm, "tie_word_embeddings", None)          # gemma3_text keeps it here

@@ -30,6 +30,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from ..ops.dequant_matmul import tile_barriers
 from .batch import check_batch, vocab_sizes
 from .block import block_forward
+from .links import StepLinks
 from .lora_layers import step_dropout
 from .plan import EngineOptions, cache_policy
 from .stream import weight_source
@@ -121,9 +122,10 @@ def lm_loss_at(model, inputs, targets, mask, pert: Perturbation,
     opt = options or EngineOptions()
     spec = model_spec(model, "mesp", inputs.shape[1], opt)
     weights = weight_source(model)                  # streamed: one block's W0 at a time
-    plain = lambda i, b, h: block_forward(b, h, opt)
     h0 = spec.embed_ids(inputs)
     mx.eval(h0)
+    links = StepLinks(spec, inputs, h0)           # sources below spec.first: kept
+    plain = lambda i, b, h: block_forward(b, h, opt, links=links.forward(i, b))
     h0 = walk(spec, h0, plain, weights, stop=spec.first)
 
     def loss_at(c: float) -> float:

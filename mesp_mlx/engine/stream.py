@@ -28,7 +28,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .families import language_model
+from .families import head_module, language_model
 from ..ops.frozen import FrozenWeight
 from .safetensors_io import WeightFiles, WeightsFileError
 
@@ -115,7 +115,7 @@ class StreamedWeights:
         paths = {id(m): p for p, m in model.named_modules()}
         self._blocks = {id(b): self._take_block(b, paths[id(b)]) for b in inner.layers}
         embed = inner.embed_tokens
-        head = lm.lm_head if "lm_head" in lm else embed
+        head = head_module(lm, inner)
         self._tables = {}
         self.embed = self._take_table(embed, paths[id(embed)])
         self.head = self._take_table(head, paths[id(head)])

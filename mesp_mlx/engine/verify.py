@@ -16,7 +16,8 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .block import block_forward, causal_mask, layer_mask
+from .block import _frozen, block_forward, causal_mask, layer_mask
+from .links import BlockLinks
 from .spec import ModelSpec
 from .stream import RESIDENT
 from ..errors import SpecMismatchError
@@ -27,22 +28,22 @@ TOL = {mx.float32: 1e-4, mx.bfloat16: 3e-2, mx.float16: 1e-2}   # max err / max 
 class _Probe:
     """Stands in for a block: records the mask, returns the input unchanged."""
 
-    def __init__(self, blk, mask_arg=1):
-        self._blk, self._at, self.mask = blk, mask_arg, None
+    def __init__(self, blk, io):
+        self._blk, self._io, self.mask = blk, io, None
 
     def __getattr__(self, name):          # e.g. llama reads layer.use_sliding
         return getattr(self._blk, name)
 
     def __call__(self, x, *args, **kwargs):
-        self.mask = args[self._at - 1] if len(args) >= self._at else kwargs.get("mask")
-        return x
+        self.mask = self._io.mask_of(args, kwargs)
+        return self._io.stand_in(x)
 
 
 def _probe_masks(model, spec: ModelSpec, T: int, V: int):
     """(masks the model builds at T tokens, model logits of 2 tokens) with probe blocks."""
     layers = spec.inner.layers
     saved = list(layers)
-    probes = [_Probe(b, s.mask_arg) for b, s in zip(saved, spec.blocks)]
+    probes = [_Probe(b, s.io) for b, s in zip(saved, spec.blocks)]
     layers[:] = probes
     try:
         ids = (mx.arange(T) % V)[None]
@@ -83,7 +84,8 @@ def _kind(b) -> tuple:
     delta = None if d is None else (d.Hk, d.Hv, d.Dk, d.Dv, d.kernel, d.grouped)
     return (b.mixer, delta, b.window, b.mask_array, rope, b.softcap, b.act, b.residual,
             b.attn_in is None, b.attn_out is None, b.mlp_in is None, b.mlp_out is None,
-            b.q_norm is None, b.qk_norm_full, b.q_gate)
+            b.q_norm is None, b.v_norm is None, b.qk_norm_full, b.q_gate,
+            b.kv_from is None, b.tail is None, b.hd, b.H, b.K)
 
 
 def verify_spec(model, spec: ModelSpec, method: str, T: int, opt, weights=None) -> None:
@@ -125,14 +127,30 @@ def _check_blocks(spec: ModelSpec, Tc: int, dtype, opt, weights):
         if _kind(b) in seen:
             continue
         seen.add(_kind(b))
+        side, kv = _random_links(b, Tc, dtype)
         with weights.block(b):
-            ref = b.run(x, layer_mask(b, Tc))
-            err = _rel_err(block_forward(b, x, opt), ref)
+            ref, _ = b.run(x, layer_mask(b, Tc), side, kv)
+            links = None if side is None and kv is None else \
+                BlockLinks(None, i, b.kv_from, side, kv)
+            err = _rel_err(block_forward(b, x, opt, links=links), ref)
         if not err <= TOL.get(dtype, 3e-2):
             raise SpecMismatchError(
                 f"{spec.family} layer {i}: the per-block engine's forward differs from the "
                 f"model's own (relative error {err:.2g}); mesp would give wrong gradients. "
                 "Use method='mebp' or 'autodiff' (--method autodiff), exact for any model")
+
+
+def _random_links(b, Tc: int, dtype):
+    """A random per-layer input and shared K, V where the block reads them."""
+    side = kv = None
+    if b.tail is not None and b.tail.gate is not None:
+        P = _frozen(b.tail.gate).shape[0]
+        side = mx.random.normal((1, Tc, P), key=mx.random.key(7)).astype(dtype)
+    if b.kv_from is not None:
+        k1, k2 = mx.random.split(mx.random.key(8))
+        kv = tuple(mx.random.normal((1, b.K, Tc, b.hd), key=k).astype(dtype)
+                   for k in (k1, k2))
+    return side, kv
 
 
 def _check_head(spec: ModelSpec, ref_logits, dtype):

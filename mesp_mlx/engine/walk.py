@@ -27,6 +27,7 @@ from ..ops.dequant_matmul import tile_barriers
 from ..ops.loss_head import loss_head_value
 from .block import block_forward, layer_mask
 from .families import read_spec
+from .links import StepLinks
 from ..errors import UnsupportedModelError
 from .plan import EngineOptions, head_tiles
 from .stream import is_streamed, weight_source
@@ -88,7 +89,10 @@ def loss_sum(model, inputs, targets, mask, options: Optional[EngineOptions] = No
     with tile_barriers():               # outside any transform: evaluate per W0 tile
         h = spec.embed_ids(inputs)
         mx.eval(h)
-        h = walk(spec, h, lambda i, b, h: block_forward(b, h, opt), weight_source(model))
+        links = StepLinks(spec, inputs, h)
+        h = walk(spec, h, lambda i, b, h: block_forward(b, h, opt,
+                                                        links=links.forward(i, b)),
+                 weight_source(model))
         n = max(mask.astype(mx.float32).sum().item(), 1.0)
         return head_mean(spec, h, targets, mask, opt).item() * n
 

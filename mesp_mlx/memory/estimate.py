@@ -127,7 +127,8 @@ def arch_from_model(model, rank: int = 8) -> Arch:
     if is_streamed(model):       # resident part + the largest block + one head tile
         ws = weight_source(model)
         weights = resident_weight_bytes(model) + ws.block_bytes() + ws.head_tile_bytes()
-    return _arch(model, weights, lora, lm.model.norm.weight.itemsize, bits)
+    norm = lm.model.norm if "norm" in lm.model else lm.model.embedding_norm   # lfm2
+    return _arch(model, weights, lora, norm.weight.itemsize, bits)
 
 
 @dataclass

@@ -43,6 +43,13 @@ _QWEN35 = dict(model_type="qwen3_5", rms_norm_eps=1e-6, vocab_size=248320,
                rope_parameters=dict(rope_type="default", rope_theta=10000000.0,
                                     partial_rotary_factor=0.25, mrope_interleaved=True,
                                     mrope_section=[11, 11, 10]))
+_LFM2 = dict(model_type="lfm2", num_hidden_layers=16, num_key_value_heads=8,
+             vocab_size=65536, norm_eps=1e-5, rope_theta=1000000.0,
+             max_position_embeddings=128000, conv_bias=False, conv_L_cache=3,
+             block_multiple_of=256, block_ffn_dim_multiplier=1.0,
+             block_auto_adjust_ff_dim=True,
+             layer_types=["full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv"
+                          for i in range(16)])
 
 CONFIGS = {
     "Qwen2.5-0.5B": dict(_QWEN25, hidden_size=896, num_hidden_layers=24,
@@ -121,6 +128,12 @@ CONFIGS = {
                         num_key_value_heads=20, head_dim=128, vocab_size=48000,
                         rms_norm_eps=1e-8, rope_theta=100000.0, max_position_embeddings=4096,
                         attention_bias=False, mlp_bias=False, tie_word_embeddings=False),
+    "LFM2-350M": dict(_LFM2, hidden_size=1024, block_dim=1024, block_ff_dim=6656,
+                      num_attention_heads=16),
+    "LFM2-1.2B": dict(_LFM2, hidden_size=2048, block_dim=2048, block_ff_dim=12288,
+                      num_attention_heads=32),
+    "LFM2.5-1.2B": dict(_LFM2, hidden_size=2048, block_dim=2048, block_ff_dim=12288,
+                        num_attention_heads=32),
 }
 
 # Tiny configs per family (tests): D 64, 2-4 blocks, vocab 256, GQA 2:1.
@@ -201,6 +214,10 @@ TINY = {
                    mlp_bias=True, tie_word_embeddings=True),
     "ernie4_5": dict(_T, model_type="ernie4_5", head_dim=16, use_bias=True,
                      tie_word_embeddings=False),
+    "lfm2": dict(_T, model_type="lfm2", num_hidden_layers=3, norm_eps=1e-5, conv_bias=True,
+                 conv_L_cache=3, block_dim=64, block_ff_dim=128, block_multiple_of=32,
+                 block_ffn_dim_multiplier=1.0, block_auto_adjust_ff_dim=True,
+                 layer_types=["conv", "full_attention", "conv"]),
 }
 
 
