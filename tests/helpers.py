@@ -52,12 +52,22 @@ def make(cfg, rank=4, num_layers=None, keys=None, quantize=None, dtype=mx.float3
 def randomize_norms(model):
     """Norm weights ≠ 1, so the backward through w is tested; effective weight ≈ 1 ±
     0.1 (Gemma's 1 + w norms get w ≈ 0: their mlx-lm init of w = 1 doubles every
-    norm, which makes a random tiny model chaotic enough that fp32 op order shows)."""
+    norm, which makes a random tiny model chaotic enough that fp32 op order shows).
+    gemma4's layer_scalar, 1 at init, gets 1 ± 0.1 too; its attention has scale 1, so
+    its q/k norm weights get hd^-¼ (logits of std ~1, as 1/√hd gives elsewhere)."""
     for path, m in model.named_modules():
         if "weight" in m and m.weight.ndim == 1 and "RMSNorm" in type(m).__name__:
             base = 0.0 if type(m).__module__.startswith("mlx_lm.models.gemma") else 1.0
             noise = 0.1 * mx.random.normal(m.weight.shape, key=mx.random.key(zlib.crc32(path.encode())))
             m.weight = (base + noise).astype(m.weight.dtype)
+        if "layer_scalar" in m:                 # gemma4's frozen block-output scale
+            noise = 0.1 * mx.random.normal((1,), key=mx.random.key(zlib.crc32(path.encode())))
+            m.layer_scalar = (1.0 + noise).astype(m.layer_scalar.dtype)
+    for _, m in model.named_modules():
+        if getattr(m, "scale", None) == 1.0 and "q_norm" in m:   # gemma4: no 1/√hd
+            for n in ("q_norm", "k_norm"):      # logits of std ~1, not √hd (a near
+                if n in m:                      # one-hot softmax amplifies rounding)
+                    m[n].weight = m[n].weight * m.head_dim ** -0.25
 
 
 def batch(T, B=2, V=256, seed=1):

@@ -49,13 +49,14 @@ def test_family_fp32_exact(family):
 
 @pytest.mark.parametrize("family", ["qwen3", "llama-bias-sliding", "gemma2",
                                     "gemma3_text", "phi3", "granite", "olmo2", "olmo3",
-                                    "exaone4", "lfm2"])
+                                    "exaone4", "lfm2", "gemma4_text"])
 def test_family_quantized_exact(family):
     model = make({}, family=family, quantize=dict(group_size=32, bits=4))
     check_exact(model, *batch(11))
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "phi3", "olmo2", "gemma2"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "phi3", "olmo2", "gemma2",
+                                    "gemma4_text"])
 def test_family_bf16_close(family):
     model = make({}, family=family, dtype=mx.bfloat16)
     check_exact(model, *batch(16), dtype=mx.bfloat16)

@@ -168,7 +168,8 @@ def test_forward_loss_matches_autodiff_and_value_and_grad():
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama-bias-sliding", "gemma2",
-                                    "gemma3_text", "phi3", "granite", "olmo2", "lfm2"])
+                                    "gemma3_text", "phi3", "granite", "olmo2", "lfm2",
+                                    "gemma4_text"])
 def test_forward_loss_every_family(family):
     """MeZO's forward is the engine's spec forward: L(θ + 0·z) is the model's own loss
     (T 16 > the tiny sliding windows, softcaps and logit scaling included)."""

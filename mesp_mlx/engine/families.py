@@ -223,12 +223,66 @@ def _lfm2(model, lm, inner):
     return blocks, dict(final_norm=inner.embedding_norm)
 
 
+_GEMMA4_IO = BlockIO(        # layer(x, mask, cache, per_layer_input, shared_kv, offset)
+    lambda m, x, mask, side, kv: m(x, mask, None, per_layer_input=side, shared_kv=kv,
+                                   offset=0)[:2],
+    lambda args, kw: args[0] if args else kw.get("mask"), lambda x: (x, None, 0))
+
+
+def _gemma4_text(model, lm, inner):
+    """Sandwich blocks, GeGLU (tanh), attention scale 1, per-head q/k norms and a
+    weightless v norm; sliding and global layers (own head dim, RoPE, kv heads); the
+    last num_kv_shared_layers blocks attend over the K, V of the last earlier block of
+    their type (kv_from, no k/v projections, double-wide MLP); after the MLP the tail:
+    per-layer input gate, projection and norm (when hidden_size_per_layer_input),
+    then × layer_scalar. Final logits softcapped; MoE blocks refused."""
+    args = lm.args
+    if args.enable_moe_block:
+        raise UnsupportedModelError(
+            "gemma4 with enable_moe_block has a mixture-of-experts branch (router + "
+            "SwitchGLU) in every block, which the per-block engines (mesp, mebp) do not "
+            "implement; use method='autodiff' (--method autodiff), which is exact for "
+            "any model")
+    W, blocks = args.sliding_window, []
+    for i, b in enumerate(inner.layers):
+        a = b.self_attn
+        if a.use_k_eq_v:
+            raise UnsupportedModelError(
+                "gemma4 with attention_k_eq_v (values = keys) is not supported by the "
+                "per-block engines; use method='autodiff' (--method autodiff)")
+        shared = not a.has_kv
+        kv = {} if shared else dict(k_norm=_norm(a.k_norm), v_norm=Norm(None, a.v_norm.eps))
+        pli = b.per_layer_input_gate is not None
+        tail = Tail(b, "layer_scalar", b.per_layer_input_gate if pli else None,
+                    b.per_layer_projection if pli else None,
+                    _norm(b.post_per_layer_input_norm) if pli else None)
+        blocks.append(BlockSpec(
+            b, **_mlp(b), qkv=(a.q_proj,) if shared else (a.q_proj, a.k_proj, a.v_proj),
+            o=a.o_proj, H=a.n_heads, K=a.n_kv_heads, hd=a.head_dim, scale=a.scale,
+            q_norm=_norm(a.q_norm), **kv, rope=rope_from_module(a.rope),
+            window=W if a.is_sliding else None, act="gelu_tanh",
+            kv_from=inner.previous_kvs[i] if shared else None, tail=tail, io=_GEMMA4_IO,
+            **{k: _norm(getattr(b, n)) for k, n in SANDWICH.items()}))
+    extra = dict(embed_scale=inner.embed_scale, final_softcap=lm.final_logit_softcapping)
+    if inner.hidden_size_per_layer_input:
+        extra["side_inputs"] = lambda ids, h0: _per_layer_inputs(inner, ids, h0)
+    return blocks, extra
+
+
+def _per_layer_inputs(inner, ids, h0):
+    """Each block's per-layer input [B, T, P] as the model computes it (frozen: the
+    per-layer embedding of the ids and a normed projection of h0, ×2^-½)."""
+    e = inner._project_per_layer_inputs(h0, inner._get_per_layer_inputs(ids))
+    return [e[:, :, i, :] for i in range(len(inner.layers))]
+
+
 READERS = {"qwen2": _qwen2, "qwen3": _qwen3, "llama": _llama, "smollm3": _llama,
            "gemma": _gemma, "gemma2": _gemma2, "gemma3_text": _gemma3_text,
            "gemma3": _gemma3_text, "phi3": _phi3, "granite": _granite, "olmo2": _olmo2,
            "qwen3_5": _qwen3_5, "qwen3_5_moe": _qwen3_5, "qwen3_next": _qwen3_5,
            "olmo3": _olmo3, "exaone4": _exaone4, "ministral3": _ministral3,
-           "mistral3": _mistral3, "helium": _qwen2, "ernie4_5": _qwen2, "lfm2": _lfm2}
+           "mistral3": _mistral3, "helium": _qwen2, "ernie4_5": _qwen2, "lfm2": _lfm2,
+           "gemma4_text": _gemma4_text, "gemma4": _gemma4_text}
 
 
 def language_model(model):

@@ -51,6 +51,12 @@ _LFM2 = dict(model_type="lfm2", num_hidden_layers=16, num_key_value_heads=8,
              layer_types=["full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv"
                           for i in range(16)])
 
+_GEMMA4 = dict(model_type="gemma4_text", num_attention_heads=8, head_dim=256,
+               global_head_dim=512, hidden_size_per_layer_input=256, vocab_size=262144,
+               vocab_size_per_layer_input=262144, sliding_window=512,
+               final_logit_softcapping=30.0, rms_norm_eps=1e-6,
+               max_position_embeddings=131072, tie_word_embeddings=True)
+
 CONFIGS = {
     "Qwen2.5-0.5B": dict(_QWEN25, hidden_size=896, num_hidden_layers=24,
                          intermediate_size=4864, num_attention_heads=14,
@@ -134,6 +140,12 @@ CONFIGS = {
                       num_attention_heads=32),
     "LFM2.5-1.2B": dict(_LFM2, hidden_size=2048, block_dim=2048, block_ff_dim=12288,
                         num_attention_heads=32),
+    "gemma-4-E2B": dict(_GEMMA4, hidden_size=1536, num_hidden_layers=35,
+                        intermediate_size=6144, num_key_value_heads=1, num_kv_shared_layers=20,
+                        sliding_window_pattern=5, use_double_wide_mlp=True),
+    "gemma-4-E4B": dict(_GEMMA4, hidden_size=2560, num_hidden_layers=42,
+                        intermediate_size=10240, num_key_value_heads=2, num_kv_shared_layers=18,
+                        sliding_window_pattern=6, use_double_wide_mlp=False),
 }
 
 # Tiny configs per family (tests): D 64, 2-4 blocks, vocab 256, GQA 2:1.
@@ -142,6 +154,13 @@ _T = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
           rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096)
 _TINY_YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
                   beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=0.0)
+# 5 blocks: 0-2 own their K, V (1 full, 2 sliding); 3 reads block 2's, 4 reads block 1's
+_TINY_GEMMA4 = dict(_T, model_type="gemma4_text", num_hidden_layers=5, intermediate_size=64,
+                    head_dim=16, global_head_dim=32, num_kv_shared_layers=2,
+                    hidden_size_per_layer_input=32, vocab_size_per_layer_input=256,
+                    sliding_window=4, final_logit_softcapping=5.0,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                 "sliding_attention", "full_attention"])
 TINY = {
     "qwen2": dict(_T, model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(_T, model_type="qwen3", head_dim=16, tie_word_embeddings=True),
@@ -218,6 +237,11 @@ TINY = {
                  conv_L_cache=3, block_dim=64, block_ff_dim=128, block_multiple_of=32,
                  block_ffn_dim_multiplier=1.0, block_auto_adjust_ff_dim=True,
                  layer_types=["conv", "full_attention", "conv"]),
+    "gemma4_text": _TINY_GEMMA4,
+    "gemma4": dict(model_type="gemma4", vocab_size=256, text_config=dict(
+        _TINY_GEMMA4, num_hidden_layers=4, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                     "full_attention"], hidden_size_per_layer_input=0)),
 }
 
 

@@ -13,7 +13,8 @@ cos/sin of θ_{b,t,i} = s · pos[b, t] / p_i ([B, 1, T, d/2], one table per call
 and `rope_apply_at_backward` rotates by −θ (sin negated) and multiplies by m.
 Module → Rope: nn.RoPE (dims, traditional, base, scale);
 Llama3RoPE (dims, traditional, _freqs); YarnRoPE (+ mscale); SuScaledRoPE (dim,
-_freqs, _scale); DynamicNTKScalingRoPE = plain while T ≤ max_positions; NoPE: none.
+_freqs, _scale); ProportionalRoPE (dims, traditional, _freqs: the unrotated pairs'
+periods are ∞, θ = 0); DynamicNTKScalingRoPE = plain while T ≤ max_positions; NoPE: none.
 """
 
 from dataclasses import dataclass
@@ -146,6 +147,8 @@ def rope_from_module(m) -> Optional[Rope]:
         return Rope(m.dims, m.traditional, freqs=m._freqs)
     if name == "YarnRoPE":
         return Rope(m.dims, m.traditional, freqs=m._freqs, mscale=m.mscale)
+    if name == "ProportionalRoPE":          # gemma4: partial rotation as infinite periods
+        return Rope(m.dims, m.traditional, freqs=m._freqs)
     if name == "SuScaledRoPE":
         return Rope(m.dim, False, freqs=m._freqs, mscale=m._scale)
     if name == "DynamicNTKScalingRoPE":
