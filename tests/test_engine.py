@@ -49,7 +49,7 @@ def test_family_fp32_exact(family):
 
 @pytest.mark.parametrize("family", ["qwen3", "llama-bias-sliding", "gemma2",
                                     "gemma3_text", "phi3", "granite", "olmo2", "olmo3",
-                                    "exaone4", "lfm2", "gemma4_text"])
+                                    "exaone4", "lfm2", "gemma4_text", "apertus"])
 def test_family_quantized_exact(family):
     model = make({}, family=family, quantize=dict(group_size=32, bits=4))
     check_exact(model, *batch(11))

@@ -28,7 +28,7 @@ def _plan_budgets(model, T, B=2, widen=0):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "gemma3_text", "phi3",
-                                    "olmo2", "lfm2", "gemma4_text"])
+                                    "olmo2", "lfm2", "gemma4_text", "apertus"])
 def test_every_activation_plan_is_exact(family):
     """Budget 0, wider token chunks only, partial and everything kept (with and
     without token chunks: 5-row chunks, 5+5+3, become 7+6 for 2 rows, then one chunk

@@ -40,10 +40,10 @@ from ..ops.attention import (attention, attention_backward_rows, attention_chunk
                              attention_delta)
 from ..ops.rope import (rope_apply, rope_apply_at, rope_apply_at_backward,
                         rope_apply_backward)
-from .block_parts import (ACTS, MERGE_TAIL, _frozen, block_width, has_lora, lin,  # noqa: F401
-                          lin_bwd, mlp_backward, mlp_forward, mlp_half, mlp_kept_bytes,
-                          norm, norm_bwd, proj, proj_bwd, put, rows, scaled, sig_bytes,
-                          spans, take, token_spans)
+from .block_parts import (ACTS, MERGE_TAIL, _frozen, act_of, block_width,  # noqa: F401
+                          has_lora, lin, lin_bwd, mlp_backward, mlp_forward, mlp_half,
+                          mlp_kept_bytes, norm, norm_bwd, proj, proj_bwd, put, rows, scaled,
+                          sig_bytes, spans, take, token_spans)
 from .links import BlockLinks
 from .spec import BlockSpec, Norm
 
@@ -325,7 +325,7 @@ def block_forward(b: BlockSpec, x, opt, keep: bool = False, packing=None,
     kept = Kept(q, k, v, pre, o, p=p) if keep else None
     z = pre.z
     del q, k, v, pre, p
-    saving = keep and extras and ACTS[b.act].from_saved is not None
+    saving = keep and extras and act_of(b).from_saved is not None
     out = None
     for t0, t1 in spans:
         at = (t0, T)

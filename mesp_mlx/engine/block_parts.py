@@ -23,6 +23,7 @@ from ..ops.geglu import geglu, geglu_backward
 from ..ops.lora_linear import lora_linear, lora_linear_backward
 from ..ops.rmsnorm import rmsnorm_backward
 from ..ops.swiglu import swiglu, swiglu_backward, swiglu_from_saved, swiglu_saving
+from ..ops.xielu import xielu, xielu_backward
 from .spec import BlockSpec, Fused, Norm, Tail
 
 
@@ -43,6 +44,25 @@ def _geglu_act(approx: bool) -> Act:
 
 ACTS = {"silu": Act(swiglu, swiglu_saving, swiglu_backward, swiglu_from_saved),
         "gelu_tanh": _geglu_act(True), "gelu": _geglu_act(False)}
+
+
+def xielu_act(module) -> Act:
+    """Apertus's ungated xIELU, m = xielu(up) (u is None): its frozen α_p, α_n, β, ε
+    are read from `module` (the block's XieLU) when the block runs."""
+    p = lambda: (module.alpha_p, module.alpha_n, module.beta, module.eps)  # noqa: E731
+    fwd = lambda a, _: xielu(a, *p())                                     # noqa: E731
+    return Act(fwd, lambda a, u: (fwd(a, u), None),
+               lambda d, a, u, _: (xielu_backward(d, a, *p()), None))
+
+
+def act_of(b: BlockSpec) -> Act:
+    """The block's activation: a name in ACTS or an Act of its own."""
+    return b.act if isinstance(b.act, Act) else ACTS[b.act]
+
+
+def gated(b: BlockSpec) -> bool:
+    """Whether the MLP is a GLU (gate and up) rather than up alone."""
+    return isinstance(b.gate_up, Fused) or len(b.gate_up) == 2
 
 
 # ------------------------------------------------------------ projections
@@ -163,11 +183,13 @@ def put(buf, part, t0, t1, T, axis):
 
 # ------------------------------------------------------------ the MLP half
 def mlp_half(b: BlockSpec, h, at=None, saving=False):
-    """m_in, gate, up, m = act(gate) ⊙ up: the MLP up to (not through) down_proj;
-    saving: m is (m, what the act's backward reuses, e.g. σ(gate))."""
+    """m_in, gate, up, m = act(gate) ⊙ up: the MLP up to (not through) down_proj
+    (ungated: up None, m = act(gate)); saving: m is (m, what the act's backward
+    reuses, e.g. σ(gate))."""
     m_in = norm(b.mlp_in, h)
-    gate, up = proj(b.gate_up, m_in, at)
-    act = ACTS[b.act]
+    gate, up = proj(b.gate_up, m_in, at) if gated(b) else (proj(b.gate_up, m_in, at)[0],
+                                                          None)
+    act = act_of(b)
     return m_in, gate, up, (act.saving if saving else act.forward)(gate, up)
 
 
@@ -191,7 +213,7 @@ def mlp_forward(b: BlockSpec, h, at=None, saving=False, side=None):
 def mlp_backward(paths, b: BlockSpec, h, g, flat, at, kept=None, side=None):
     """dL/dh of a chunk's MLP half (and tail), G = dL/dout: recompute from h, or take
     the forward's (gate, up, r2, saved) from `kept` (saved None: recomputed)."""
-    act = ACTS[b.act]
+    act = act_of(b)
     if kept is None:
         m_in, gate, up, (m, saved) = mlp_half(b, h, at, saving=True)
         r2 = lin(b.down, m, at) if _keeps_r2(b) else None
@@ -236,10 +258,10 @@ def mlp_kept_bytes(b: BlockSpec, B: int, T: int, itemsize: int) -> int:
     """Bytes a kept block holds for its MLP half: h, gate, up (and r2 if N_mo or a
     tail)."""
     D = _frozen(b.down).shape[0]
-    per_token = D + 2 * block_width(b) + (D if _keeps_r2(b) else 0)
+    per_token = D + (2 if gated(b) else 1) * block_width(b) + (D if _keeps_r2(b) else 0)
     return B * T * per_token * itemsize
 
 
 def sig_bytes(b: BlockSpec, B: int, T: int, itemsize: int) -> int:
     """Bytes of σ(gate) a kept block may also keep (SwiGLU only: B·T·F)."""
-    return B * T * block_width(b) * itemsize if ACTS[b.act].from_saved is not None else 0
+    return B * T * block_width(b) * itemsize if act_of(b).from_saved is not None else 0

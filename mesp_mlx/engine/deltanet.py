@@ -51,7 +51,7 @@ from ..ops.delta_gates import delta_gates, delta_gates_backward
 from ..ops.gated_delta import gated_delta_backward, gated_delta_forward
 from ..ops.gated_rmsnorm import gated_rmsnorm, gated_rmsnorm_backward
 from ..ops.l2norm import normalize_qk, normalize_qk_backward
-from .block_parts import (ACTS, _frozen, has_lora, lin, lin_bwd, mlp_backward, mlp_forward,
+from .block_parts import (_frozen, act_of, has_lora, lin, lin_bwd, mlp_backward, mlp_forward,
                           mlp_kept_bytes, norm, norm_bwd, put, rows, scaled, take,
                           token_spans)
 from .spec import BlockSpec, DeltaSpec
@@ -305,7 +305,7 @@ def block_forward(b: BlockSpec, x, opt, keep: bool = False, packing=None,
     u, z, tb, ta = inputs
     y, states = _recurrence(b.delta, u, ta, tb, opt, packing, keep=keep)
     kept = DeltaKept(inputs, y, states) if keep else None
-    saving = keep and extras and ACTS[b.act].from_saved is not None
+    saving = keep and extras and act_of(b).from_saved is not None
     out = None
     for t0, t1 in spans:
         at = (t0, T)

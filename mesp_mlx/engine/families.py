@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .block_parts import xielu_act
 from .lora_layers import LoRALinear
 from ..ops.frozen import FrozenWeight
 from ..ops.rmsnorm import effective_weight
@@ -57,7 +58,7 @@ def _mlp(blk) -> dict:
 
 
 def _block(blk, *, norms, act="silu", window=None, residual=1.0, softcap=None,
-           mask_array=False, qk_norm="none", rope=True, io=PLAIN_IO) -> BlockSpec:
+           mask_array=False, qk_norm="none", rope=True, io=PLAIN_IO, mlp=None) -> BlockSpec:
     """Read the attention/MLP modules shared by every family's block (rope False:
     a layer without positional rotation, e.g. exaone4's global layers)."""
     a = blk.self_attn
@@ -71,7 +72,7 @@ def _block(blk, *, norms, act="silu", window=None, residual=1.0, softcap=None,
         qkv = (a.q_proj, a.k_proj, a.v_proj)
     qn = dict(q_norm=_norm(a.q_norm), k_norm=_norm(a.k_norm),
               qk_norm_full=qk_norm == "full") if qk_norm != "none" else {}
-    return BlockSpec(blk, **_mlp(blk), qkv=qkv, o=a.o_proj, H=H, K=K, hd=hd,
+    return BlockSpec(blk, **(mlp or _mlp(blk)), qkv=qkv, o=a.o_proj, H=H, K=K, hd=hd,
                      scale=a.scale, rope=rope_from_module(a.rope) if rope else None,
                      softcap=softcap, window=window, act=act, residual=residual,
                      mask_array=mask_array, io=io,
@@ -223,6 +224,15 @@ def _lfm2(model, lm, inner):
     return blocks, dict(final_norm=inner.embedding_norm)
 
 
+def _apertus(model, lm, inner):
+    """Pre-norm (attention_layernorm, feedforward_layernorm), per-head q/k norms, and
+    an ungated MLP: down(xIELU(up(x))) with the layer's frozen xIELU scalars."""
+    norms = dict(attn_in="attention_layernorm", mlp_in="feedforward_layernorm")
+    return [_block(b, norms=norms, qk_norm="head", act=xielu_act(b.mlp.act_fn),
+                   mlp=dict(gate_up=(b.mlp.up_proj,), down=b.mlp.down_proj))
+            for b in inner.layers], {}
+
+
 _GEMMA4_IO = BlockIO(        # layer(x, mask, cache, per_layer_input, shared_kv, offset)
     lambda m, x, mask, side, kv: m(x, mask, None, per_layer_input=side, shared_kv=kv,
                                    offset=0)[:2],
@@ -281,7 +291,7 @@ READERS = {"qwen2": _qwen2, "qwen3": _qwen3, "llama": _llama, "smollm3": _llama,
            "gemma3": _gemma3_text, "phi3": _phi3, "granite": _granite, "olmo2": _olmo2,
            "qwen3_5": _qwen3_5, "qwen3_5_moe": _qwen3_5, "qwen3_next": _qwen3_5,
            "olmo3": _olmo3, "exaone4": _exaone4, "ministral3": _ministral3,
-           "mistral3": _mistral3, "helium": _qwen2, "ernie4_5": _qwen2, "lfm2": _lfm2,
+           "mistral3": _mistral3, "helium": _qwen2, "ernie4_5": _qwen2, "lfm2": _lfm2, "apertus": _apertus,
            "gemma4_text": _gemma4_text, "gemma4": _gemma4_text}
 
 

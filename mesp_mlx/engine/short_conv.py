@@ -26,7 +26,7 @@ from typing import Optional
 import mlx.core as mx
 
 from ..ops.causal_conv import causal_conv, causal_conv_backward
-from .block_parts import (ACTS, _frozen, has_lora, lin, lin_bwd, mlp_backward, mlp_forward,
+from .block_parts import (_frozen, act_of, has_lora, lin, lin_bwd, mlp_backward, mlp_forward,
                           mlp_kept_bytes, norm, norm_bwd, put, rows, scaled, take,
                           token_spans)
 from .spec import BlockSpec, ConvSpec
@@ -96,7 +96,7 @@ def block_forward(b: BlockSpec, x, opt, keep: bool = False, packing=None,
     _, gamma, _, p = inputs
     kept = ConvKept(inputs) if keep else None
     del inputs
-    saving = keep and extras and ACTS[b.act].from_saved is not None
+    saving = keep and extras and act_of(b).from_saved is not None
     out = None
     for t0, t1 in spans:
         at = (t0, T)

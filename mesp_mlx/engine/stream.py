@@ -4,8 +4,8 @@
     stream_weights(model, model_dir)                    # or load_model(..., stream_weights=True)
     apply_lora(model); value_and_grad(model, ...)       # mesp, mebp or mezo
 
-What stays resident: norm weights, LoRA parameters, optimizer state (and anything
-outside the blocks that is not the embedding or head). Every other array of a block
+What stays resident: norm weights, 0-d scalars, LoRA parameters, optimizer state (and
+anything outside the blocks that is not the embedding or head). Every other array of a block
 (W0, its quantization scales/biases, linear biases) is replaced in its module by a
 placeholder of the same shape and dtype holding one element (a stride-0 view, 4
 bytes), and read back from the file by `block(b)`, a context the schedule puts
@@ -151,8 +151,8 @@ class StreamedWeights:
         for rel, _ in tree_flatten(blk.parameters()):
             mpath, _, attr = rel.rpartition(".")
             m = mods[mpath]
-            if _is_norm(m) or attr in ("lora_a", "lora_b"):
-                continue
+            if _is_norm(m) or attr in ("lora_a", "lora_b") or m[attr].ndim == 0:
+                continue                               # scalars (xIELU's) stay too
             out.append(self._swap_out(m, attr, f"{prefix}.{rel}"))
         return out
 

@@ -237,6 +237,11 @@ TINY = {
                  conv_L_cache=3, block_dim=64, block_ff_dim=128, block_multiple_of=32,
                  block_ffn_dim_multiplier=1.0, block_auto_adjust_ff_dim=True,
                  layer_types=["conv", "full_attention", "conv"]),
+    "apertus": dict(_T, model_type="apertus", mlp_bias=False, attention_bias=False,
+                    post_norm=False, qk_norm=True, tie_word_embeddings=False,
+                    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                      high_freq_factor=4.0,
+                                      original_max_position_embeddings=64)),
     "gemma4_text": _TINY_GEMMA4,
     "gemma4": dict(model_type="gemma4", vocab_size=256, text_config=dict(
         _TINY_GEMMA4, num_hidden_layers=4, num_kv_shared_layers=2,
