@@ -142,6 +142,13 @@ FAMILY_SMALL = {f: tiny_config(f, hidden_size=128, intermediate_size=512,
                                num_hidden_layers=4, vocab_size=4096,
                                **({"num_attention_heads": 8} if f == "phi3" else {}))
                 for f in ("qwen2", "qwen3", "llama", "gemma3_text", "phi3")}   # phi3: hd 16
+FAMILY_SMALL["lfm2"] = tiny_config("lfm2", hidden_size=128, block_dim=128, block_ff_dim=768,
+                                   num_hidden_layers=4, vocab_size=4096,
+                                   layer_types=["conv", "full_attention", "conv", "conv"])
+FAMILY_SMALL["gemma4_text"] = tiny_config(   # block 2 reads block 0's K, V, block 3 block 1's
+    "gemma4_text", hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+    vocab_size=4096, vocab_size_per_layer_input=4096, num_kv_shared_layers=2,
+    sliding_window=64, layer_types=["sliding_attention", "full_attention"] * 2)
 
 
 @pytest.mark.parametrize("family", list(FAMILY_SMALL))

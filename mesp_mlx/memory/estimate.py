@@ -4,6 +4,10 @@ Letters: L blocks (with LoRA), B batch, T tokens, D model, F MLP width,
 H heads, K kv heads, d head dim, V vocab, s activation itemsize, r rank; hybrid
 models (Qwen3.5) also: L_Δ gated DeltaNet layers of Hk/Hv key/value heads of Dk/Dv,
 C = 2·Hk·Dk + Hv·Dv conv channels, S = Hv·Dv·Dk·4 bytes of one recurrent state.
+Layers that differ (gemma4's double-wide MLPs and 512-wide global heads) count with the
+widest F and d; LFM2's short-conv layers keep 5 D a token where attention keeps q, k,
+v, o; cross-block inputs (gemma4's per-layer inputs, the K, V shared between blocks)
+are held for the whole step: `link` bytes a token.
 The peak includes the resident weights; coefficients were calibrated against
 `mx.get_peak_memory()` of `mesp_mlx.value_and_grad` on small configs
 (tests/test_memory.py states the tolerance per method).
@@ -15,7 +19,9 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..engine.block import spans
+from ..engine.block import block_width, spans
+from ..engine.block_parts import _frozen
+from ..engine.families import READERS, family_of, language_model
 from ..engine.plan import EngineOptions, head_tiles
 from .footprint import runtime_bytes
 from ..errors import MemoryBudgetError
@@ -44,6 +50,9 @@ class Arch:
     Dk: int = 0                      # DeltaNet key head dim
     Dv: int = 0                      # DeltaNet value head dim
     q_gate: bool = False             # attention q_proj also emits an output gate
+    n_conv: int = 0                  # short-conv layers (LFM2); the rest attention
+    link: int = 0                    # bytes a token held for the step by links.py
+    softcap: bool = False            # final logits c·tanh(z/c): two more [N, V] fp32
 
     @property
     def d(self) -> int:
@@ -92,8 +101,30 @@ def _arch(model, weight_bytes, lora_bytes, s, bits) -> Arch:
         hybrid = dict(n_delta=sum(1 for b in lm.model.layers if b.is_linear),
                       Hk=a.linear_num_key_heads, Hv=a.linear_num_value_heads,
                       Dk=a.linear_key_head_dim, Dv=a.linear_value_head_dim, q_gate=True)
-    return Arch(a.num_hidden_layers, a.hidden_size, a.intermediate_size, H, K,
+    F, (blocks, spec_extra) = a.intermediate_size, _blocks(model)
+    if blocks is not None:               # the engine's own reading: widths, kinds, links
+        attn = [b for b in blocks if b.mixer == "attention"]
+        F = max(block_width(b) for b in blocks)
+        hd = max((b.hd for b in attn), default=hd)
+        K = max((b.K for b in attn), default=K)
+        sources = {b.kv_from for b in blocks if b.kv_from is not None}
+        link = sum(_frozen(b.tail.gate).shape[0] for b in blocks
+                   if b.tail is not None and b.tail.gate is not None)
+        link += sum(2 * blocks[i].K * blocks[i].hd for i in sources)
+        hybrid.update(n_conv=sum(b.conv is not None for b in blocks), link=link * s,
+                      softcap=spec_extra.get("final_softcap") is not None)
+    return Arch(a.num_hidden_layers, a.hidden_size, F, H, K,
                 a.vocab_size, s, weight_bytes, lora_bytes, bits, hd, **hybrid)
+
+
+def _blocks(model):
+    """(BlockSpecs, ModelSpec extras) of the family reader ((None, {}) where the
+    engine does not run the family)."""
+    lm = language_model(model)
+    try:
+        return READERS[family_of(model)](model, lm, lm.model)
+    except (KeyError, AttributeError, ValueError):
+        return None, {}
 
 
 def arch_from_config(cfg: dict, dtype=mx.float32, quant_bits: Optional[int] = None,
@@ -185,13 +216,20 @@ def _delta_graph(a: Arch, N: int, states: float = STATES_PER_TOKEN) -> int:
     return N * (per_token + int(states * a.S))
 
 
+def _conv_graph(a: Arch, N: int) -> int:
+    # a short-conv layer: ~8D + 5D (β, γ, ξ, β ⊙ ξ, the conv) + 6F a token, no probs
+    return N * (13 * a.D + 6 * a.F) * a.s
+
+
 def _layers_graph(a: Arch, N: int, T: int) -> int:
-    return (a.L - a.n_delta) * _layer_graph(a, N, T) + a.n_delta * _delta_graph(a, N)
+    return ((a.L - a.n_delta - a.n_conv) * _layer_graph(a, N, T)
+            + a.n_delta * _delta_graph(a, N) + a.n_conv * _conv_graph(a, N))
 
 
 def _full_head(a: Arch, N: int) -> int:
-    # logits [N, V] in model dtype, their fp32 copy, softmax and dlogits (fp32)
-    return N * a.V * (a.s + 3 * 4)
+    # logits [N, V] in model dtype, their fp32 copy, softmax and dlogits (fp32); a
+    # final softcap adds tanh's output and its gradient
+    return N * a.V * (a.s + (5 if a.softcap else 3) * 4)
 
 
 def _mesp_block(a: Arch, N: int, B: int, T: int, opt) -> int:
@@ -206,7 +244,9 @@ def _mesp_block(a: Arch, N: int, B: int, T: int, opt) -> int:
     qkvo += N * a.s * a.H * a.d if a.q_gate else 0                  # the gate, then dz
     dqkv = N * a.s * (a.H * a.d + 2 * a.K * a.d) + N * a.H * 4      # + δ (fp32)
     attn = 9 * min(opt.attn_chunk_bytes, B * a.H * T * T * 4) // 4
-    return qkvo + max(_mlp_chunk(a, B, T, opt), dqkv + attn)
+    mlp = _mlp_chunk(a, B, T, opt)
+    conv = N * a.s * 5 * a.D if a.n_conv else 0        # β, γ, ξ, p → dp, du (short_conv)
+    return max(qkvo + max(mlp, dqkv + attn), conv + mlp)
 
 
 def _mlp_chunk(a: Arch, B: int, T: int, opt) -> int:
@@ -254,18 +294,19 @@ def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool,
     opt = EngineOptions()        # the engine's defaults: the tiles a step really uses
     attn_chunk = opt.attn_chunk_bytes
     if method == "autodiff":     # every block's graph + the full-logits head
-        return 0, _layers_graph(a, N, T) + _full_head(a, N)
+        return 0, _layers_graph(a, N, T) + _full_head(a, N) + N * a.link
     x = N * a.D * a.s
     ckpt = a.L * x if checkpoints == "memory" else 2 * x   # block inputs kept by the forward
-    dh = N * a.D * 4             # gradient flowing down the residual stream
+    dh = N * a.D * 4 + N * a.link    # gradient down the residual stream, links.py's inputs
     if method == "mebp":         # one block's graph + its vjp's transients (~2×) vs the full head
-        graph = max(_layer_graph(a, N, T) if a.n_delta < a.L else 0,
-                    _delta_graph(a, N, MEBP_STATES_PER_TOKEN) if a.n_delta else 0)
+        graph = max(_layer_graph(a, N, T) if a.n_delta + a.n_conv < a.L else 0,
+                    _delta_graph(a, N, MEBP_STATES_PER_TOKEN) if a.n_delta else 0,
+                    _conv_graph(a, N) if a.n_conv else 0)
         return ckpt, dh + max(2 * graph, _full_head(a, N))
     if method == "mesp":         # hand backward of one block vs a [rows, vocab] head tile
         rows, vocab = head_tiles(opt, N, a.V)
         head = 9 * rows * vocab + N * a.D * 4 + 3 * rows * a.D * 4   # + h, a tile's hn, dhn
-        block = _mesp_block(a, N, B, T, opt) if a.n_delta < a.L else 0
+        block = _mesp_block(a, N, B, T, opt) if a.n_delta < a.L else 0     # incl. conv
         if a.n_delta:
             block = max(block, _mesp_delta_block(a, N, B, T, opt))
         return ckpt, dh + max(block, head)
@@ -278,7 +319,7 @@ def _working_set(a: Arch, method: str, B: int, T: int, fused_sdpa: bool,
             P, _ = _delta_pieces(a, T, opt)
             block = max(block, N * a.s * (a.C + 2 * a.Hv * a.Dv)
                         + B * _piece_bytes(a, P, opt) // 3)
-        return 0, 2 * N * a.D * a.s + max(block, head)
+        return 0, 2 * N * a.D * a.s + N * a.link + max(block, head)
     raise ValueError(f"no memory estimate for method {method!r}; "
                      "supported: autodiff, mebp, mesp, mezo")
 
