@@ -40,6 +40,8 @@ def test_train_and_load_in_mlx_lm(family, family_model_dir, text_data, tmp_path)
     ("gemma-3-1b-it-8bit", "mlx-community/gemma-3-1b-it-8bit"),
     ("SmolLM3-3B-Base-8bit", "mlx-community/SmolLM3-3B-Base-8bit"),
     ("Qwen2.5-0.5B-Instruct-4bit", "mlx-community/Qwen2.5-0.5B-Instruct-4bit"),
+    ("lfm2-1.2b-4bit", "mlx-community/LFM2-1.2B-4bit"),
+    ("gemma-4-e2b-it-4bit", "mlx-community/gemma-4-e2b-it-4bit"),
     ("someone/custom-model", "someone/custom-model"),
 ])
 def test_short_names(short, repo):

@@ -24,7 +24,8 @@ _SHORT_35 = re.compile(r"^qwen3\.5-(0\.8b|2b|4b)(?:-mlx)?(-4bit|-8bit)?$", re.I)
 PUBLISHED = ("Qwen3-0.6B-4bit", "Qwen3-0.6B-bf16", "Qwen3-4B-4bit",
              "Llama-3.2-1B-Instruct-4bit", "Llama-3.2-3B-Instruct-4bit",
              "gemma-3-1b-it-8bit", "gemma-2-2b-it-4bit", "Phi-3.5-mini-instruct-4bit",
-             "SmolLM3-3B-Base-8bit")
+             "SmolLM3-3B-Base-8bit", "LFM2-1.2B-4bit", "gemma-4-e2b-it-4bit",
+             "gemma-4-e4b-it-4bit")
 _PUBLISHED = {n.lower(): f"mlx-community/{n}" for n in PUBLISHED}
 
 
