@@ -18,7 +18,7 @@ def _disk(tmp_path, **kw):
     return EngineOptions(checkpoints="disk", checkpoint_dir=str(tmp_path), **kw)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "phi3", "lfm2", "gemma4_text"])
 @pytest.mark.parametrize("method", ["mesp", "mebp"])
 def test_disk_checkpoints_identical_gradients(tmp_path, family, method):
     model = make({}, family=family)
