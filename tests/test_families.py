@@ -58,3 +58,22 @@ def test_position_scaled_queries_refuse_beyond_their_range():
     with pytest.raises(UnsupportedModelError, match="up to 64 tokens.*autodiff"):
         mesp_mlx.value_and_grad(model, x, y, mask, method="mesp")
     check_exact(model, *batch(64, B=1))
+
+
+MOE = {
+    "lfm2_moe": dict(TINY["lfm2"], model_type="lfm2_moe", intermediate_size=64,
+                     moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                     norm_topk_prob=True, use_expert_bias=False, num_dense_layers=1),
+    "gemma4_text": dict(TINY["gemma4_text"], enable_moe_block=True, num_experts=4,
+                        top_k_experts=2, moe_intermediate_size=32),
+}
+
+
+@pytest.mark.parametrize("family", list(MOE))
+def test_moe_variants_name_autodiff(family):
+    """The MoE variants of the new families: refused before any step, naming autodiff."""
+    model = build_model(MOE[family])
+    mesp_mlx.apply_lora(model, rank=2, keys=["q_proj"])
+    x, y, mask = batch(5)
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts.*autodiff"):
+        mesp_mlx.value_and_grad(model, x, y, mask, method="mesp")
