@@ -178,8 +178,11 @@ def _model(spec, row):
 
     if not spec.get("model_dir"):
         q = {"group_size": 64, "bits": spec["quantize"]} if spec.get("quantize") else None
-        return build_model(spec.get("config") or spec["model"],
-                           dtype=getattr(mx, spec["dtype"]), seed=spec["seed"], quantize=q)
+        cheap = bool(q) and spec.get("direct_quantized", False)
+        model = build_model(spec.get("config") or spec["model"],
+                            dtype=getattr(mx, spec["dtype"]), seed=spec["seed"], quantize=q,
+                            lazy=cheap)
+        return _direct_quantized(model, spec["seed"]) if cheap else model
     from pathlib import Path
 
     from mlx_lm.utils import load_model
@@ -189,6 +192,27 @@ def _model(spec, row):
     if streamed:
         ws = stream_weights(model, spec["model_dir"])
         row.update(streamed_bytes=ws.streamed_bytes(), block_bytes=ws.block_bytes())
+    return model
+
+
+def _direct_quantized(model, seed: int):
+    """Random quantized weights drawn as such: every quantized module's packed weight
+    gets random bits, its scales s ~ 0.01 |N(0, 1)| and biases −8 s, so the fp32 draw
+    they would be quantized from is never materialised (gemma-4-E2B's is 18.5 GB).
+    Shapes, dtypes and the quantized compute are the model's; only values differ."""
+    import mlx.core as mx
+
+    key = mx.random.key(seed)
+    for _, m in model.named_modules():
+        if "scales" in m and "weight" in m:
+            key, k1, k2 = mx.random.split(key, 3)
+            m.weight = mx.random.randint(0, 2**31 - 1, m.weight.shape, key=k1
+                                         ).astype(mx.uint32)
+            m.scales = (0.01 * mx.abs(mx.random.normal(m.scales.shape, key=k2))
+                        ).astype(m.scales.dtype)
+            m.biases = (-8 * m.scales).astype(m.biases.dtype)
+            mx.eval(m.weight, m.scales, m.biases)
+    mx.eval(model.parameters())
     return model
 
 

@@ -1,0 +1,91 @@
+"""LFM2 and Gemma 4 against mlx-lm's LoRA step, one fresh process per point.
+
+    python -m bench.families_new                    # every point below, rows appended
+    python -m bench.families_new --resume           # only the points not yet measured
+
+LFM2-1.2B runs in fp32. gemma-4-E2B's fp32 weights (18.5 GB, 9.4 GB of them the
+per-layer embedding) leave no room on a 24 GB machine for mlx-lm's graph beside them, so
+its weights are 4-bit (group 64) with fp32 activations, as its published mlx-community
+conversion, drawn directly as random quantized values (bench/point.py: its fp32 draw
+alone would need 18.5 GB). T 256: mesp, our autodiff, mlx-lm, mlx-lm + grad_checkpoint; T 2048: mesp and
+mlx-lm + grad_checkpoint (plain mlx-lm's graph at T 2048 does not fit), first step only.
+Goals, printed per model at T 256: mesp's peak above the weights ≤ 1/12 of mlx-lm's,
+mesp's step ≤ 1.3× our autodiff's. Rows: bench/results/families_new.jsonl.
+"""
+
+import argparse
+import sys
+import time
+
+from bench import common, memory_bench
+
+RESULTS = common.RESULTS / "families_new.jsonl"
+MODELS = {"LFM2-1.2B": None, "gemma-4-E2B": 4}          # model -> weight bits (None: fp32)
+SHORT_T, LONG_T = 256, 2048
+SHORT_METHODS = ("mesp", "autodiff", "mlx-lm", "mlx-lm+ckpt")
+LONG_METHODS = ("mesp", "mlx-lm+ckpt")
+TITLE = "New families: LFM2 and Gemma 4"
+GOAL_PEAK, GOAL_TIME = 1 / 12, 1.3
+
+
+def sweeps():
+    out = []
+    for m in MODELS:
+        out.append(memory_bench._sweep("family", f"{m} (T {SHORT_T}, r 8, batch 1)", [m],
+                                       [SHORT_T], [8], SHORT_METHODS))
+        out.append(memory_bench._sweep("family", f"{m} (T {LONG_T}, r 8, batch 1, first "
+                                       "step)", [m], [LONG_T], [8], LONG_METHODS))
+    return out
+
+
+def goal_lines(rows):
+    """mesp against mlx-lm (peak above weights) and our autodiff (time) at T 256."""
+    last = {memory_bench.key_of(r): r for r in rows if r.get("status") == "ok"}
+    out = []
+    for m in MODELS:
+        get = lambda meth: last.get((m, "float32", SHORT_T, 8, meth))    # noqa: E731
+        mesp, lora, auto = get("mesp"), get("mlx-lm"), get("autodiff")
+        if not (mesp and lora and auto):
+            continue
+        peak = mesp["peak_above_bytes"] / lora["peak_above_bytes"]
+        t = mesp["s_per_step"] / auto["s_per_step"]
+        out.append(f"- {m}, T {SHORT_T}: mesp peak above weights = {peak:.3f} × mlx-lm's "
+                   f"(goal ≤ {GOAL_PEAK:.3f}: {'met' if peak <= GOAL_PEAK else 'missed'}); "
+                   f"mesp step = {t:.2f} × our autodiff's (goal ≤ {GOAL_TIME}: "
+                   f"{'met' if t <= GOAL_TIME else 'missed'})")
+    return out
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--resume", action="store_true", help="skip points already measured")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per point")
+    args = p.parse_args(argv)
+    env = common.environment(common.command(__spec__.name, argv))
+    done = {memory_bench.key_of(r) for r in common.load_rows(RESULTS)} if args.resume \
+        else set()
+    t_start = time.perf_counter()
+    for sweep in sweeps():
+        for pt in sweep["points"]:
+            if memory_bench.key_of(pt, "float32") in done:
+                continue
+            spec = dict(pt, dtype="float32", scale=20.0, seed=0, mlx_lm_compile=True,
+                        quantize=MODELS[pt["model"]], direct_quantized=True,
+                        steps=2 if pt["T"] == SHORT_T else 0)
+            row = common.append_row(RESULTS, dict(memory_bench.run_point(spec, args.timeout),
+                                                  quantize=spec["quantize"]), env)
+            what = (f"{common.mb(row['peak_above_bytes'])} MB above weights, "
+                    f"{row['s_per_step']:.1f} s/step" if row["status"] == "ok"
+                    else row.get("error", ""))
+            print(f"[{time.perf_counter() - t_start:.0f}s] {pt['model']} T {pt['T']} "
+                  f"{pt['method']}: {row['status']} {what}", flush=True)
+    rows = common.load_rows(RESULTS)
+    print(memory_bench.render(TITLE, sweeps(), rows))
+    print("\n".join(goal_lines(rows)))
+    common.wrote(RESULTS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
