@@ -151,8 +151,11 @@ FAMILY_SMALL["gemma4_text"] = tiny_config(   # block 2 reads block 0's K, V, blo
     sliding_window=64, layer_types=["sliding_attention", "full_attention"] * 2)
 
 
-@pytest.mark.parametrize("family", list(FAMILY_SMALL))
-@pytest.mark.parametrize("method", ["autodiff", "mebp", "mesp", "mezo"])
+ESTIMATED = [(m, f) for f in FAMILY_SMALL for m in ("autodiff", "mebp", "mesp", "mezo")
+             if f not in ("lfm2", "gemma4_text") or m in ("autodiff", "mesp")]
+
+
+@pytest.mark.parametrize("method,family", ESTIMATED)
 def test_estimate_vs_measured(method, family):
     cfg = FAMILY_SMALL[family]
     model = _lora_model(cfg)
