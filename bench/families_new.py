@@ -7,8 +7,9 @@ LFM2-1.2B runs in fp32. gemma-4-E2B's fp32 weights (18.5 GB, 9.4 GB of them the
 per-layer embedding) leave no room on a 24 GB machine for mlx-lm's graph beside them, so
 its weights are 4-bit (group 64) with fp32 activations, as its published mlx-community
 conversion, drawn directly as random quantized values (bench/point.py: its fp32 draw
-alone would need 18.5 GB). T 256: mesp, our autodiff, mlx-lm, mlx-lm + grad_checkpoint; T 2048: mesp and
-mlx-lm + grad_checkpoint (plain mlx-lm's graph at T 2048 does not fit), first step only.
+alone would need 18.5 GB). T 256: mesp, our autodiff, mlx-lm, mlx-lm + grad_checkpoint;
+T 2048: mesp and mlx-lm + grad_checkpoint (plain mlx-lm's graph at T 2048 does not
+fit), first step only.
 Goals, printed per model at T 256: mesp's peak above the weights ≤ 1/12 of mlx-lm's,
 mesp's step ≤ 1.3× our autodiff's. Rows: bench/results/families_new.jsonl.
 """

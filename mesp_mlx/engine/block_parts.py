@@ -5,8 +5,9 @@ deltanet.py, the short conv in short_conv.py) followed by the same pre/sandwich-
 MLP and, in gemma4, a tail:
     m_in = N_mi(h);  g, u = proj(m_in);  m = act(g) ⊙ u;  r2 = down(m);  h2 = h + α N_mo(r2)
     tail:  c = gate_t(h2);  n = gelu(c) ⊙ e;  r3 = proj_t(n);  out = s (h2 + N_t(r3))
-    backward:  dn3 = s G;  dn = proj_t'(N_t'(dn3));  dc = gelu'(dn) ⊙ e;  dh2 = dn3 + gate_t'(dc)
-               dr2 = N_mo'(α dh2);  dm = down'(dr2);  dg, du = act'(dm);  dh = dh2 + N_mi'(proj'(dg, du))
+    backward:  dn3 = s G;  dn = proj_t'(N_t'(dn3));  dc = gelu'(dn) ⊙ e
+               dh2 = dn3 + gate_t'(dc);  dr2 = N_mo'(α dh2);  dm = down'(dr2)
+               dg, du = act'(dm);  dh = dh2 + N_mi'(proj'(dg, du))
 (out = h2 without a tail; e the block's per-layer input, a constant.)
 Everything here is position-wise, so it runs over token chunks (`token_spans`: the
 widest chunk tensor, T_c × F, holds about opt.token_chunk_bytes), one evaluation per

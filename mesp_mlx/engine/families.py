@@ -291,7 +291,8 @@ READERS = {"qwen2": _qwen2, "qwen3": _qwen3, "llama": _llama, "smollm3": _llama,
            "gemma3": _gemma3_text, "phi3": _phi3, "granite": _granite, "olmo2": _olmo2,
            "qwen3_5": _qwen3_5, "qwen3_5_moe": _qwen3_5, "qwen3_next": _qwen3_5,
            "olmo3": _olmo3, "exaone4": _exaone4, "ministral3": _ministral3,
-           "mistral3": _mistral3, "helium": _qwen2, "ernie4_5": _qwen2, "lfm2": _lfm2, "apertus": _apertus,
+           "mistral3": _mistral3, "helium": _qwen2, "ernie4_5": _qwen2, "lfm2": _lfm2,
+           "apertus": _apertus,
            "gemma4_text": _gemma4_text, "gemma4": _gemma4_text}
 
 

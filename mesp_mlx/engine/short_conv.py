@@ -4,7 +4,7 @@ backward of a BlockSpec whose mixer is `b.conv`.
 Letters: B batch, T tokens, D model, K conv kernel; w [D, K, 1] and c0 [D] (optional)
 the frozen depthwise conv weight and bias.
 The mixer of a = N_ai(x) (mlx-lm's ShortConv in training mode, no cache):
-    [β | γ | ξ] = in_proj(a)  [B,T,3D];   u = β ⊙ ξ;   p = conv(u; w, c0)   causal, zero history
+    [β | γ | ξ] = in_proj(a)  [B,T,3D];  u = β ⊙ ξ;  p = conv(u; w, c0)  (causal, zero history)
     y = γ ⊙ p;   r1 = out_proj(y)          then h = x + α N_ao(r1) and the MLP (block_parts)
 Backward, each line the chain rule of one above (ops/causal_conv.py has the conv's):
     dy = out_proj'(dr1);  dγ = dy ⊙ p;  dp = dy ⊙ γ;  du = conv'(dp)
