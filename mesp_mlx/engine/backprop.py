@@ -46,7 +46,7 @@ from .links import StepLinks
 from .packing import Packing
 from .plan import EngineOptions, cache_policy, head_tiles, planned
 from .stream import weight_source
-from .walk import model_spec, walk
+from .walk import model_spec, own_block, walk
 
 
 def run(model, inputs, targets, mask, method, options: Optional[EngineOptions] = None,
@@ -124,10 +124,7 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
             return h
         if method == "mesp":
             return block_forward(b, h, opt, packing=packing, links=bl)
-        out, kv = b.run(h, layer_mask(b, T), *_side_kv(bl))
-        if bl is not None and bl.export:
-            bl.put_kv(*kv)
-        return out
+        return own_block(b, h, bl)
 
     h = walk(spec, h, forward, weights)
     if stats is not None:
@@ -197,12 +194,8 @@ def forward_head(model, inputs, targets, method="mesp",
 
         def block(i, b, h):
             bl = links.forward(i, b)
-            if method == "mesp":
-                return block_forward(b, h, opt, links=bl)
-            out, kv = b.run(h, layer_mask(b, h.shape[1]), *_side_kv(bl))
-            if bl is not None and bl.export:
-                bl.put_kv(*kv)
-            return out
+            return block_forward(b, h, opt, links=bl) if method == "mesp" else \
+                own_block(b, h, bl)
         h = walk(spec, h, block, weight_source(model))
         if method == "mesp":
             _, dh = _chunked_head(spec, h, targets, None, opt, keep)

@@ -66,6 +66,16 @@ def walk(spec, h, run: Callable, weights=None, start: int = 0, stop: Optional[in
     return h
 
 
+def own_block(b, h, links=None):
+    """The mlx-lm block itself on h (mebp's forward) with its cross-block inputs; a
+    source of shared K, V hands them to `links`."""
+    side, kv = (None, None) if links is None else (links.side, links.kv)
+    out, kv_out = b.run(h, layer_mask(b, h.shape[1]), side, kv)
+    if links is not None and links.export:
+        links.put_kv(*kv_out)
+    return out
+
+
 def head_mean(spec, h, targets, mask, opt: EngineOptions, per_token=False) -> mx.array:
     """Σ CE · mask / Σ mask of the final hidden state h [B, T, D], tile by tile
     (per_token: the CE of each position [B·T], 0 where mask is 0)."""
@@ -109,13 +119,15 @@ def row_logprobs(model, inputs, targets, mask, options: Optional[EngineOptions] 
         if is_streamed(model) or method != "autodiff":
             raise
         return -_own_forward_rows(model, inputs, targets, mask)
-    if method == "mesp":
-        run = lambda i, b, h: block_forward(b, h, opt)               # noqa: E731
-    else:
-        run = lambda i, b, h: b.module(h, layer_mask(b, h.shape[1]))  # noqa: E731
     with tile_barriers():               # outside any transform: evaluate per W0 tile
         h = spec.embed_ids(inputs)
         mx.eval(h)
+        links = StepLinks(spec, inputs, h)
+        if method == "mesp":
+            run = lambda i, b, h: block_forward(b, h, opt,              # noqa: E731
+                                                links=links.forward(i, b))
+        else:
+            run = lambda i, b, h: own_block(b, h, links.forward(i, b))  # noqa: E731
         h = walk(spec, h, run, weight_source(model))
         ce = head_mean(spec, h, targets, mask, opt, per_token=True)
         out = -(ce.reshape(mask.shape) * mask).sum(axis=1)
