@@ -27,9 +27,11 @@ BASELINES = ("mlx-lm", "mlx-lm+ckpt")            # mlx-lm's own LoRA + trainer s
 CACHE_VARIANTS = ("mesp@none", "mesp@block")   # mesp with another allocator-cache policy
 VARIANTS = {"none": dict(clear_cache="none"), "block": dict(clear_cache="block"),
             "disk": dict(checkpoints="disk"),
-            "stream": {}}                        # method@variant -> EngineOptions fields
+            "stream": {},                        # method@variant -> EngineOptions fields
+            "plan": {}}                          # mesp@plan: spec["options"] has the budget
 STREAMED = ("mesp@stream", "mebp@stream", "mezo@stream")   # weights streamed from disk
-ALL_METHODS = OURS + BASELINES + CACHE_VARIANTS + ("mesp@disk", "mebp@disk") + STREAMED
+ALL_METHODS = OURS + BASELINES + CACHE_VARIANTS + ("mesp@disk", "mebp@disk") + STREAMED + \
+    ("mesp@plan",)
 B_STD = 0.01                                     # LoRA B ~ N(0, B_STD²): non-zero
 
 

@@ -34,10 +34,12 @@ benchmark, then `python -m bench.report`.
 
 def sections():
     """(rows file, render function) per section, in the order of RESULTS.md."""
-    from bench import (cli_steps, convergence, data_parallel_speed, gradient_cosine,
-                       long_context, memory_bench, packing_speed, pareto, stream_bench)
+    from bench import (cli_steps, convergence, data_parallel_speed, families_new,
+                       gradient_cosine, long_context, memory_bench, packing_speed, pareto,
+                       stream_bench)
     return [(memory_bench.RESULTS, memory_bench.section),
             (memory_bench.FAMILIES, memory_bench.families_section),
+            (families_new.RESULTS, families_new.section),
             (stream_bench.RESULTS, stream_bench.section),
             (cli_steps.RESULTS, cli_steps.section),
             (long_context.RESULTS, long_context.section),
