@@ -37,16 +37,24 @@ def losses(text):
     return {int(i): float(v) for i, v in re.findall(r"Iter (\d+): train loss ([\d.]+)", text)}
 
 
+B_STD = {"qwen3_5": 0.01}     # LoRA B ~ N(0, std²) where it is not 0.05 (test_qwen3_5.py)
+
+
 def make(cfg, rank=4, num_layers=None, keys=None, quantize=None, dtype=mx.float32,
          dropout=0.0, seed=0, family="qwen2"):
     model = build_model(tiny_config(family, **cfg), dtype=dtype, quantize=quantize,
                         seed=seed)
     mesp_mlx.apply_lora(model, rank=rank, num_layers=num_layers, keys=keys, dropout=dropout)
-    for _, m in lora_layers(model):          # B ≠ 0, or half the gradients are trivial
-        m.lora_b = (0.05 * mx.random.normal(m.lora_b.shape)).astype(dtype)
-        m.lora_a = m.lora_a.astype(dtype)
+    set_lora_b(model, B_STD.get(family, 0.05), dtype)
     randomize_norms(model)
     return model
+
+
+def set_lora_b(model, std, dtype=mx.float32):
+    """B ≠ 0, or half the gradients are trivial."""
+    for _, m in lora_layers(model):
+        m.lora_b = (std * mx.random.normal(m.lora_b.shape)).astype(dtype)
+        m.lora_a = m.lora_a.astype(dtype)
 
 
 def randomize_norms(model):

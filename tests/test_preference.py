@@ -73,15 +73,17 @@ def model_and_base(family="qwen2", quantize=None, cfg=None):
 
 
 def assert_exact(got, ref, rtol=1e-5):
+    """Per tensor: max err ≤ rtol · its max + 1e-6 · the model's max, cosine ≥ 0.99999."""
     g, r = dict(tree_flatten(got)), dict(tree_flatten(ref))
     assert g.keys() == r.keys() and r
+    G = max(mx.abs(v.astype(mx.float32)).max().item() for v in r.values())
     for k in r:
         a, b = g[k].astype(mx.float32), r[k].astype(mx.float32)
         scale, err = mx.abs(b).max().item(), mx.abs(a - b).max().item()
         cos = (mx.sum(a * b) / (mx.linalg.norm(a.reshape(-1)) *
                                 mx.linalg.norm(b.reshape(-1)))).item()
         msg = f"{k}: max err {err:.3g}, scale {scale:.3g}, cos {cos:.7f}"
-        assert scale > 0 and err <= rtol * scale and cos >= 0.99999, msg
+        assert scale > 0 and err <= rtol * scale + 1e-6 * G and cos >= 0.99999, msg
 
 
 CASES = {      # family, quantize, (B, T_chosen, T_rejected)
@@ -114,9 +116,7 @@ def test_every_family_dpo_mesp(family):
     chosen, rejected = pairs(2, 8, 7)
     _, g_ref = written_out("dpo", model, base, chosen, rejected, 0.3)
     _, g = mesp_mlx.preference_value_and_grad(model, chosen, rejected, "dpo", beta=0.3)
-    # the tiny random Qwen3.5 moves its own autodiff gradient by 1e-5 to 5e-5 of max|g|
-    # for a one-ulp change of its input (tests/test_qwen3_5.py measures it): 3e-5 there
-    assert_exact(g, g_ref, rtol=3e-5 if family == "qwen3_5" else 1e-5)
+    assert_exact(g, g_ref)
 
 
 def test_autodiff_method_and_a_given_reference():

@@ -4,14 +4,15 @@ mesp (hand backward, engine/deltanet.py) and mebp (mx.vjp of the mlx-lm block) a
 autodiff of the mlx-lm model in training mode (its per-token recurrence), with the
 recurrence cut into several chunks and pieces (EngineOptions.delta_chunk/delta_piece)
 so every boundary (chunk, piece, conv history, token chunk, packed example) is crossed.
-fp32 tolerance, per tensor: max |got − ref| ≤ 1e-5 · G + 2 N and cosine ≥ 0.99999, with
-G the largest gradient of the model and N its fp32 noise floor: how far autodiff's own
-gradient moves when the embedding moves by about one ulp (1e-7, relative). This random
-tiny model amplifies rounding: N is 1e-5 to 5e-5 of G (the first DeltaNet layer's
-in_proj_qkv, whose gradient passes the gated RMSNorm of a small recurrence output and
-the q/k L2 norms), so any fixed bound at 1e-5 would test the BLAS's summation order
-(OpenBLAS with 13-row token chunks: 2.8e-5 G). A wrong gradient is off by ≫ 1e-3 G.
-The tiny config's eps (models/configs.py) keeps N down to this level.
+fp32, per tensor: max |got − ref| ≤ 1e-5 · max|g| (the model's largest gradient) and
+cosine ≥ 0.99999. bf16: cosine ≥ 0.999 per tensor against autodiff's bf16 gradient.
+The tiny models draw LoRA B ~ N(0, 0.01²) (tests/helpers.py): at the 0.05 of the other
+families' tests the adapters, at scale 20, are as large as the base weights, and this
+four-block stack then moves its own autodiff gradient by 1e-5 to 5e-5 of max|g| for a
+one-ulp change of its input; at 0.01 by about 1.5e-6 (test_conditioning measures it), so
+the bound above tests the engine, not the BLAS's summation order. The tiny config's
+norm eps (models/configs.py) keeps the gated RMSNorm of a small recurrence output from
+amplifying rounding further.
 """
 
 from dataclasses import replace
@@ -28,7 +29,7 @@ from mesp_mlx.engine.lora_layers import lora_layers
 from mesp_mlx.engine.plan import EngineOptions
 from mesp_mlx.errors import SpecMismatchError, UnsupportedModelError
 from mesp_mlx.models.configs import TINY, build_model
-from test_engine import batch, make
+from helpers import B_STD, batch, make, set_lora_b
 
 T = 37                                    # > 4 chunks of 8, > the conv kernel
 SMALL = EngineOptions(delta_chunk=8, delta_piece=16)       # 3 pieces: 16 + 16 + 5
@@ -37,7 +38,7 @@ CHUNKED = EngineOptions(delta_chunk=4, delta_piece=8,      # 5 pieces, 3 token c
 
 
 def noise_floor(model, x, y, mask, g_ref) -> float:
-    """N: max |Δg| of autodiff when the embedding moves by ~one ulp (module docstring)."""
+    """max |Δg| of autodiff when the embedding moves by ~one ulp (1e-7, relative)."""
     emb = language_model(model).model.embed_tokens
     name = "scales" if "scales" in emb else "weight"            # 4-bit: its scales
     w = emb[name]
@@ -50,32 +51,48 @@ def noise_floor(model, x, y, mask, g_ref) -> float:
     return max(mx.abs(v - r[k]).max().item() for k, v in tree_flatten(g))
 
 
-def compare(got, ref, noise):
-    """fp32: max err ≤ 1e-5 · G + 2 N and cosine ≥ 0.99999 per tensor."""
+def cosine(a, b) -> float:
+    a, b = a.astype(mx.float32).reshape(-1), b.astype(mx.float32).reshape(-1)
+    return (mx.sum(a * b) / (mx.linalg.norm(a) * mx.linalg.norm(b))).item()
+
+
+def compare(got, ref):
+    """fp32: max err ≤ 1e-5 · max|g| and cosine ≥ 0.99999, per tensor."""
     g, r = dict(tree_flatten(got)), dict(tree_flatten(ref))
     assert g.keys() == r.keys() and r
     G = max(mx.abs(v.astype(mx.float32)).max().item() for v in r.values())
-    assert G > 0 and noise < 1e-3 * G, (G, noise)    # the test can fail, and N is noise
+    assert G > 0, "every reference gradient is 0: the test could not fail"
     for k in r:
         assert g[k].shape == r[k].shape and g[k].dtype == r[k].dtype, k
         a, b = g[k].astype(mx.float32), r[k].astype(mx.float32)
-        err = mx.abs(a - b).max().item()
-        cos = (mx.sum(a * b) / (mx.linalg.norm(a.reshape(-1)) *
-                                mx.linalg.norm(b.reshape(-1)))).item()
+        err, cos = mx.abs(a - b).max().item(), cosine(a, b)
         msg = (f"{k}: max err {err:.3g} (mean {mx.abs(a - b).mean().item():.3g}), "
-               f"tensor max {mx.abs(b).max().item():.3g}, model max {G:.3g}, noise "
-               f"floor {noise:.3g}, cos {cos:.7f}")
-        assert err <= 1e-5 * G + 2 * noise and cos >= 0.99999, msg
+               f"tensor max {mx.abs(b).max().item():.3g}, model max {G:.3g}, cos {cos:.7f}")
+        assert err <= 1e-5 * G and cos >= 0.99999, msg
+
+
+def test_conditioning():
+    """The tiny model is well-conditioned: autodiff's own gradient moves by ≤ 4e-6 of
+    max|g| for a one-ulp input change (measured 1.5e-6 over 4 seeds), under the 1e-5
+    bound; and compare catches a gradient off by 2e-4 on one tensor."""
+    model = make({}, family="qwen3_5")
+    x, y, mask = batch(T)
+    _, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
+    ref = dict(tree_flatten(g_ref))
+    G = max(mx.abs(v).max().item() for v in ref.values())
+    assert noise_floor(model, x, y, mask, g_ref) <= 4e-6 * G
+    k = max(ref, key=lambda n: mx.abs(ref[n]).max().item())
+    with pytest.raises(AssertionError, match="max err"):
+        compare(ref | {k: ref[k] * (1 + 2e-4)}, ref)
 
 
 def _exact(model, x, y, mask, opts=(SMALL,), methods=("mebp", "mesp")):
     loss_ref, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
-    noise = noise_floor(model, x, y, mask, g_ref)
     for method in methods:
         for opt in (opts if method == "mesp" else (None,)):
             loss, g = mesp_mlx.value_and_grad(model, x, y, mask, method=method, options=opt)
             assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item()), method
-            compare(g, g_ref, noise)
+            compare(g, g_ref)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -86,31 +103,22 @@ def test_fp32_exact(tied):
                                    replace(SMALL, checkpoints="disk")))
 
 
-def _norm(a):
-    return mx.linalg.norm(a.astype(mx.float32).reshape(-1)).item()
-
-
-def test_bf16_as_close_as_autodiffs_own():
-    """bf16: this random tiny model amplifies bf16 rounding until mlx-lm's own bf16
-    gradient is only cosine ~0.99 from the exact (fp32) one on its worst tensors, so a
-    per-tensor 0.999 against it would test noise. Instead: every tensor of mesp's bf16
-    gradient is within 4× of autodiff's bf16 error from the exact gradient of the same
-    (bf16-valued) weights (measured: ≤ 2.2× over 4 seeds), and the whole gradient has
-    cosine ≥ 0.995 with autodiff's bf16 one (measured ≥ 0.998)."""
-    model = make({}, family="qwen3_5", dtype=mx.bfloat16)
+def test_bf16():
+    """bf16 weights and LoRA: per tensor, cosine ≥ 0.999 with autodiff's bf16 gradient.
+    Two blocks, a DeltaNet and a gated attention one: bf16 rounding compounds with
+    depth in a random model (measured minimum over 6 seeds: 0.9990 at two blocks,
+    0.998 at four)."""
+    model = make(dict(num_hidden_layers=2), family="qwen3_5", dtype=mx.bfloat16)
     x, y, mask = batch(T)
-    got = dict(tree_flatten(mesp_mlx.value_and_grad(model, x, y, mask, options=SMALL)[1]))
-    ad = dict(tree_flatten(mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")[1]))
-    model.update(tree_map(lambda p: p.astype(mx.float32), model.parameters()))
-    exact = dict(tree_flatten(mesp_mlx.value_and_grad(model, x, y, mask,
-                                                      method="autodiff")[1]))
-    for k in exact:
-        assert got[k].dtype == mx.bfloat16 and got[k].shape == exact[k].shape, k
-        e, e_ad = _norm(got[k] - exact[k]), _norm(ad[k] - exact[k])
-        assert e <= 4 * e_ad + 1e-6 * _norm(exact[k]), (k, e, e_ad)
-    flat = lambda d: mx.concatenate([d[k].astype(mx.float32).reshape(-1) for k in exact])
-    a, b = flat(got), flat(ad)
-    assert (mx.sum(a * b) / (mx.linalg.norm(a) * mx.linalg.norm(b))).item() >= 0.995
+    ref = dict(tree_flatten(mesp_mlx.value_and_grad(model, x, y, mask,
+                                                    method="autodiff")[1]))
+    for method, opt in (("mesp", SMALL), ("mebp", None)):
+        got = dict(tree_flatten(mesp_mlx.value_and_grad(model, x, y, mask, method=method,
+                                                        options=opt)[1]))
+        assert got.keys() == ref.keys() and ref
+        for k in ref:
+            assert got[k].dtype == mx.bfloat16 and got[k].shape == ref[k].shape, k
+            assert cosine(got[k], ref[k]) >= 0.999, (method, k, cosine(got[k], ref[k]))
 
 
 def test_4bit_base_exact():
@@ -125,8 +133,7 @@ def test_vlm_wrapper_config_and_partial_layers():
     _exact(make({}, family="qwen3_5", num_layers=3), *batch(T), opts=(SMALL,))
     wrapped = build_model(dict(model_type="qwen3_5", text_config=dict(TINY["qwen3_5"])))
     mesp_mlx.apply_lora(wrapped, rank=4)
-    for _, m in lora_layers(wrapped):
-        m.lora_b = 0.05 * mx.random.normal(m.lora_b.shape)
+    set_lora_b(wrapped, B_STD["qwen3_5"])
     _exact(wrapped, *batch(9), opts=(SMALL,), methods=("mesp",))
 
 
@@ -139,8 +146,7 @@ def test_qwen3_next_dense_exact():
     cfg.pop("rope_parameters")
     model = build_model(cfg, seed=0)
     mesp_mlx.apply_lora(model, rank=4)
-    for _, m in lora_layers(model):
-        m.lora_b = 0.05 * mx.random.normal(m.lora_b.shape)
+    set_lora_b(model, B_STD["qwen3_5"])
     assert "in_proj_qkvz" in model.model.layers[0].linear_attn
     _exact(model, *batch(T), opts=(SMALL,))
 
@@ -181,14 +187,13 @@ def test_packed_equals_unpacked_across_pieces():
     model = make({}, family="qwen3_5")
     loss_ref, g_ref = mesp_mlx.value_and_grad(model, *unpacked(examples()),
                                               method="autodiff")
-    noise = noise_floor(model, *unpacked(examples()), g_ref)
     x, y, m, seg = packed(examples())
     for opt in (EngineOptions(delta_chunk=2, delta_piece=4),
                 EngineOptions(delta_chunk=4, delta_piece=8, token_chunk_bytes=4 * 2 * 128 * 5)):
         loss, g = mesp_mlx.value_and_grad(model, x, y, m, method="mesp", options=opt,
                                           segments=seg)
         assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
-        compare(g, g_ref, noise)
+        compare(g, g_ref)
 
 
 def test_activation_plan_keeps_delta_blocks_exactly():
@@ -200,7 +205,6 @@ def test_activation_plan_keeps_delta_blocks_exactly():
     spec = mesp_mlx.engine.walk.model_spec(model, "mesp", T)
     total = sum(kept_bytes(b, 2, T, 4, SMALL) for b in spec.blocks)
     loss_ref, g_ref = mesp_mlx.value_and_grad(model, x, y, mask, method="autodiff")
-    noise = noise_floor(model, x, y, mask, g_ref)
     for budget in (kept_bytes(spec.blocks[-1], 2, T, 4, SMALL) + kept_bytes(
             spec.blocks[-2], 2, T, 4, SMALL), 4 * total):
         st = {}
@@ -208,7 +212,7 @@ def test_activation_plan_keeps_delta_blocks_exactly():
         loss, g = mesp_mlx.value_and_grad(model, x, y, mask, options=opt, stats=st)
         assert len(st["kept_blocks"]) == (2 if budget < total else 4), st
         assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
-        compare(g, g_ref, noise)
+        compare(g, g_ref)
 
 
 def test_spec_mismatch_is_caught():
