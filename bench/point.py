@@ -221,6 +221,7 @@ def _direct_quantized(model, seed: int):
 def _measure(spec) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
+    from mesp_mlx.engine.families import language_model
     from mesp_mlx.memory.footprint import idle_footprint
     from mesp_mlx.ops.frozen import quantized_path
 
@@ -229,7 +230,7 @@ def _measure(spec) -> dict:
     dtype = getattr(mx, spec["dtype"])
     t0 = time.perf_counter()
     model = _model(spec, row)
-    args = model.args
+    args = language_model(model).args               # a VLM wrapper's: its text model's
     row.update(n_layers=args.num_hidden_layers, hidden=args.hidden_size,
                vocab=args.vocab_size, itemsize=dtype.size)
     batch = mx.random.randint(0, args.vocab_size, (1, spec["T"] + 1),

@@ -15,7 +15,8 @@ import mesp_mlx
 from mesp_mlx.models.configs import TINY, build_model, tiny_config
 from mesp_mlx.engine.plan import EngineOptions
 
-from helpers import batch, check_exact, compare, grads_by_method, make, randomize_norms
+from helpers import (batch, check_exact, compare, grads_by_method, make, randomize_norms,
+                     set_lora_b)
 
 
 CASES = {
@@ -56,9 +57,15 @@ def test_family_quantized_exact(family):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "phi3", "olmo2", "gemma2",
-                                    "gemma4_text"])
+                                    "lfm2", "gemma4_text", "olmo3", "exaone4", "ministral3",
+                                    "helium", "ernie4_5", "apertus"])
 def test_family_bf16_close(family):
+    """bf16: per tensor, cosine ≥ 0.999 with autodiff's bf16 gradient. LoRA B ~ N(0,
+    0.01²) here: at 0.05 the adapters, at scale 20, rival the base weights and bf16
+    rounding compounds (measured minimum over 3 seeds, new families: 0.9973 at 0.05,
+    0.9993 at 0.01)."""
     model = make({}, family=family, dtype=mx.bfloat16)
+    set_lora_b(model, 0.01, mx.bfloat16)
     check_exact(model, *batch(16), dtype=mx.bfloat16)
 
 
