@@ -3,10 +3,11 @@
     LD_PRELOAD=.../libblas.so.3 python -m bench.stream_bench                 # the grid
     python -m bench.stream_bench --models 0.5B --seq-lens 256 --methods mesp mesp@stream
 
-Models are Qwen2.5 with random weights, 4-bit group 64 with bf16 scales and norms,
+Models are Qwen2.5 (and Qwen3.5-0.8B with --models) with random weights of the real
+configurations, 4-bit group 64 with bf16 scales and norms,
 saved once as mlx-lm model directories (one subprocess each, `--prepare`) so that a
 streamed point reads real files and no worker's RSS ever held the build. SGD (no
-optimizer state), r 8 on all 7 projections, batch 1, LoRA bf16. Methods: mesp (4-bit
+optimizer state), r 8 on every block linear, batch 1, LoRA bf16. Methods: mesp (4-bit
 resident, the baseline), mesp@stream, mebp@stream, mezo@stream, mlx-lm (its own QLoRA
 step on the resident 4-bit model) and "mesp fp32" (the fp32 resident reference of the
 time goal; list it before and after mesp to bracket the 4-bit row: the goal line divides
@@ -172,9 +173,10 @@ def goal_lines(rows):
 
 
 PROTOCOL = (
-    "Protocol: one fresh process per row; random Qwen2.5 weights saved as 4-bit g64 mlx-lm "
-    "directories (bf16 scales, biases and norms), LoRA bf16 r 8 scale 20 on all 7 "
-    "projections, B non-zero, batch 1, SGD (no optimizer state); step 1 is a warm-up, the "
+    "Protocol: one fresh process per row; random weights of the real Qwen2.5 and Qwen3.5 "
+    "configurations saved as 4-bit g64 mlx-lm directories (bf16 scales, biases and norms), "
+    "LoRA bf16 r 8 scale 20 on every linear of every block (Qwen2.5: the 7 projections; "
+    "Qwen3.5: its DeltaNet and gated-attention projections too), B non-zero, batch 1, SGD (no optimizer state); step 1 is a warm-up, the "
     "row is the next step. MLX peak total = `mx.get_peak_memory()` over the measured step, "
     "everything MLX holds (streamed: the block and head tile being read); above weights = "
     "minus `mx.get_active_memory()` after load + LoRA (resident: all weights; streamed: "
