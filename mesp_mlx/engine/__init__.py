@@ -5,7 +5,10 @@
 step.py (the entry) -> backprop.py (the per-block driver) -> walk.py (the forward
 walk) -> block.py (one generic block, forward and hand backward, from spec.py's
 BlockSpec, read by families.py and checked by verify.py) -> ../ops (the math).
-plan.py spends an activation budget; stream.py, checkpoints.py and packing.py are
+A block's token mixer is attention (block.py), a gated DeltaNet (deltanet.py) or a
+short conv (short_conv.py); block_parts.py holds what they share (projections with
+LoRA, token chunks, the MLP half); links.py carries what one block hands another
+(shared K, V; per-layer inputs). plan.py spends an activation budget; stream.py, checkpoints.py and packing.py are
 what a block reads its weights from, where its input waits, and packed rows.
 preference.py runs DPO/ORPO (objectives.py) as weighted token sums of the same step.
 """

@@ -96,7 +96,7 @@ def probs_bytes(b: BlockSpec, opt, B: int, T: int) -> int:
     unfused path, uncapped, when all T query rows are one attention block (H·T²
     fp32 within opt.attn_chunk_bytes). Kept, the backward skips that block's QKᵀ
     and softmax (exp costs 9 ns an element on the CPU backend:
-    bench/elementwise_timing.py)."""
+    bench/probes/elementwise_timing.py)."""
     if b.mixer != "attention" or b.softcap is not None or T == 1 or fused_attention_ok(opt) \
             or _chunk(opt, b.H, T) < T:
         return 0

@@ -166,6 +166,8 @@ def _qwen3_5(model, lm, inner):      # also qwen3_5_moe and qwen3_next, dense bl
                 "use method='autodiff' (--method autodiff), which is exact for any model")
         blocks.append(_gated_delta(b) if b.is_linear else _gated_attention(b))
     return blocks, {}
+
+
 def _olmo3(model, lm, inner):         # post-norm, full-width q/k norm, sliding layers
     W = inner.sliding_window
     return [_block(b, norms=POST, qk_norm="full", window=W if t == "sliding_attention"

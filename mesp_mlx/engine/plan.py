@@ -44,7 +44,7 @@ def cache_policy(opt: EngineOptions) -> str:
     footprint between steps), but never with an activation budget: the cache then
     holds at most the planned peak, and the next step reuses its buffers instead of
     faulting in fresh pages (Qwen2.5-3B T 256, 1.65 GB kept: 16.2 s/step against
-    19.5 s when cleared per step, same peak: bench/cache_policy.py)."""
+    19.5 s when cleared per step, same peak: bench/probes/cache_policy.py)."""
     if opt.clear_cache == "auto":
         return "none" if opt.activation_budget > 0 else "step"
     return opt.clear_cache
@@ -121,14 +121,14 @@ def planned(spec, opt: EngineOptions, B: int, T: int, itemsize: int):
       1. fewer, wider token chunks (chunk_plan): they speed up every block, a kept
          block only itself. Qwen2.5-3B T 256: 3 chunks → 1, ≤ 85 MB, saved 109 ms in
          each of 36 blocks (forward 284 → 238, recompute and backward 522 → 459 ms:
-         bench/block_profile.py), where a kept block costs 29 MB and saves one
+         bench/probes/block_profile.py), where a kept block costs 29 MB and saves one
          block's recompute (459 → 282 ms at one chunk);
       2. blocks that keep their forward tensors, head side first (activation_plan);
       3. P of a recomputed block's attention for its backward (one block's P,
          B·H·T² fp32, where that attention is one query block: block.keeps_probs);
       4. extras for kept blocks, head side first (block.extra_bytes: P and σ(gate), so
          their backward runs no exp; Qwen2.5-3B T 256, one block, one chunk: 282 ms
-         without them, 222 ms with, autodiff's ~252: bench/block_profile.py)."""
+         without them, 222 ms with, autodiff's ~252: bench/probes/block_profile.py)."""
     spare = opt.activation_budget
     wide = chunk_plan(spec, opt, B, T, spare)
     if wide is not None:

@@ -239,7 +239,7 @@ def _mesp_block(a: Arch, N: int, B: int, T: int, opt) -> int:
     per row alive at once, measured with swiglu's fused kernels; the LoRA products
     evaluated one projection at a time) or one attention query block
     (of scores, probs, dP, dS about 2.25 × attn_chunk_bytes alive at once, measured;
-    held to 10% by tests/test_memory.py and bench/estimate_check.py)."""
+    held to 10% by tests/test_memory.py and bench/probes/estimate_check.py)."""
     qkvo = N * a.s * (2 * a.H * a.d + 2 * a.K * a.d)
     qkvo += N * a.s * a.H * a.d if a.q_gate else 0                  # the gate, then dz
     dqkv = N * a.s * (a.H * a.d + 2 * a.K * a.d) + N * a.H * 4      # + δ (fp32)
