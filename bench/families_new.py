@@ -2,14 +2,17 @@
 
     python -m bench.families_new                    # every point below, rows appended
     python -m bench.families_new --resume           # only the points not yet measured
+    python -m bench.families_new --models LFM2-1.2B --methods mesp autodiff
 
-LFM2-1.2B runs in fp32. gemma-4-E2B's fp32 weights (18.5 GB, 9.4 GB of them the
-per-layer embedding) leave no room on a 24 GB machine for mlx-lm's graph beside them, so
-its weights are 4-bit (group 64) with fp32 activations, as its published mlx-community
-conversion, drawn directly as random quantized values (bench/point.py: its fp32 draw
-alone would need 18.5 GB). T 256: mesp, our autodiff, mlx-lm, mlx-lm + grad_checkpoint;
-T 2048: mesp and mlx-lm + grad_checkpoint (plain mlx-lm's graph at T 2048 does not
-fit), first step only.
+LFM2-1.2B runs in fp32. gemma-4-E2B's fp32 weights are 18.5 GB, 9.4 GB of them the
+per-layer embedding table (262,144 × 35 × 256), which the model only reads rows of (a
+lookup, never a matmul): that table alone is 4-bit (group 64), drawn directly as random
+quantized values (bench/point.py), and every other weight, the tied embedding and head
+included, is fp32 (9.1 GB), as are the activations and the LoRA. (With every weight
+4-bit, mlx-lm's step runs mx.quantized_matmul, whose CPU kernel is too slow to measure
+here: over 15 minutes without finishing one step.) T 256: mesp, our autodiff, mlx-lm,
+mlx-lm + grad_checkpoint; T 2048: mesp and mlx-lm + grad_checkpoint (plain mlx-lm's
+graph at T 2048 does not fit), first step only.
 Goals, printed per model at T 256: mesp's peak above the weights ≤ 1/12 of mlx-lm's,
 mesp's step ≤ 1.3× our autodiff's. `mesp@plan` is mesp with the activation budget that
 the memory goal leaves (mlx-lm's peak / 12 − the minimal schedule's peak, both measured
@@ -24,7 +27,8 @@ import time
 from bench import common, memory_bench
 
 RESULTS = common.RESULTS / "families_new.jsonl"
-MODELS = {"LFM2-1.2B": None, "gemma-4-E2B": 4}          # model -> weight bits (None: fp32)
+# model -> (weight bits, the modules quantized): None is fp32 throughout
+MODELS = {"LFM2-1.2B": None, "gemma-4-E2B": (4, ("embed_tokens_per_layer",))}
 SHORT_T, LONG_T = 256, 2048
 SHORT_METHODS = ("mesp", "autodiff", "mlx-lm", "mlx-lm+ckpt", "mesp@plan")
 LONG_METHODS = ("mesp", "mlx-lm+ckpt")
@@ -89,6 +93,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--resume", action="store_true", help="skip points already measured")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per point")
+    p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="only these methods (default: every method of each sweep)")
     args = p.parse_args(argv)
     env = common.environment(common.command(__spec__.name, argv))
     done = {memory_bench.key_of(r) for r in common.load_rows(RESULTS)} if args.resume \
@@ -96,10 +103,12 @@ def main(argv=None):
     t_start = time.perf_counter()
     for sweep in sweeps():
         for pt in sweep["points"]:
-            if memory_bench.key_of(pt, "float32") in done:
+            if memory_bench.key_of(pt, "float32") in done or pt["model"] not in args.models \
+                    or (args.methods and pt["method"] not in args.methods):
                 continue
+            bits, only = MODELS[pt["model"]] or (None, None)
             spec = dict(pt, dtype="float32", scale=20.0, seed=0, mlx_lm_compile=True,
-                        quantize=MODELS[pt["model"]], direct_quantized=True,
+                        quantize=bits, quantize_only=only, direct_quantized=True,
                         steps=2 if pt["T"] == SHORT_T else 0)
             if pt["method"] == "mesp@plan":
                 budget = plan_budget(pt["model"], common.load_rows(RESULTS))
@@ -109,6 +118,7 @@ def main(argv=None):
                 spec["options"] = {"activation_budget": budget}
             row = common.append_row(RESULTS, dict(memory_bench.run_point(spec, args.timeout),
                                                   quantize=spec["quantize"],
+                                                  quantize_only=only,
                                                   options=spec.get("options")), env)
             what = (f"{common.mb(row['peak_above_bytes'])} MB above weights, "
                     f"{row['s_per_step']:.1f} s/step" if row["status"] == "ok"

@@ -180,6 +180,10 @@ def _model(spec, row):
 
     if not spec.get("model_dir"):
         q = {"group_size": 64, "bits": spec["quantize"]} if spec.get("quantize") else None
+        if q and spec.get("quantize_only"):        # only the modules whose path has one of
+            only = tuple(spec["quantize_only"])      # these names (e.g. a lookup table)
+            q["class_predicate"] = lambda path, m: (hasattr(m, "to_quantized")
+                                                    and any(s in path for s in only))
         cheap = bool(q) and spec.get("direct_quantized", False)
         model = build_model(spec.get("config") or spec["model"],
                             dtype=getattr(mx, spec["dtype"]), seed=spec["seed"], quantize=q,
