@@ -40,12 +40,12 @@ from ..ops.attention import (attention, attention_backward_rows, attention_chunk
                              attention_delta)
 from ..ops.rope import (rope_apply, rope_apply_at, rope_apply_at_backward,
                         rope_apply_backward)
-from .block_parts import (ACTS, MERGE_TAIL, _frozen, act_of, block_width,  # noqa: F401
-                          has_lora, lin, lin_bwd, mlp_backward, mlp_forward, mlp_half,
-                          mlp_kept_bytes, norm, norm_bwd, proj, proj_bwd, put, rows, scaled,
-                          sig_bytes, spans, take, token_spans)
+from .block_parts import (_frozen, block_width, has_lora, lin, lin_bwd,  # noqa: F401
+                          mlp_backward, mlp_kept_bytes, norm, norm_bwd, proj, proj_bwd, put,
+                          residual, rows, scaled, second_half, side_rows, sig_bytes, spans,
+                          take, token_spans)
 from .links import BlockLinks
-from .spec import BlockSpec, Norm
+from .spec import BlockSpec
 
 
 def _heads(t, n):          # [B,T,n·hd] -> [B,n,T,hd]
@@ -244,15 +244,15 @@ def attention_inputs(b: BlockSpec, x, spans, packing=None, links=None):
     return q, k, v, Pre(pq, pk, z, pv)
 
 
+def _o_proj(b: BlockSpec, o, z, at):
+    """r1 = o_proj(ô) for a token chunk (o in head layout; ô gated by σ(z) if any)."""
+    return lin(b.o, _gated(b, _tokens(o), z), at)
+
+
 def _residual_in(b: BlockSpec, x, o, z, at):
     """r1 = o_proj(ô), h = x + α N_ao(r1) for a token chunk (o in head layout)."""
-    r1 = lin(b.o, _gated(b, _tokens(o), z), at)
-    return r1, x + scaled(norm(b.attn_out, r1), b.residual)
-
-
-def _side(links, t0, t1):
-    """Rows t0…t1 of the block's per-layer input (None without one)."""
-    return None if links is None or links.side is None else links.side[:, t0:t1]
+    r1 = _o_proj(b, o, z, at)
+    return r1, residual(b, x, r1)
 
 
 @dataclass
@@ -325,19 +325,10 @@ def block_forward(b: BlockSpec, x, opt, keep: bool = False, packing=None,
     kept = Kept(q, k, v, pre, o, p=p) if keep else None
     z = pre.z
     del q, k, v, pre, p
-    saving = keep and extras and act_of(b).from_saved is not None
-    out = None
-    for t0, t1 in spans:
-        at = (t0, T)
-        zc = None if z is None else z[:, t0:t1]
-        r1, h = _residual_in(b, x[:, t0:t1], o[:, :, t0:t1], zc, at)
-        oc, mlp = mlp_forward(b, h, at, saving=saving, side=_side(links, t0, t1))
-        out = put(out, oc, t0, t1, T, 1)
-        if keep:
-            kept.rows.append((r1 if b.attn_out is not None else None, h, *mlp))
-        del r1, h, oc, mlp
-        if len(spans) > 1 or keep:
-            mx.eval(out, *([a for a in kept.rows[-1] if a is not None] if keep else []))
+
+    def o_proj(t0, t1, at):
+        return _o_proj(b, o[:, :, t0:t1], None if z is None else z[:, t0:t1], at)
+    out = second_half(b, x, spans, o_proj, kept.rows if keep else None, extras, links)
     return (out, kept) if keep else out
 
 
@@ -396,7 +387,7 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
         mx.eval(oc, gc, *([] if zc is None else [zc]))
         row = None if kept_rows is None else kept_rows.pop(0)
         dhc, doc, dc, dzc = _mlp_chunk_backward(paths, b, xc, oc, zc, gc, flat, (t0, T),
-                                                row, _side(links, t0, t1))
+                                                row, side_rows(links, t0, t1))
         del oc, gc, zc, row
         dh = put(dh, dhc, t0, t1, T, 1)
         o = put(o, doc, t0, t1, T, 2)

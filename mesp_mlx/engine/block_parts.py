@@ -236,6 +236,42 @@ def mlp_backward(paths, b: BlockSpec, h, g, flat, at, kept=None, side=None):
                                            at=at), h)
 
 
+def residual(b: BlockSpec, x, r1):
+    """h = x + α N_ao(r1): the residual after any token mixer (r1 its output projection)."""
+    return x + scaled(norm(b.attn_out, r1), b.residual)
+
+
+def side_rows(links, t0, t1):
+    """Rows t0…t1 of the block's per-layer input (None without one)."""
+    return None if links is None or links.side is None else links.side[:, t0:t1]
+
+
+def second_half(b: BlockSpec, x, spans, mixer_out, kept_rows=None, extras=False,
+                links=None):
+    """The block's output, a token chunk at a time, after any token mixer:
+    r1 = mixer_out(t0, t1, at) (the mixer's output projection of the chunk),
+    h = residual(x, r1), out = the MLP half of h (and the tail). kept_rows: a list
+    that receives each chunk's (r1 if N_ao, h, gate, up, r2, saved) for a Kept
+    (saved, e.g. σ(gate), only with extras)."""
+    T = x.shape[1]
+    saving = kept_rows is not None and extras and act_of(b).from_saved is not None
+    out = None
+    for t0, t1 in spans:
+        at = (t0, T)
+        r1 = mixer_out(t0, t1, at)
+        h = residual(b, x[:, t0:t1], r1)
+        oc, mlp = mlp_forward(b, h, at, saving=saving, side=side_rows(links, t0, t1))
+        out = put(out, oc, t0, t1, T, 1)
+        kept = []
+        if kept_rows is not None:
+            kept_rows.append((r1 if b.attn_out is not None else None, h, *mlp))
+            kept = [a for a in kept_rows[-1] if a is not None]
+        del r1, h, oc, mlp
+        if len(spans) > 1 or kept_rows is not None:
+            mx.eval(out, *kept)
+    return out
+
+
 def tail_forward(t: Tail, h2, e, at=None):
     """out = s (h2 + N_t(proj_t(gelu(gate_t(h2)) ⊙ e))), or s h2 without a gate."""
     if t.gate is not None:

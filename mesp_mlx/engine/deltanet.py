@@ -51,8 +51,8 @@ from ..ops.delta_gates import delta_gates, delta_gates_backward
 from ..ops.gated_delta import gated_delta_backward, gated_delta_forward
 from ..ops.gated_rmsnorm import gated_rmsnorm, gated_rmsnorm_backward
 from ..ops.l2norm import normalize_qk, normalize_qk_backward
-from .block_parts import (_frozen, act_of, has_lora, lin, lin_bwd, mlp_backward, mlp_forward,
-                          mlp_kept_bytes, norm, norm_bwd, put, rows, scaled, take,
+from .block_parts import (_frozen, has_lora, lin, lin_bwd, mlp_backward, mlp_kept_bytes,
+                          norm, norm_bwd, put, residual, rows, scaled, second_half, take,
                           token_spans)
 from .spec import BlockSpec, DeltaSpec
 
@@ -252,7 +252,7 @@ def _residual_in(b: BlockSpec, x, y, z, at):
     """(r1 = out_proj(n), h = x + α N_ao(r1), n) for a token chunk."""
     n = _out_in(b.delta, y, z)
     r1 = lin(b.delta.out, n, at)
-    return r1, x + scaled(norm(b.attn_out, r1), b.residual), n
+    return r1, residual(b, x, r1), n
 
 
 def _out_bwd(paths, d: DeltaSpec, dr1, y, z, n, flat, at):
@@ -305,18 +305,10 @@ def block_forward(b: BlockSpec, x, opt, keep: bool = False, packing=None,
     u, z, tb, ta = inputs
     y, states = _recurrence(b.delta, u, ta, tb, opt, packing, keep=keep)
     kept = DeltaKept(inputs, y, states) if keep else None
-    saving = keep and extras and act_of(b).from_saved is not None
-    out = None
-    for t0, t1 in spans:
-        at = (t0, T)
-        r1, h, _ = _residual_in(b, x[:, t0:t1], y[:, t0:t1], z[:, t0:t1], at)
-        oc, mlp = mlp_forward(b, h, at, saving=saving)
-        out = put(out, oc, t0, t1, T, 1)
-        if keep:
-            kept.rows.append((r1 if b.attn_out is not None else None, h, *mlp))
-        del r1, h, oc, mlp
-        if len(spans) > 1 or keep:
-            mx.eval(out, *([a for a in kept.rows[-1] if a is not None] if keep else []))
+
+    def out_proj(t0, t1, at):
+        return lin(b.delta.out, _out_in(b.delta, y[:, t0:t1], z[:, t0:t1]), at)
+    out = second_half(b, x, spans, out_proj, kept.rows if keep else None, extras)
     return (out, kept) if keep else out
 
 

@@ -26,18 +26,14 @@ from typing import Optional
 import mlx.core as mx
 
 from ..ops.causal_conv import causal_conv, causal_conv_backward
-from .block_parts import (_frozen, act_of, has_lora, lin, lin_bwd, mlp_backward, mlp_forward,
-                          mlp_kept_bytes, norm, norm_bwd, put, rows, scaled, take,
-                          token_spans)
+from .block_parts import (_frozen, has_lora, lin, lin_bwd, mlp_backward, mlp_kept_bytes,
+                          norm, norm_bwd, put, residual, rows, scaled, second_half, side_rows,
+                          take, token_spans)
 from .spec import BlockSpec, ConvSpec
 
 
 def _segments(packing):
     return None if packing is None else packing.segments
-
-
-def _side(links, t0, t1):
-    return None if links is None or links.side is None else links.side[:, t0:t1]
 
 
 def _wb(c: ConvSpec):
@@ -61,10 +57,9 @@ def _inputs(b: BlockSpec, x, spans, packing):
     return beta, gamma, xi, p
 
 
-def _residual_in(b: BlockSpec, x, gamma, p, at):
-    """r1 = out_proj(γ ⊙ p), h = x + α N_ao(r1) for a token chunk."""
-    r1 = lin(b.conv.out, gamma * p, at)
-    return r1, x + scaled(norm(b.attn_out, r1), b.residual)
+def _out_proj(b: BlockSpec, gamma, p, t0, t1, at):
+    """r1 = out_proj(γ ⊙ p) for the token chunk t0…t1."""
+    return lin(b.conv.out, gamma[:, t0:t1] * p[:, t0:t1], at)
 
 
 @dataclass
@@ -96,18 +91,8 @@ def block_forward(b: BlockSpec, x, opt, keep: bool = False, packing=None,
     _, gamma, _, p = inputs
     kept = ConvKept(inputs) if keep else None
     del inputs
-    saving = keep and extras and act_of(b).from_saved is not None
-    out = None
-    for t0, t1 in spans:
-        at = (t0, T)
-        r1, h = _residual_in(b, x[:, t0:t1], gamma[:, t0:t1], p[:, t0:t1], at)
-        oc, mlp = mlp_forward(b, h, at, saving=saving, side=_side(links, t0, t1))
-        out = put(out, oc, t0, t1, T, 1)
-        if keep:
-            kept.rows.append((r1 if b.attn_out is not None else None, h, *mlp))
-        del r1, h, oc, mlp
-        if len(spans) > 1 or keep:
-            mx.eval(out, *([a for a in kept.rows[-1] if a is not None] if keep else []))
+    out = second_half(b, x, spans, lambda t0, t1, at: _out_proj(b, gamma, p, t0, t1, at),
+                      kept.rows if keep else None, extras, links)
     return (out, kept) if keep else out
 
 
@@ -132,9 +117,10 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
             cut(dh, t0, t1, 1)
         mx.eval(gmc, pc, gc)
         row = None if kept_rows is None else kept_rows.pop(0)
-        side = _side(links, t0, t1)
+        side = side_rows(links, t0, t1)
         if row is None:
-            r1, h = _residual_in(b, xc, gmc, pc, at)
+            r1 = lin(b.conv.out, gmc * pc, at)
+            h = residual(b, xc, r1)
             dhc = mlp_backward(paths, b, h, gc, flat, at, side=side)
         else:
             r1, h, *mlp = row

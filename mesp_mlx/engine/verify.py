@@ -12,8 +12,6 @@ each checked block's weights are read for its check, and the embedding/head chec
 runs over the first T_c vocabulary rows (never the whole table).
 """
 
-from typing import Optional
-
 import mlx.core as mx
 
 from .block import _frozen, block_forward, causal_mask, layer_mask

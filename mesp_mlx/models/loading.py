@@ -12,7 +12,6 @@ multimodal mlx-vlm package).
 import re
 from pathlib import Path
 
-from ..errors import UserError
 from ..errors import ModelLoadError
 
 SIZES = ("0.5B", "1.5B", "3B")
