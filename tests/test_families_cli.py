@@ -42,9 +42,15 @@ def test_train_and_load_in_mlx_lm(family, family_model_dir, text_data, tmp_path)
     ("Qwen2.5-0.5B-Instruct-4bit", "mlx-community/Qwen2.5-0.5B-Instruct-4bit"),
     ("lfm2-1.2b-4bit", "mlx-community/LFM2-1.2B-4bit"),
     ("gemma-4-e2b-it-4bit", "mlx-community/gemma-4-e2b-it-4bit"),
+    ("LFM2-350M", "LiquidAI/LFM2-350M"), ("LFM2.5-1.2B-Instruct", "LiquidAI/LFM2.5-1.2B-Instruct"),
+    ("LFM2.5-1.2B-Thinking-4bit", "mlx-community/LFM2.5-1.2B-Thinking-4bit"),
+    ("gemma-4-E4B-it", "google/gemma-4-E4B-it"),
     ("someone/custom-model", "someone/custom-model"),
 ])
 def test_short_names(short, repo):
+    from mesp_mlx.models.configs import config_for
     from mesp_mlx.models.loading import resolve_model_name, short_names
     assert resolve_model_name(short) == repo
     assert "Phi-3.5-mini-instruct-4bit" in short_names()
+    if short != "someone/custom-model":
+        assert config_for(short)["model_type"]      # the memory planner knows each one

@@ -264,16 +264,17 @@ def tiny_config(family: str = "qwen2", **overrides) -> dict:
 
 
 def config_for(name: str) -> dict:
-    """Bundled config of a model name (org prefix, -Instruct/-it/-Base and
-    quantization suffixes ignored), e.g. mlx-community/Qwen3-0.6B-4bit."""
-    key = name.split("/")[-1]
-    for suffix in ("-4bit", "-8bit", "-bf16", "-MLX", "-Instruct", "-Base", "-it"):
+    """Bundled config of a model name (org prefix, -Instruct/-Thinking/-it/-Base and
+    quantization suffixes ignored, any case), e.g. mlx-community/Qwen3-0.6B-4bit."""
+    key = name.split("/")[-1].lower()
+    for suffix in ("-4bit", "-8bit", "-bf16", "-mlx", "-instruct", "-thinking", "-base",
+                   "-it"):
         key = key.replace(suffix, "")
     folded = {k.lower(): k for k in CONFIGS}
-    if key.lower() not in folded:
+    if key not in folded:
         raise ValueError(f"no bundled architecture for {name!r}; known: "
                          f"{', '.join(CONFIGS)}")
-    return dict(CONFIGS[folded[key.lower()]])
+    return dict(CONFIGS[folded[key]])
 
 
 def model_class(config: dict):

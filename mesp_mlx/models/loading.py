@@ -23,9 +23,13 @@ _SHORT_35 = re.compile(r"^qwen3\.5-(0\.8b|2b|4b)(?:-mlx)?(-4bit|-8bit)?$", re.I)
 PUBLISHED = ("Qwen3-0.6B-4bit", "Qwen3-0.6B-bf16", "Qwen3-4B-4bit",
              "Llama-3.2-1B-Instruct-4bit", "Llama-3.2-3B-Instruct-4bit",
              "gemma-3-1b-it-8bit", "gemma-2-2b-it-4bit", "Phi-3.5-mini-instruct-4bit",
-             "SmolLM3-3B-Base-8bit", "LFM2-1.2B-4bit", "gemma-4-e2b-it-4bit",
-             "gemma-4-e4b-it-4bit")
-_PUBLISHED = {n.lower(): f"mlx-community/{n}" for n in PUBLISHED}
+             "SmolLM3-3B-Base-8bit", "LFM2-700M-4bit", "LFM2-1.2B-4bit", "LFM2-1.2B-8bit",
+             "LFM2.5-1.2B-Thinking-4bit", "gemma-4-e2b-it-4bit", "gemma-4-e4b-it-4bit")
+ORIGINALS = {"LFM2-350M": "LiquidAI", "LFM2-700M": "LiquidAI", "LFM2-1.2B": "LiquidAI",
+             "LFM2.5-1.2B-Instruct": "LiquidAI", "gemma-4-E2B": "google",
+             "gemma-4-E2B-it": "google", "gemma-4-E4B-it": "google"}   # bf16 checkpoints
+_PUBLISHED = {n.lower(): f"mlx-community/{n}" for n in PUBLISHED} | \
+    {n.lower(): f"{org}/{n}" for n, org in ORIGINALS.items()}
 
 
 def short_names() -> list:
@@ -35,7 +39,7 @@ def short_names() -> list:
                 f"Qwen2.5-{s}-Instruct-bf16"]
     for s in SIZES_35:
         out += [f"Qwen3.5-{s}", f"Qwen3.5-{s}-4bit", f"Qwen3.5-{s}-8bit"]
-    return out + list(PUBLISHED)
+    return out + list(PUBLISHED) + list(ORIGINALS)
 
 
 def resolve_model_name(name: str) -> str:
