@@ -162,7 +162,7 @@ def breakdown(r) -> str:
         q = p.get(name, {})
         return ", ".join(f"{k[:-2]} {q[k]:.1f} s" for k in ("forward_s", "head_s",
                                                            "backward_s") if k in q)
-    return (f"breakdown {r['kind']}: reference {p['reference_s']:.1f} s "
+    return (f"- breakdown {r['kind']}: reference {p['reference_s']:.1f} s "
             f"(peak {p['peak_after_reference']} MB); shorter side forward + head "
             f"{p['forward_short_s']:.1f} s ({p['peak_after_forward_short']} MB); longer "
             f"side gradient pass {p['gradient_long_s']:.1f} s ({sub('long')}; "
@@ -181,6 +181,7 @@ def report(rows):
                      f"{r['s_per_step']:.2f} | {r['s_per_step'] / sft['s_per_step']:.2f} | "
                      f"{r['cpu_s_per_step']:.2f} | "
                      f"{r['cpu_s_per_step'] / sft['cpu_s_per_step']:.2f} |")
+    lines.append("")
     by = {r["kind"]: r for r in rows}
     for kind in ("dpo", "dpo-ref", "orpo", "dpo@disk", "dpo-ref@disk", "orpo@disk"):
         if kind not in by:
@@ -197,7 +198,7 @@ def report(rows):
                            auto["peak_above_bytes"], GOALS["peak_vs_autodiff"]))
         for name, got, goal in checks:
             verdict = "met" if got <= goal else f"missed by {got / goal - 1:.1%}"
-            lines.append(f"goal {kind}: {name}: {got:.3f} (goal {goal}): {verdict}")
+            lines.append(f"- goal {kind}: {name}: {got:.3f} (goal {goal}): {verdict}")
     for r in rows:
         if r["method"] == "mesp" and "forward_short_s" in r["phases"]:
             lines.append(breakdown(r))
@@ -207,6 +208,20 @@ def report(rows):
                  f", {env['date']}; {env['model']} fp32, r {env['r']}, T {env['T']} per "
                  f"side, {env['rounds']} rounds")
     return "\n".join(lines)
+
+
+def section(rows) -> str:
+    """The RESULTS.md section: the newest run's table, goals and breakdowns."""
+    if not rows:
+        return ""
+    last = (rows[-1]["commit"], rows[-1]["date"])
+    run = [r for r in rows if (r["commit"], r["date"]) == last]
+    return ("## Preference tuning: DPO and ORPO against SFT\n\n"
+            "One step of each kind on the same engine (`mesp` unless marked), Qwen2.5-0.5B "
+            "fp32 random weights, r 8 on all 7 projections, one pair of T 256 per side; "
+            "peak = MLX peak above the weights and LoRA; time = median over rounds "
+            "(wall, and process CPU time). Baseline: SFT's step on one side. Reproduce: "
+            "`python -m bench.preference`.\n\n" + report(run) + "\n")
 
 
 def main(argv=None):

@@ -226,6 +226,18 @@ def render(rows) -> str:
     return "\n".join(common.table(head, body, "lrlrrrrr") + ["", common.footer(rows)])
 
 
+def section(rows) -> str:
+    """The RESULTS.md section: each point's newest row against mlx-lm's in its run."""
+    if not rows:
+        return ""
+    return ("## Qwen3.5: gated DeltaNet against mlx-lm's LoRA step\n\n"
+            "Random weights of the real Qwen3.5 text configurations, fp32, LoRA r 8 on every "
+            "block linear, B 1, one fresh process per point. Baselines: mlx-lm's LoRA step "
+            "(its per-token DeltaNet recurrence under autodiff, compiled as its trainer "
+            "does) and the same with `grad_checkpoint`. Reproduce: `python -m "
+            "bench.qwen3_5`.\n\n" + render(rows) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", help="points whose name starts with this (e.g. 0.8B-256)")

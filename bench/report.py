@@ -36,9 +36,10 @@ def sections():
     """(rows file, render function) per section, in the order of RESULTS.md."""
     from bench import (cli_steps, convergence, data_parallel_speed, families_new,
                        gradient_cosine, long_context, memory_bench, packing_speed, pareto,
-                       stream_bench)
+                       preference, qwen3_5, stream_bench)
     return [(memory_bench.RESULTS, memory_bench.section),
             (memory_bench.FAMILIES, memory_bench.families_section),
+            (qwen3_5.RESULTS, qwen3_5.section),
             (families_new.RESULTS, families_new.section),
             (stream_bench.RESULTS, stream_bench.section),
             (cli_steps.RESULTS, cli_steps.section),
@@ -47,6 +48,7 @@ def sections():
             (gradient_cosine.RESULTS, gradient_cosine.section),
             (convergence.RESULTS, convergence.section),
             (packing_speed.RESULTS, packing_speed.section),
+            (preference.RESULTS, preference.section),
             (data_parallel_speed.RESULTS, data_parallel_speed.section)]
 
 
