@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from .lora_layers import LoRALinear
 from ..ops.frozen import FrozenWeight
-from ..ops.geglu import geglu, geglu_backward
+from ..ops.geglu import geglu, geglu_backward, geglu_saving
 from ..ops.lora_linear import lora_linear, lora_linear_backward
 from ..ops.rmsnorm import rmsnorm_backward
 from ..ops.swiglu import swiglu, swiglu_backward, swiglu_from_saved, swiglu_saving
@@ -38,9 +38,10 @@ class Act(NamedTuple):
 
 
 def _geglu_act(approx: bool) -> Act:
-    fwd = lambda a, u: geglu(a, u, approx)                       # noqa: E731
-    return Act(fwd, lambda a, u: (fwd(a, u), None),
-               lambda d, a, u, _: geglu_backward(d, a, u, approx))
+    """GeGLU: the recompute's fp32 tanh (or Φ) goes to the backward; kept blocks
+    keep nothing extra for it (from_saved None: their backward recomputes it once)."""
+    return Act(lambda a, u: geglu(a, u, approx), lambda a, u: geglu_saving(a, u, approx),
+               lambda d, a, u, s: geglu_backward(d, a, u, approx, s))
 
 
 ACTS = {"silu": Act(swiglu, swiglu_saving, swiglu_backward, swiglu_from_saved),
