@@ -84,10 +84,10 @@ def chunk_plan(spec, opt: EngineOptions, B: int, T: int, spare: int):
     fewer chunks (rows that leave the count as it is would buy nothing).
     Fewer chunks mean fewer passes over every block's weights, in the forward, the
     recompute and the backward: Qwen2.5-3B T 256 with every block kept, 95 → 256 rows
-    went from 1.29× to 1.13× autodiff for +49.7 MB of peak (7.4 · 4·F per row; rows at
-    64da905 in bench/pareto_2026-12-04_89c2f92.jsonl against those in
-    bench/pareto_before_wide_chunks.jsonl; WIDE_ROW_BYTES is the bound the peak tests
-    hold on a small model)."""
+    went from 1.29× to 1.13× autodiff for +49.7 MB of peak (7.4 · 4·F per row, measured
+    with bench/pareto.py; WIDE_ROW_BYTES is the bound the peak tests hold on a small
+    model, so it overcounts large ones: LFM2-1.2B at T 256, 128 rows wider, +16.8 MB
+    measured against 50.3 MB counted)."""
     F = max(block_width(b) for b in spec.blocks)
     rows = max(1, opt.token_chunk_bytes // (4 * B * F))
     n0, widest0 = len(spans(T, rows)), _widest(T, rows)
