@@ -33,7 +33,7 @@ RESULTS = common.RESULTS / "families_new.jsonl"
 # model -> (weight bits, the modules quantized): None is fp32 throughout
 MODELS = {"LFM2-1.2B": None, "gemma-4-E2B": (4, ("embed_tokens_per_layer",))}
 SHORT_T, LONG_T = 256, 2048
-SHORT_METHODS = ("mesp", "autodiff", "mlx-lm", "mlx-lm+ckpt", "mesp@plan")
+SHORT_METHODS = ("mesp", "autodiff", "mlx-lm", "mlx-lm+ckpt", "mesp@plan", "mesp@chunk")
 LONG_METHODS = {"LFM2-1.2B": ("mesp", "mlx-lm+ckpt"), "gemma-4-E2B": ("mesp",)}
 TITLE = "New families: LFM2 and Gemma 4"
 GOAL_PEAK, GOAL_TIME = 1 / 12, 1.3
@@ -45,7 +45,10 @@ SETTING = ("Random weights of the real configurations, fp32 activations and LoRA
            "grad_checkpoint's peak grew 8.6× from T 256 to 2048 on LFM2-1.2B, about 13 GB "
            "from gemma-4-E2B's 1,562 MB (an estimate; not attempted beside 10.6 GB of "
            "weights on this machine). `mesp@plan`: mesp with the activation budget the "
-           "memory goal leaves (mlx-lm's peak / 12 − mesp's minimal peak).")
+           "memory goal leaves (mlx-lm's peak / 12 − mesp's minimal peak); `mesp@chunk`: "
+           "mesp with every block in one token chunk (EngineOptions.token_chunk_bytes), what "
+           "the plan would buy if its per-row bound (WIDE_ROW_BYTES) were not 3× the "
+           "measured cost on these models.")
 
 
 def sweeps():
@@ -65,7 +68,7 @@ def goal_lines(rows):
     for m in MODELS:
         get = lambda meth: last.get((m, "float32", SHORT_T, 8, meth))    # noqa: E731
         lora, auto = get("mlx-lm"), get("autodiff")
-        for meth in ("mesp", "mesp@plan"):
+        for meth in ("mesp", "mesp@plan", "mesp@chunk"):
             mesp = get(meth)
             if not (mesp and lora and auto):
                 continue

@@ -28,10 +28,11 @@ CACHE_VARIANTS = ("mesp@none", "mesp@block")   # mesp with another allocator-cac
 VARIANTS = {"none": dict(clear_cache="none"), "block": dict(clear_cache="block"),
             "disk": dict(checkpoints="disk"),
             "stream": {},                        # method@variant -> EngineOptions fields
-            "plan": {}}                          # mesp@plan: spec["options"] has the budget
+            "plan": {},                          # mesp@plan: spec["options"] has the budget
+            "chunk": dict(token_chunk_bytes=1 << 40)}   # mesp@chunk: one token chunk
 STREAMED = ("mesp@stream", "mebp@stream", "mezo@stream")   # weights streamed from disk
 ALL_METHODS = OURS + BASELINES + CACHE_VARIANTS + ("mesp@disk", "mebp@disk") + STREAMED + \
-    ("mesp@plan",)
+    ("mesp@plan", "mesp@chunk")
 B_STD = 0.01                                     # LoRA B ~ N(0, B_STD²): non-zero
 
 
