@@ -2,7 +2,7 @@
 
     python -m bench.families_new                    # every point below, rows appended
     python -m bench.families_new --resume           # only the points not yet measured
-    python -m bench.families_new --models LFM2-1.2B --methods mesp autodiff
+    python -m bench.families_new --models LFM2-1.2B --methods mesp autodiff --seq-lens 256
 
 LFM2-1.2B runs in fp32. gemma-4-E2B's fp32 weights are 18.5 GB, 9.4 GB of them the
 per-layer embedding table (262,144 × 35 × 256), which the model only reads rows of (a
@@ -113,6 +113,7 @@ def main(argv=None):
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--methods", nargs="*", default=None,
                    help="only these methods (default: every method of each sweep)")
+    p.add_argument("--seq-lens", nargs="*", type=int, default=[SHORT_T, LONG_T])
     args = p.parse_args(argv)
     env = common.environment(common.command(__spec__.name, argv))
     done = {memory_bench.key_of(r) for r in common.load_rows(RESULTS)} if args.resume \
@@ -121,7 +122,8 @@ def main(argv=None):
     for sweep in sweeps():
         for pt in sweep["points"]:
             if memory_bench.key_of(pt, "float32") in done or pt["model"] not in args.models \
-                    or (args.methods and pt["method"] not in args.methods):
+                    or (args.methods and pt["method"] not in args.methods) \
+                    or pt["T"] not in args.seq_lens:
                 continue
             bits, only = MODELS[pt["model"]] or (None, None)
             spec = dict(pt, dtype="float32", scale=20.0, seed=0, mlx_lm_compile=True,
