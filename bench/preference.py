@@ -216,12 +216,13 @@ def section(rows) -> str:
         return ""
     last = (rows[-1]["commit"], rows[-1]["date"])
     run = [r for r in rows if (r["commit"], r["date"]) == last]
+    body, _, env = report(run).rpartition("\n")
     return ("## Preference tuning: DPO and ORPO against SFT\n\n"
             "One step of each kind on the same engine (`mesp` unless marked), Qwen2.5-0.5B "
             "fp32 random weights, r 8 on all 7 projections, one pair of T 256 per side; "
             "peak = MLX peak above the weights and LoRA; time = median over rounds "
             "(wall, and process CPU time). Baseline: SFT's step on one side. Reproduce: "
-            "`python -m bench.preference`.\n\n" + report(run) + "\n")
+            "`python -m bench.preference`.\n\n" + body + "\n\n**Environment.** " + env + "\n")
 
 
 def main(argv=None):
