@@ -8,8 +8,9 @@ BlockSpec, read by families.py and checked by verify.py) -> ../ops (the math).
 A block's token mixer is attention (block.py), a gated DeltaNet (deltanet.py) or a
 short conv (short_conv.py); block_parts.py holds what they share (projections with
 LoRA, token chunks, the MLP half); links.py carries what one block hands another
-(shared K, V; per-layer inputs). plan.py spends an activation budget; stream.py, checkpoints.py and packing.py are
-what a block reads its weights from, where its input waits, and packed rows.
+(shared K, V; per-layer inputs). plan.py spends an activation budget; stream.py,
+checkpoints.py and packing.py are what a block reads its weights from, where its
+input waits, and packed rows.
 preference.py runs DPO/ORPO (objectives.py) as weighted token sums of the same step.
 """
 

@@ -40,9 +40,9 @@ from ..ops.attention import (attention, attention_backward_rows, attention_chunk
                              attention_delta)
 from ..ops.rope import (rope_apply, rope_apply_at, rope_apply_at_backward,
                         rope_apply_backward)
-from .block_parts import (_frozen, block_width, has_lora, lin, lin_bwd,  # noqa: F401
-                          mlp_backward, mlp_kept_bytes, norm, norm_bwd, proj, proj_bwd, put,
-                          residual, rows, scaled, second_half, side_rows, sig_bytes, spans,
+from .block_parts import (_frozen, block_width, has_lora, lin,  # noqa: F401
+                          mlp_kept_bytes, norm, norm_bwd, proj, proj_bwd, put, rows,
+                          second_half, second_half_backward, side_rows, sig_bytes, spans,
                           take, token_spans)
 from .links import BlockLinks
 from .spec import BlockSpec
@@ -249,12 +249,6 @@ def _o_proj(b: BlockSpec, o, z, at):
     return lin(b.o, _gated(b, _tokens(o), z), at)
 
 
-def _residual_in(b: BlockSpec, x, o, z, at):
-    """r1 = o_proj(ô), h = x + α N_ao(r1) for a token chunk (o in head layout)."""
-    r1 = _o_proj(b, o, z, at)
-    return r1, residual(b, x, r1)
-
-
 @dataclass
 class Kept:
     """What a block's forward kept so that its backward skips the recompute
@@ -336,16 +330,9 @@ def _mlp_chunk_backward(paths, b: BlockSpec, x, o, z, g, flat, at, row=None, sid
     """Phase 2 for one chunk: recompute h and the MLP (or take them from `row`, a
     Kept chunk), backprop G; returns (dh, do, δ, dz) of the chunk (o, do head
     layout; dz None without an output gate)."""
-    if row is None:
-        r1, h = _residual_in(b, x, o, z, at)
-        dh = mlp_backward(paths, b, h, g, flat, at, side=side)
-    else:
-        r1, h, *mlp = row
-        dh = mlp_backward(paths, b, h, g, flat, at, kept=tuple(mlp), side=side)
-    del h
-    dr1 = norm_bwd(b.attn_out, scaled(dh, b.residual), r1)
     o_tok = _tokens(o)
-    dô = lin_bwd(paths, b.o, dr1, _gated(b, o_tok, z), flat, at=at)
+    dh, dô = second_half_backward(paths, b, b.o, x, g, _gated(b, o_tok, z), flat, at, row,
+                                  side)
     do, dz = _gated_bwd(b, dô, o_tok, z)
     do = _heads(do, b.H)
     return dh, do, attention_delta(do, o), dz

@@ -273,6 +273,24 @@ def second_half(b: BlockSpec, x, spans, mixer_out, kept_rows=None, extras=False,
     return out
 
 
+def second_half_backward(paths, b: BlockSpec, out, x, g, u, flat, at, row=None,
+                         side=None):
+    """A token chunk's backward from G = dL/dout down to the input u of the mixer's
+    output projection `out`: recompute r1 = out(u) and h = residual(x, r1) (or take
+    them from `row`, a kept chunk), backprop the MLP half (and tail), then N_ao and
+    `out`; returns (dL/dh, dL/du)."""
+    if row is None:
+        r1 = lin(out, u, at)
+        h = residual(b, x, r1)
+        dh = mlp_backward(paths, b, h, g, flat, at, side=side)
+    else:
+        r1, h, *mlp = row
+        dh = mlp_backward(paths, b, h, g, flat, at, kept=tuple(mlp), side=side)
+    del h
+    dr1 = norm_bwd(b.attn_out, scaled(dh, b.residual), r1)
+    return dh, lin_bwd(paths, out, dr1, u, flat, at=at)
+
+
 def tail_forward(t: Tail, h2, e, at=None):
     """out = s (h2 + N_t(proj_t(gelu(gate_t(h2)) ⊙ e))), or s h2 without a gate."""
     if t.gate is not None:

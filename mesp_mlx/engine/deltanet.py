@@ -51,9 +51,8 @@ from ..ops.delta_gates import delta_gates, delta_gates_backward
 from ..ops.gated_delta import gated_delta_backward, gated_delta_forward
 from ..ops.gated_rmsnorm import gated_rmsnorm, gated_rmsnorm_backward
 from ..ops.l2norm import normalize_qk, normalize_qk_backward
-from .block_parts import (_frozen, has_lora, lin, lin_bwd, mlp_backward, mlp_kept_bytes,
-                          norm, norm_bwd, put, residual, rows, scaled, second_half, take,
-                          token_spans)
+from .block_parts import (_frozen, has_lora, lin, lin_bwd, mlp_kept_bytes, norm, norm_bwd,
+                          put, rows, second_half, second_half_backward, take, token_spans)
 from .spec import BlockSpec, DeltaSpec
 
 CHUNK = 64          # recurrence chunk c (EngineOptions.delta_chunk's default)
@@ -248,17 +247,9 @@ def _out_in(d: DeltaSpec, y, z):
     return o.reshape(B, n, -1)
 
 
-def _residual_in(b: BlockSpec, x, y, z, at):
-    """(r1 = out_proj(n), h = x + α N_ao(r1), n) for a token chunk."""
-    n = _out_in(b.delta, y, z)
-    r1 = lin(b.delta.out, n, at)
-    return r1, residual(b, x, r1), n
-
-
-def _out_bwd(paths, d: DeltaSpec, dr1, y, z, n, flat, at):
-    """(dy [B,Tc,Hv,Dv], dz [B,Tc,Hv·Dv]) from dL/dr1 of a chunk (n: out_proj's input)."""
+def _out_in_bwd(d: DeltaSpec, dn, y, z):
+    """(dy [B,Tc,Hv,Dv], dz [B,Tc,Hv·Dv]) from dL/dn of a chunk (n = _out_in(y, z))."""
     B, T = y.shape[:2]
-    dn = lin_bwd(paths, d.out, dr1, n, flat, at=at)
     dy, dz = gated_rmsnorm_backward(dn.reshape(B, T, d.Hv, d.Dv), y,
                                     z.reshape(B, T, d.Hv, d.Dv), d.module.norm.weight,
                                     d.norm_eps)
@@ -335,16 +326,11 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
             cut(dh, t0, t1, 1)
         mx.eval(yc, zc, gc)
         row = None if kept_rows is None else kept_rows.pop(0)
-        if row is None:
-            r1, h, n = _residual_in(b, xc, yc, zc, at)
-            dhc = mlp_backward(paths, b, h, gc, flat, at)
-        else:
-            (r1, h, *mlp), n = row, _out_in(d, yc, zc)
-            dhc = mlp_backward(paths, b, h, gc, flat, at, kept=tuple(mlp))
-        del h, gc, row
-        dr1 = norm_bwd(b.attn_out, scaled(dhc, b.residual), r1)
-        dyc, dzc = _out_bwd(paths, d, dr1, yc, zc, n, flat, at)
-        del r1, dr1, yc, zc, n
+        dhc, dn = second_half_backward(paths, b, d.out, xc, gc, _out_in(d, yc, zc), flat, at,
+                                       row)
+        del gc, row
+        dyc, dzc = _out_in_bwd(d, dn, yc, zc)
+        del dn, yc, zc
         dh = put(dh, dhc, t0, t1, T, 1)
         y, z = put(y, dyc, t0, t1, T, 1), put(z, dzc, t0, t1, T, 1)
         mx.eval(dh, y, z, *flat.values())

@@ -26,9 +26,9 @@ from typing import Optional
 import mlx.core as mx
 
 from ..ops.causal_conv import causal_conv, causal_conv_backward
-from .block_parts import (_frozen, has_lora, lin, lin_bwd, mlp_backward, mlp_kept_bytes,
-                          norm, norm_bwd, put, residual, rows, scaled, second_half, side_rows,
-                          take, token_spans)
+from .block_parts import (_frozen, has_lora, lin, lin_bwd, mlp_kept_bytes, norm, norm_bwd,
+                          put, rows, second_half, second_half_backward, side_rows, take,
+                          token_spans)
 from .spec import BlockSpec, ConvSpec
 
 
@@ -117,19 +117,10 @@ def block_backward(paths, b: BlockSpec, x, g, flat, opt, need_dx=True,
             cut(dh, t0, t1, 1)
         mx.eval(gmc, pc, gc)
         row = None if kept_rows is None else kept_rows.pop(0)
-        side = side_rows(links, t0, t1)
-        if row is None:
-            r1 = lin(b.conv.out, gmc * pc, at)
-            h = residual(b, xc, r1)
-            dhc = mlp_backward(paths, b, h, gc, flat, at, side=side)
-        else:
-            r1, h, *mlp = row
-            dhc = mlp_backward(paths, b, h, gc, flat, at, kept=tuple(mlp), side=side)
-        del h, gc, row
-        dr1 = norm_bwd(b.attn_out, scaled(dhc, b.residual), r1)
-        dy = lin_bwd(paths, b.conv.out, dr1, gmc * pc, flat, at=at)
+        dhc, dy = second_half_backward(paths, b, b.conv.out, xc, gc, gmc * pc, flat, at, row,
+                                       side_rows(links, t0, t1))
         dgc, dpc = dy * pc, dy * gmc
-        del r1, dr1, dy, gmc, pc
+        del gc, row, dy, gmc, pc
         dh = put(dh, dhc, t0, t1, T, 1)
         gamma, p = put(gamma, dgc, t0, t1, T, 1), put(p, dpc, t0, t1, T, 1)
         mx.eval(dh, gamma, p, *flat.values())
