@@ -160,7 +160,8 @@ def protocol(rows) -> str:
            "(some rows with, some without the `mx.compile` of)")
     return (
         "Protocol: one fresh process per row; random weights, batch 1, LoRA scale 20 on every "
-        "linear of every block (a Qwen or Llama block's 7 projections), B non-zero; step 1 is a warm-up, the numbers are from "
+        "linear of every block (a Qwen or Llama block's 7 projections), B non-zero; step 1 "
+        "is a warm-up, the numbers are from "
         "the following warm step(s). Peak above weights = `mx.get_peak_memory()` (reset "
         "before the measured step) − `mx.get_active_memory()` after build + LoRA. Process "
         "peak RSS = VmHWM reset just before the measured step (`/proc/self/clear_refs`), so "
