@@ -78,6 +78,18 @@ def randomize_norms(model):
                     m[n].weight = m[n].weight * m.head_dim ** -0.25
 
 
+def step_peak(model, x, y, method="mesp", options=None, stats=None):
+    """MLX peak of one value_and_grad step above what was active before it (cache
+    cleared first, so the allocator's cache does not hide the step's buffers)."""
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    loss, g = mesp_mlx.value_and_grad(model, x, y, method=method, options=options,
+                                      stats=stats)
+    mx.eval(loss, g)
+    return mx.get_peak_memory() - base
+
+
 def batch(T, B=2, V=256, seed=1):
     k1, k2, k3 = mx.random.split(mx.random.key(seed), 3)
     x = mx.random.randint(0, V, (B, T), key=k1)

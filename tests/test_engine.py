@@ -16,7 +16,7 @@ from mesp_mlx.models.configs import TINY, build_model, tiny_config
 from mesp_mlx.engine.plan import EngineOptions
 
 from helpers import (batch, check_exact, compare, grads_by_method, make, randomize_norms,
-                     set_lora_b)
+                     set_lora_b, step_peak)
 
 
 CASES = {
@@ -131,17 +131,6 @@ def test_matches_mlx_lm_lora_layers():
     compare(g, g_ref, mx.float32)
 
 
-def _peak(model, x, y, method, stats=None):
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    base = mx.get_active_memory()
-    loss, g = mesp_mlx.value_and_grad(model, x, y, method=method, stats=stats)
-    mx.eval(loss, g)
-    peak = mx.get_peak_memory() - base
-    del g
-    return peak
-
-
 @pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "llama"])
 def test_memory_relations(family):
     """mesp < mebp < autodiff peak, and checkpoints are exactly L·B·T·D·itemsize."""
@@ -152,10 +141,10 @@ def test_memory_relations(family):
     model = make(cfg, family=family)
     B, T = 1, 256
     x, y, _ = batch(T, B=B, V=4096)
-    _peak(model, x[:, :8], y[:, :8], "mesp")           # the one-time spec check
-    _peak(model, x[:, :8], y[:, :8], "mebp")
+    step_peak(model, x[:, :8], y[:, :8], "mesp")           # the one-time spec check
+    step_peak(model, x[:, :8], y[:, :8], "mebp")
     stats = {}
-    peaks = {m: _peak(model, x, y, m, stats if m == "mesp" else None)
+    peaks = {m: step_peak(model, x, y, m, stats=stats if m == "mesp" else None)
              for m in ("autodiff", "mebp", "mesp")}
     assert peaks["mesp"] < peaks["mebp"] < peaks["autodiff"], peaks
     assert stats["checkpoint_bytes"] == 6 * B * T * 128 * 4

@@ -7,7 +7,7 @@ import pytest
 import mesp_mlx
 from mesp_mlx.engine.plan import EngineOptions
 
-from helpers import batch, chunk_opts, compare, make
+from helpers import batch, chunk_opts, compare, make, step_peak
 
 
 def _plan_budgets(model, T, B=2, widen=0):
@@ -110,7 +110,7 @@ def test_activation_plan_peak_within_budget():
         opt = EngineOptions(activation_budget=budget)
         mesp_mlx.value_and_grad(model, x[:, :8], y[:, :8], options=opt)
         st = {}
-        peaks[name] = _peak_opt(model, x, y, opt, st)
+        peaks[name] = step_peak(model, x, y, options=opt, stats=st)
         assert st["kept_bytes"] <= budget
     for name, budget in budgets.items():
         assert peaks[name] <= peaks["minimal"] * (1 + PEAK_SLACK) + budget, (name, peaks)
@@ -128,20 +128,11 @@ def test_wider_chunks_peak_within_budget():
         opt = chunk_opts(model, 1, 8, activation_budget=budgets[name])
         mesp_mlx.value_and_grad(model, x[:, :8], y[:, :8], options=opt)
         st = {}
-        peaks[name] = _peak_opt(model, x, y, opt, st)
+        peaks[name] = step_peak(model, x, y, options=opt, stats=st)
         rows = {"minimal": None, "2 rows wider": 10}.get(name, 128)
         assert st["token_chunk_rows"] == rows, (name, st)
         assert peaks[name] <= peaks["minimal"] * (1 + PEAK_SLACK) + budgets[name], \
             (name, peaks)
-
-
-def _peak_opt(model, x, y, opt, stats):
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    base = mx.get_active_memory()
-    loss, g = mesp_mlx.value_and_grad(model, x, y, options=opt, stats=stats)
-    mx.eval(loss, g)
-    return mx.get_peak_memory() - base
 
 
 def test_cache_is_kept_between_steps_only_with_a_budget():

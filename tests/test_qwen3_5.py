@@ -29,7 +29,7 @@ from mesp_mlx.engine.lora_layers import lora_layers
 from mesp_mlx.engine.plan import EngineOptions
 from mesp_mlx.errors import SpecMismatchError, UnsupportedModelError
 from mesp_mlx.models.configs import TINY, build_model
-from helpers import B_STD, batch, make, set_lora_b
+from helpers import B_STD, batch, make, set_lora_b, step_peak
 
 T = 37                                    # > 4 chunks of 8, > the conv kernel
 SMALL = EngineOptions(delta_chunk=8, delta_piece=16)       # 3 pieces: 16 + 16 + 5
@@ -290,23 +290,14 @@ def test_strong_decays_keep_fp32_precision():
     assert err < 2e-6, err
 
 
-def _peak(model, x, y, method, opt=None):
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    base = mx.get_active_memory()
-    loss, g = mesp_mlx.value_and_grad(model, x, y, method=method, options=opt)
-    mx.eval(loss, g)
-    return mx.get_peak_memory() - base
-
-
 def test_memory_relations():
     """mesp < mebp < autodiff (whose per-token recurrence keeps T states per layer)."""
     cfg = dict(hidden_size=128, intermediate_size=256, vocab_size=1024)
     model = make(cfg, family="qwen3_5")
     x, y, _ = batch(256, B=1, V=1024)
     for method in ("mesp", "mebp"):
-        _peak(model, x[:, :8], y[:, :8], method)          # the one-time spec check
-    peaks = {m: _peak(model, x, y, m) for m in ("autodiff", "mebp", "mesp")}
+        step_peak(model, x[:, :8], y[:, :8], method)          # the one-time spec check
+    peaks = {m: step_peak(model, x, y, m) for m in ("autodiff", "mebp", "mesp")}
     assert peaks["mesp"] < peaks["mebp"] < peaks["autodiff"], peaks
 
 
