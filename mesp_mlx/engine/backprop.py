@@ -81,7 +81,7 @@ def no_cache():
 def _step(model, inputs, targets, mask, method, opt, stats, packing, weights, into, head):
     B, T = inputs.shape
     spec = model_spec(model, method, T, opt)
-    clock = _Clock(stats)
+    clock = Clock(stats)
 
     h = spec.embed_ids(inputs)
     mx.eval(h)
@@ -136,7 +136,7 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
         stats["kept_extras"] = sorted(i for i, (_, e) in plan.items() if e)
         stats["token_chunk_rows"] = wide          # None: the minimal schedule's chunks
         stats["keep_probs"] = opt.keep_probs
-    clock.lap("forward_s")
+    clock.lap("forward")
 
     # 2. loss head
     if given is not None:
@@ -147,7 +147,7 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
         loss, dh = _logits_head(spec, h, targets, mask, token_weights)
     del h
     mx.eval(loss, dh)
-    clock.lap("head_s")
+    clock.lap("head")
 
     # 3. backward, block by block in reverse
     flat = {} if into is None else into
@@ -167,7 +167,7 @@ def _run(model, spec, store, hs, targets, mask, method, opt, stats, clock, packi
             mx.clear_cache()
     if cache_policy(opt) in ("block", "step"):
         mx.clear_cache()
-    clock.lap("backward_s")
+    clock.lap("backward")
     if stats is not None:
         stats["grad_bytes"] = sum(g.nbytes for g in flat.values())
     grads = tree_map_with_path(lambda p, _: flat[p], model.trainable_parameters())
@@ -268,8 +268,9 @@ def _weights_of(fn, ce):
     return mx.stop_gradient(w.astype(mx.float32))
 
 
-class _Clock:
-    """Wall time per phase and the MLX peak so far into `stats` (no-op without stats)."""
+class Clock:
+    """Seconds per phase (`<name>_s`) and the MLX peak so far (`peak_after_<name>`)
+    into `stats` (no-op without stats)."""
 
     def __init__(self, stats):
         self.stats, self.t = stats, time.perf_counter()
@@ -277,9 +278,13 @@ class _Clock:
     def lap(self, name):
         if self.stats is not None:
             now = time.perf_counter()
-            self.stats[name] = now - self.t
-            self.stats["peak_after_" + name[:-2]] = mx.get_peak_memory()  # monotone
+            self.stats[name + "_s"] = now - self.t
+            self.stats["peak_after_" + name] = mx.get_peak_memory()      # monotone
             self.t = now
+
+    def sub(self, name):
+        """A dict in `stats` for one inner pass's own figures (a nested run's)."""
+        return None if self.stats is None else self.stats.setdefault(name, {})
 
 
 def _side_kv(links):

@@ -23,7 +23,6 @@ own forward (the reference).
 """
 
 import math
-import time
 from contextlib import contextmanager
 from typing import NamedTuple, Optional
 
@@ -31,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
-from .backprop import forward_head, run
+from .backprop import Clock, forward_head, run
 from .batch import check_batch, vocab_sizes
 from .checkpoints import KINDS, open_checkpoints
 from .lora_layers import lora_layers, set_dropout_keys
@@ -74,7 +73,7 @@ def preference_step(model, chosen, rejected, objective="dpo", beta=0.1, method="
     if Bc != Br:
         raise ValueError(f"chosen and rejected must hold the same pairs: {Bc} and {Br} rows")
     ns = [m.sum(axis=1) for _, _, m in sides]
-    clock = _Clock(stats)
+    clock = Clock(stats)
     refs = _reference(model, sides, obj, reference, method, options)
     clock.lap("reference")
     keys = _side_keys(model) if grad else (None, None)
@@ -212,24 +211,6 @@ def _unpark(model, flat, parked):
         flat[k] = flat[k] + parked.pop(k)
         mx.eval(flat[k])
     return tree_map_with_path(lambda p, _: flat[p], model.trainable_parameters())
-
-
-class _Clock:
-    """Seconds per phase and the MLX peak after it into `stats` (no-op without)."""
-
-    def __init__(self, stats):
-        self.stats, self.t = stats, time.perf_counter()
-
-    def lap(self, name):
-        if self.stats is not None:
-            now = time.perf_counter()
-            self.stats[name + "_s"] = now - self.t
-            self.stats["peak_after_" + name] = mx.get_peak_memory()
-            self.t = now
-
-    def sub(self, name):
-        """A dict in `stats` for one gradient pass's own figures (backprop.run's)."""
-        return None if self.stats is None else self.stats.setdefault(name, {})
 
 
 def _autodiff(model, sides, ns, refs, obj, beta, keys, grad):
