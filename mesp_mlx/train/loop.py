@@ -136,6 +136,17 @@ class Accumulator:
         self.n += n_targets
         mx.eval(self.grads)
 
+    def take(self, loss: float, grads, n: int, it: int, optimizer, model):
+        """One step's gradients: added unless the loss or a gradient is not finite,
+        applied every `every` iterations; returns what was not finite, or None."""
+        bad = first_nonfinite(loss, grads)
+        if bad is None:
+            self.add(grads, n)
+        del grads
+        if bad is None and it % self.every == 0:
+            self.apply(optimizer, model)
+        return bad
+
     def apply(self, optimizer, model):
         g = self.grads if self.every == 1 else \
             tree_map(lambda x: x / max(self.n, 1), self.grads)
@@ -180,13 +191,7 @@ def make_step(cfg: TrainConfig, model, optimizer, world: World, options: EngineO
         loss, grads = data_parallel.value_and_grad(world, model, batch, cfg.method,
                                                    f"iteration {it}", options=options)
         loss = loss.item()
-        bad = first_nonfinite(loss, grads)
-        if bad is None:
-            accum.add(grads, batch.n_targets)
-        del grads
-        if bad is None and it % cfg.grad_accumulation_steps == 0:
-            accum.apply(optimizer, model)
-        return loss, bad, None
+        return loss, accum.take(loss, grads, batch.n_targets, it, optimizer, model), None
     return exact
 
 

@@ -19,7 +19,6 @@ from ..engine.lora_layers import RowWindow, set_dropout_rows
 from ..engine.objectives import objective
 from ..engine.preference import preference_step
 from ..parallel import data_parallel, group as distributed
-from .divergence import first_nonfinite
 from .preference_data import PairBatch
 
 METRICS = ("reward_acc", "margin")
@@ -102,12 +101,7 @@ def make_step(cfg, model, optimizer, world, options, accum) -> Callable:
         loss, grads, sums = pairs_value_and_grad(world, model, batch, cfg, options,
                                                  f"iteration {it}")
         loss = loss.item()
-        bad = first_nonfinite(loss, grads)
-        if bad is None:
-            accum.add(grads, batch.n_pairs)
-        del grads
-        if bad is None and it % cfg.grad_accumulation_steps == 0:
-            accum.apply(optimizer, model)
+        bad = accum.take(loss, grads, batch.n_pairs, it, optimizer, model)
         return loss, bad, metrics(sums, batch.n_pairs)
     return step
 
